@@ -1,0 +1,204 @@
+"""A model run in this process with transformers, on the CPU or a CUDA GPU.
+
+Owns the tokenizer (chat template, context checks) and a `BatchEngine` for the forward passes.
+The GPU path (CUDA device, bf16/fp16, bitsandbytes 4/8-bit) is taken only when CUDA is present;
+a CPU machine never imports bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import threading
+from typing import Any
+
+import torch
+
+from ..engine import BatchEngine
+from ..errors import ContextOverflowError, InvalidParamsError, InvalidRequestError, ModelLoadError
+from ..sources import Prepared, prepare
+from ..stream import GenerationHandle, GenerationRequest
+from .base import Backend, Progress
+
+log = logging.getLogger("shoal.local")
+DEFAULT_MAX_NEW_TOKENS = 512
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device '{requested}' was asked for but CUDA is not available")
+    return torch.device(requested)
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    if requested != "auto":
+        return _DTYPES[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # measured fastest on CPU for small models (bf16 is slower per token)
+
+
+def quantization_config(kind: str, device: torch.device, compute_dtype: torch.dtype) -> Any:
+    """bitsandbytes settings; only on CUDA, where they save memory and run fast."""
+    if device.type != "cuda":
+        raise ModelLoadError(f"quantization '{kind}' needs a CUDA device; this model would run on "
+                             f"{device}. Remove 'quantization' from its catalog entry for the CPU.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(f"quantization '{kind}' needs bitsandbytes: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+    if kind == "bnb-4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                  bnb_4bit_compute_dtype=compute_dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+class LocalBackend(Backend):
+    def __init__(self, spec, context):
+        super().__init__(spec, context)
+        self._prepared: Prepared | None = None
+        self._device = pick_device(spec.device if spec.device != "auto" else context.device)
+        self._dtype = pick_dtype(spec.dtype, self._device)
+        self.model = None
+        self.tokenizer = None
+        self.engine: BatchEngine | None = None
+        self._context_length = spec.context_length
+        self._weights_bytes = 0
+        self._tok_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    def prepare(self, progress: Progress) -> None:
+        if self.spec.quantization:
+            quantization_config(self.spec.quantization, self._device, self._dtype)  # fail early
+        self._prepared = prepare(self.spec, self.context.cache_dir, progress)
+
+    def estimate_bytes(self) -> int:
+        params = self._prepared.parameters if self._prepared else None
+        if params is None:
+            return self.context.engine.kv_cache_bytes
+        per_param = {"bnb-4bit": 0.6, "bnb-8bit": 1.1}.get(self.spec.quantization or "",
+                                                           torch.finfo(self._dtype).bits / 8)
+        return int(params * per_param) + self.context.engine.kv_cache_bytes
+
+    def load(self, progress: Progress) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        assert self._prepared is not None, "prepare() first"
+        location = self._prepared.location
+        progress(0.85, "loading weights")
+        kwargs: dict[str, Any] = {"dtype": self._dtype}
+        if self.spec.quantization:
+            kwargs["quantization_config"] = quantization_config(self.spec.quantization, self._device,
+                                                                self._dtype)
+            kwargs["device_map"] = {"": self._device.index or 0}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(location)
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+            if not self.spec.quantization:
+                model = model.to(self._device)
+        except Exception as exc:
+            raise ModelLoadError(f"model '{self.spec.key}': loading weights failed: {exc}") from exc
+        model.eval()
+        if self.spec.chat_template:
+            tokenizer.chat_template = self.spec.chat_template
+        if self.spec.kind == "chat" and not tokenizer.chat_template:
+            raise ModelLoadError(f"model '{self.spec.key}' is listed as a chat model but has no chat "
+                                 "template; set kind = 'completion' or give a chat_template")
+        self.tokenizer, self.model = tokenizer, model
+        config = model.config.get_text_config()
+        self._context_length = self.spec.context_length or getattr(config, "max_position_embeddings", 2048)
+        self._weights_bytes = sum(t.numel() * t.element_size()
+                                  for t in list(model.parameters()) + list(model.buffers()))
+        progress(0.95, "warming up")
+        self.engine = BatchEngine(model, self._decode, name=self.spec.key, eos_ids=self._eos_ids(),
+                                  context_length=self._context_length, config=self.context.engine)
+        self.engine.start()
+
+    def unload(self) -> None:
+        if self.engine:
+            self.engine.stop()
+        self.engine = self.model = self.tokenizer = None
+        gc.collect()
+        if self._device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        for value in (self.model.generation_config.eos_token_id, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif value:
+                ids.update(value)
+        return ids
+
+    # ------------------------------------------------------------------ requests
+    def _decode(self, ids) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        with self._tok_lock:
+            if request.messages is not None:
+                if self.spec.kind != "chat":
+                    raise InvalidRequestError(
+                        f"model '{self.spec.name}' is a completion model (a base model with no chat "
+                        "template): send a prompt to /v1/completions instead of messages",
+                        param="model", code="not_a_chat_model")
+                if not request.messages:
+                    raise InvalidParamsError("messages must not be empty", param="messages")
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": m.role, "content": m.content} for m in request.messages],
+                    tokenize=False, add_generation_prompt=True)
+                return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not request.prompt:
+                raise InvalidParamsError("prompt must not be empty", param="prompt")
+            return self.tokenizer(request.prompt)["input_ids"]
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        if self.engine is None:
+            raise ModelLoadError(f"model '{self.spec.key}' is not loaded")
+        ids = self.prompt_ids(request)
+        limit = self.engine.max_request_tokens
+        wanted = request.params.max_new_tokens
+        if wanted is None:
+            if len(ids) >= limit:
+                raise ContextOverflowError(len(ids), 1, limit)
+            wanted = min(DEFAULT_MAX_NEW_TOKENS, limit - len(ids))
+        elif len(ids) + wanted > limit:
+            raise ContextOverflowError(len(ids), wanted, limit)
+        handle = GenerationHandle(request, model=self.spec.key)
+        self.engine.submit(handle, ids, request.params, wanted)
+        return handle
+
+    def count_tokens(self, text: str) -> int:
+        with self._tok_lock:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if self.tokenizer \
+                else super().count_tokens(text)
+
+    @property
+    def context_length(self) -> int:
+        if self.engine:
+            return self.engine.max_request_tokens
+        return self._context_length or 2048
+
+    def memory_bytes(self) -> int:
+        return self._weights_bytes + self.context.engine.kv_cache_bytes
+
+    def info(self) -> dict[str, Any]:
+        params = self._prepared.parameters if self._prepared else None
+        if self.model is not None:
+            params = sum(p.numel() for p in self.model.parameters())
+        return {"device": str(self._device), "dtype": str(self._dtype).replace("torch.", ""),
+                "quantization": self.spec.quantization, "parameters": params,
+                "context_length": self.context_length if self.engine else self._context_length,
+                "kv_cache_bytes": self.context.engine.kv_cache_bytes,
+                "converted_seconds": self._prepared.converted_seconds if self._prepared else None}
+
+    def load_stats(self) -> dict[str, Any]:
+        return self.engine.load() if self.engine else {}
+
+
+__all__ = ["LocalBackend", "pick_device", "pick_dtype"]

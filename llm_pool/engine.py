@@ -1,0 +1,418 @@
+"""Continuous batching for one local transformers model.
+
+Every concurrent request of a model goes through its `BatchEngine`: requests wait in a bounded
+FIFO queue, join the running batch as soon as a slot and KV-cache room are free, and leave it the
+moment they finish or are cancelled. Each decode step runs one forward pass for the whole batch
+over a shared, left-padded KV cache; each row samples with its own parameters and seed and stops
+on its own EOS, stop sequences and token limit. Finished rows leave their KV behind in a
+`PrefixCache`, so a later prompt that starts the same way (the next turn of a chat) only prefills
+what is new.
+
+The engine owns the model's forward passes and nothing else: it receives token ids, not
+messages; it knows no HTTP, no sessions, no pool.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .detok import TextAssembler
+from .errors import (
+    ContextOverflowError,
+    QueueFullError,
+    QueueTimeoutError,
+    ServiceUnavailableError,
+    ShoalError,
+)
+from .params import GenerationParams
+from .prefix_cache import PrefixCache
+from .sampling import RowSampler, choose_tokens
+from .stream import Finished, GenerationHandle, TextDelta, Usage
+
+log = logging.getLogger("shoal.engine")
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [batch, heads, seq, dim]
+
+
+class GenerationError(ShoalError):
+    status = 500
+    type = "server_error"
+
+
+@dataclass(eq=False)
+class _Job:
+    handle: GenerationHandle
+    prompt_ids: list[int]
+    max_new: int
+    sampler: RowSampler
+    assembler: TextAssembler
+    submitted: float = field(default_factory=time.monotonic)
+    started: float = 0.0
+    generated: list[int] = field(default_factory=list)
+    next_token: int = 0
+    position: int = 0  # position id of next_token
+    cached: int = 0  # prompt tokens served from the prefix cache
+    unreported: list[int] = field(default_factory=list)  # tokens not yet covered by a TextDelta
+    unreported_logprobs: list[float] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> int:
+        return self.max_new - len(self.generated)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 16
+    queue_size: int = 64
+    queue_timeout: float = 120.0
+    kv_cache_bytes: int = 512 * 2**20  # running batch + prefix cache
+    prefix_cache_share: float = 0.25  # part of kv_cache_bytes kept for finished prefixes
+    min_prefix_tokens: int = 16
+
+
+class BatchEngine:
+    def __init__(self, model: torch.nn.Module, decode: Callable[[Sequence[int]], str], *,
+                 name: str, eos_ids: set[int], context_length: int, config: EngineConfig):
+        self.model = model
+        self.name = name
+        self._decode = decode
+        self._eos = eos_ids
+        self.context_length = context_length
+        self.config = config
+        self.device = next(model.parameters()).device
+        self._cond = threading.Condition()
+        self._waiting: deque[_Job] = deque()
+        self._rows: list[_Job] = []
+        self._cache: DynamicCache | None = None
+        self._mask: torch.Tensor | None = None  # [batch, seq] 1 = real token, 0 = padding
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.bytes_per_token = self._measure_bytes_per_token()
+        prefix_bytes = int(config.kv_cache_bytes * config.prefix_cache_share)
+        self.prefix_cache = PrefixCache(prefix_bytes, self.bytes_per_token)
+        self.batch_kv_bytes = config.kv_cache_bytes - prefix_bytes
+        self.stats = {"steps": 0, "prefills": 0, "tokens": 0, "peak_kv_bytes": 0, "peak_batch": 0,
+                      "prefix_hits": 0, "prefix_tokens_saved": 0}
+        self._durations: deque[float] = deque(maxlen=32)
+
+    # ---------------------------------------------------------------- public API (any thread)
+    @property
+    def max_request_tokens(self) -> int:
+        """Longest prompt + new tokens one request may have: the context or the KV budget."""
+        return min(self.context_length, self.batch_kv_bytes // self.bytes_per_token)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Let queued and running requests finish (up to `timeout`), then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread:
+            self._thread.join(timeout)
+        with self._cond:
+            left = list(self._waiting) + list(self._rows)
+            self._waiting.clear()
+        for job in left:
+            job.handle.fail(ServiceUnavailableError(f"model '{self.name}' was unloaded"))
+        self._cache = self._mask = None
+        self.prefix_cache.clear()
+
+    def submit(self, handle: GenerationHandle, prompt_ids: list[int], params: GenerationParams,
+               max_new_tokens: int) -> None:
+        if len(prompt_ids) + max_new_tokens > self.max_request_tokens:
+            raise ContextOverflowError(len(prompt_ids), max_new_tokens, self.max_request_tokens)
+        job = _Job(handle, list(prompt_ids), max_new_tokens,
+                   RowSampler(params, prompt_ids, self.device), TextAssembler(self._decode, params.stop))
+        with self._cond:
+            if self._stopping:
+                raise ServiceUnavailableError(f"model '{self.name}' is unloading", retry_after=1.0)
+            capacity = self.config.max_batch_size + self.config.queue_size
+            if len(self._rows) + len(self._waiting) >= capacity:
+                raise QueueFullError(self.name, len(self._waiting), self._retry_after())
+            self._waiting.append(job)
+            self._cond.notify_all()
+
+    def load(self) -> dict:
+        """Queue depth, batch size and KV use, for status and metrics."""
+        with self._cond:
+            rows, waiting = len(self._rows), len(self._waiting)
+        return {"running": rows, "waiting": waiting, "kv_bytes": self._kv_bytes(),
+                "kv_cap_bytes": self.config.kv_cache_bytes, "prefix_bytes": self.prefix_cache.bytes,
+                **self.stats}
+
+    def _retry_after(self) -> float:
+        mean = sum(self._durations) / len(self._durations) if self._durations else 2.0
+        return float(max(1, min(60, round(mean))))
+
+    # ---------------------------------------------------------------- the engine thread
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cond:
+                while not self._rows and not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if self._stopping and not self._rows and not self._waiting:
+                    return
+            try:
+                with torch.inference_mode():
+                    self._drop_cancelled()
+                    admitted = self._admit()
+                    if admitted:
+                        self._prefill(admitted)
+                    if self._rows:
+                        self._step()
+                    elif not admitted:
+                        with self._cond:  # everything waiting is blocked: wait for a change
+                            self._cond.wait(0.05)
+            except Exception as exc:  # a failed forward must not kill the engine
+                log.exception("engine %s: generation failed", self.name)
+                self._fail_all(GenerationError(f"generation failed in model '{self.name}': {exc}"))
+
+    def _fail_all(self, error: ShoalError) -> None:
+        rows, self._rows = self._rows, []
+        self._cache = self._mask = None
+        for job in rows:
+            job.handle.fail(error)
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        expired: list[_Job] = []
+        with self._cond:
+            keep: deque[_Job] = deque()
+            for job in self._waiting:
+                timeout = job.handle.request.queue_timeout or self.config.queue_timeout
+                if job.handle.cancelled or now - job.submitted > timeout:
+                    expired.append(job)
+                else:
+                    keep.append(job)
+            self._waiting = keep
+        for job in expired:
+            if job.handle.cancelled:
+                self._finish(job, "cancelled")
+            else:
+                job.handle.fail(QueueTimeoutError(self.name, now - job.submitted))
+        gone = [i for i, job in enumerate(self._rows) if job.handle.cancelled]
+        self._remove_rows(gone, dict.fromkeys(gone, "cancelled"))
+
+    def _admit(self) -> list[_Job]:
+        """Take waiting jobs, in order, while a slot and KV room are free."""
+        admitted: list[_Job] = []
+        with self._cond:
+            while self._waiting and len(self._rows) + len(admitted) < self.config.max_batch_size:
+                job = self._waiting[0]
+                if not self._fits(admitted + [job]):
+                    break
+                admitted.append(self._waiting.popleft())
+        return admitted
+
+    def _fits(self, newcomers: list[_Job]) -> bool:
+        """Would the batch's KV cache stay within its budget until every row is done?"""
+        seq = self._mask.shape[1] if self._mask is not None else 0
+        jobs = self._rows + newcomers
+        longest = max([seq] + [len(j.prompt_ids) for j in newcomers])
+        horizon = longest + max(j.remaining for j in jobs)
+        return len(jobs) * horizon * self.bytes_per_token <= self.batch_kv_bytes
+
+    # ---------------------------------------------------------------- prefill
+    def _prefill(self, jobs: list[_Job]) -> None:
+        fresh: list[_Job] = []
+        for job in jobs:
+            job.started = time.monotonic()
+            hit = self.prefix_cache.lookup(job.prompt_ids, self.config.min_prefix_tokens)
+            if hit is None:
+                fresh.append(job)
+                continue
+            length, kv = hit
+            job.cached = length
+            self.stats["prefix_hits"] += 1
+            self.stats["prefix_tokens_saved"] += length
+            self._prefill_group([job], kv, length)
+        if fresh:
+            self._prefill_group(fresh, None, 0)
+
+    def _prefill_group(self, jobs: list[_Job], past: KV | None, past_len: int) -> None:
+        self.stats["prefills"] += 1
+        suffixes = [job.prompt_ids[past_len:] for job in jobs]
+        width = max(len(s) for s in suffixes)
+        ids = torch.full((len(jobs), width), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros((len(jobs), past_len + width), dtype=torch.long)
+        for i, suffix in enumerate(suffixes):
+            ids[i, width - len(suffix):] = torch.tensor(suffix)
+            mask[i, past_len + width - len(suffix):] = 1
+        mask[:, :past_len] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+        cache = _cache_from(past) if past is not None else DynamicCache()
+        out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                         position_ids=positions.to(self.device), past_key_values=cache,
+                         use_cache=True, logits_to_keep=1)
+        firsts, logprobs = choose_tokens(out.logits[:, -1, :].float(), [job.sampler for job in jobs])
+        keep, finished = [], []
+        for i, (job, token, logprob) in enumerate(zip(jobs, firsts, logprobs)):
+            job.position = len(job.prompt_ids)
+            reason = self._accept(job, token, logprob)
+            if reason:
+                finished.append((job, reason))
+            else:
+                keep.append(i)
+        if keep:
+            kv = [(k[keep], v[keep]) for k, v in _layers(out.past_key_values)]
+            self._merge(kv, mask[keep], [jobs[i] for i in keep])
+        for job, reason in finished:
+            self._finish(job, reason)
+
+    def _pad_id(self) -> int:
+        return next(iter(self._eos), 0)
+
+    # ---------------------------------------------------------------- decode
+    def _step(self) -> None:
+        rows = self._rows
+        ids = torch.tensor([[job.next_token] for job in rows], device=self.device)
+        positions = torch.tensor([[job.position] for job in rows], device=self.device)
+        mask = torch.cat([self._mask, self._mask.new_ones((len(rows), 1))], dim=1)
+        out = self.model(input_ids=ids, attention_mask=mask.to(self.device), position_ids=positions,
+                         past_key_values=self._cache, use_cache=True, logits_to_keep=1)
+        self._mask = mask
+        self.stats["steps"] += 1
+        self.stats["peak_kv_bytes"] = max(self.stats["peak_kv_bytes"], self._kv_bytes())
+        tokens, logprobs = choose_tokens(out.logits[:, -1, :].float(), [job.sampler for job in rows])
+        done = {}
+        for i, (job, token, logprob) in enumerate(zip(rows, tokens, logprobs)):
+            job.position += 1
+            reason = self._accept(job, token, logprob)
+            if reason:
+                done[i] = reason
+        self._remove_rows(list(done), done)
+
+    def _accept(self, job: _Job, token: int, logprob: float) -> str | None:
+        """Record a sampled token and emit its text; return the finish reason, if finished.
+        (The caller finishes the job after the batch is updated, so a client that sees the end
+        sees an engine that is already done with the row.)"""
+        job.generated.append(token)
+        job.sampler.observe(token)
+        job.unreported.append(token)
+        job.unreported_logprobs.append(logprob)
+        self.stats["tokens"] += 1
+        if token in self._eos:
+            return "stop"
+        delta = job.assembler.add(token)
+        if delta:
+            self._emit(job, delta)
+        if job.assembler.stopped:
+            return "stop"
+        if job.remaining <= 0 or job.position + 1 >= self.context_length:
+            return "length"
+        job.next_token = token
+        return None
+
+    def _emit(self, job: _Job, text: str) -> None:
+        job.handle.push(TextDelta(text, tuple(job.unreported), tuple(job.unreported_logprobs)))
+        job.unreported, job.unreported_logprobs = [], []
+
+    def _finish(self, job: _Job, reason: str) -> None:
+        tail = job.assembler.flush()
+        if tail:
+            self._emit(job, tail)
+        now = time.monotonic()
+        handle = job.handle
+        ttft = handle.first_token_at - handle.created if handle.first_token_at else None
+        self._durations.append(now - job.submitted)
+        usage = Usage(len(job.prompt_ids), len(job.generated), job.cached)
+        stopped_by = None
+        if reason == "stop":
+            stopped_by = "stop_sequence" if job.assembler.stopped else "eos"
+        handle.push(Finished(reason, usage, job.assembler.text, self.name, ttft,
+                             now - handle.created, (job.started or now) - job.submitted, stopped_by))
+
+    # ---------------------------------------------------------------- the batch's KV cache
+    def _merge(self, kv: KV, mask: torch.Tensor, jobs: list[_Job]) -> None:
+        if self._cache is None or not self._rows:
+            self._cache, self._mask = _cache_from(kv), mask
+        else:
+            have, new = self._mask.shape[1], mask.shape[1]
+            old = _layers(self._cache)
+            if new < have:
+                kv, mask = _pad_left(kv, have - new), F.pad(mask, (have - new, 0))
+            elif new > have:
+                old, self._mask = _pad_left(old, new - have), F.pad(self._mask, (new - have, 0))
+            merged = [(torch.cat([k0, k1]), torch.cat([v0, v1])) for (k0, v0), (k1, v1) in zip(old, kv)]
+            self._cache, self._mask = _cache_from(merged), torch.cat([self._mask, mask])
+        self._rows.extend(jobs)
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._rows))
+
+    def _remove_rows(self, indices: list[int], reasons: dict[int, str]) -> None:
+        """Take rows out of the batch (keeping their KV as a prefix), then finish their jobs."""
+        if not indices:
+            return
+        leaving = [self._rows[i] for i in indices]
+        for i in indices:
+            self._remember_prefix(i)
+        gone = set(indices)
+        keep = [i for i in range(len(self._rows)) if i not in gone]
+        with self._cond:
+            self._rows = [self._rows[i] for i in keep]
+        if keep:
+            mask = self._mask[keep]
+            first = int((mask.sum(0) > 0).nonzero()[0])  # drop columns of padding in every row
+            self._mask = mask[:, first:]
+            self._cache = _cache_from([(k[keep, :, first:], v[keep, :, first:])
+                                       for k, v in _layers(self._cache)])
+        else:
+            self._cache = self._mask = None
+        for index, job in zip(indices, leaving):
+            self._finish(job, reasons[index])
+
+    def _remember_prefix(self, row: int) -> None:
+        job = self._rows[row]
+        if job.handle.cancelled or self._cache is None or not self.prefix_cache.capacity:
+            return
+        real = self._mask[row].bool()
+        ids = (job.prompt_ids + job.generated)[: int(real.sum())]
+        if len(ids) < self.config.min_prefix_tokens:
+            return
+        self.prefix_cache.store(ids, [(k[row:row + 1, :, real], v[row:row + 1, :, real])
+                                      for k, v in _layers(self._cache)])
+
+    def _kv_bytes(self) -> int:
+        cache = self._cache
+        if cache is None:
+            return 0
+        return sum(k.numel() * k.element_size() * 2 for k, _ in _layers(cache))
+
+    def _measure_bytes_per_token(self) -> int:
+        with torch.inference_mode():
+            cache = DynamicCache()
+            self.model(input_ids=torch.tensor([[self._pad_id()]], device=self.device),
+                       past_key_values=cache, use_cache=True, logits_to_keep=1)
+            return max(1, sum(k.numel() * k.element_size() + v.numel() * v.element_size()
+                              for k, v in _layers(cache)))
+
+
+def _layers(cache: DynamicCache) -> KV:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache_from(kv: KV) -> DynamicCache:
+    cache = DynamicCache()
+    for keys, values in kv:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
+
+
+def _pad_left(kv: KV, amount: int) -> KV:
+    return [(F.pad(k, (0, 0, amount, 0)), F.pad(v, (0, 0, amount, 0))) for k, v in kv]

@@ -1,0 +1,484 @@
+"""The model pool: which model versions are resident, and who may use them.
+
+Owns residency and nothing about prompts: it loads versions on demand (one load however many
+requests wait for it), keeps them within a memory budget by evicting the least recently used
+idle versions, never evicts a version that is serving, loading or pinned, and hot-swaps a name
+from one version to another (load beside, flip the alias, drain, unload) without failing a
+request. Every state change happens under one condition variable; slow work (preparing, loading,
+unloading weights) happens outside it.
+
+States of a version: unloaded -> loading -> ready -> unloading -> unloaded; a failed load leaves
+`failed` with its error (and the rest of the pool as it was); the next request retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .backends import Backend, BackendContext, create_backend
+from .catalog import Catalog, ModelSpec
+from .errors import ConflictError, InsufficientMemoryError, ModelLoadError, ShoalError
+from .stream import GenerationHandle, GenerationRequest
+
+log = logging.getLogger("shoal.pool")
+
+UNLOADED, LOADING, READY, UNLOADING, FAILED = "unloaded", "loading", "ready", "unloading", "failed"
+
+
+@dataclass(eq=False)
+class _Entry:
+    spec: ModelSpec
+    state: str = UNLOADED
+    progress: float = 0.0
+    stage: str = ""
+    error: str | None = None
+    backend: Backend | None = None
+    in_flight: int = 0
+    pinned: bool = False
+    draining: bool = False  # takes no new requests: about to be evicted or unloaded
+    last_used: float = 0.0
+    loaded_at: float | None = None
+    load_seconds: float | None = None
+    served: int = 0
+    reserved: int = 0  # bytes counted against the budget
+    attempt: int = 0
+    failure: ShoalError | None = None  # why the last load failed
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def raise_failure(self) -> None:
+        error = copy.copy(self.failure) if self.failure else None
+        raise error or ModelLoadError(f"model '{self.spec.key}' failed to load")
+
+    @property
+    def serving(self) -> bool:
+        return self.state == READY and not self.draining
+
+
+def _gb(n: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n} B"
+
+
+class ModelPool:
+    def __init__(self, catalog: Catalog, context: BackendContext, budget_bytes: int, *,
+                 default_model: str | None = None, load_timeout: float = 300.0,
+                 backend_factory=create_backend):
+        self.catalog = catalog
+        self.context = context
+        self.budget = budget_bytes
+        self.load_timeout = load_timeout
+        self._factory = backend_factory
+        self._cond = threading.Condition()
+        self._entries: dict[str, _Entry] = {}
+        self._alias: dict[str, str] = {}
+        self._previous: dict[str, str] = {}
+        self._protected: set[str] = set()
+        self._waiters = ThreadPoolExecutor(max_workers=64, thread_name_prefix="pool-wait")
+        names = catalog.names()
+        if default_model:
+            catalog.get(*_split(default_model))  # raises ModelNotFoundError for a bad default
+        self.default_model = default_model or (names[0] if names else None)
+
+    # ------------------------------------------------------------------ names and versions
+    def _entry_for(self, spec: ModelSpec) -> _Entry:
+        entry = self._entries.get(spec.key)
+        if entry is None:
+            entry = self._entries[spec.key] = _Entry(spec)
+        return entry
+
+    def _active_version(self, name: str) -> str:
+        if name not in self._alias:
+            self._alias[name] = self.catalog.get(name).version
+        return self._alias[name]
+
+    def resolve(self, ref: str | None) -> _Entry:
+        """'name' (its active version) or 'name@version'; raises ModelNotFoundError."""
+        ref = ref or self.default_model
+        if not ref:
+            raise ModelLoadError("no model is configured")
+        name, version = _split(ref)
+        with self._cond:
+            spec = self.catalog.get(name, version or self._active_version(name))
+            return self._entry_for(spec)
+
+    def backend(self, ref: str | None) -> Backend | None:
+        entry = self.resolve(ref)
+        return entry.backend
+
+    def spec(self, ref: str | None) -> ModelSpec:
+        return self.resolve(ref).spec
+
+    # ------------------------------------------------------------------ generation
+    def submit(self, ref: str | None, request: GenerationRequest,
+               timeout: float | None = None) -> GenerationHandle:
+        """Start a generation, loading the model first if needed (waits at most `timeout`)."""
+        entry = self._acquire(ref, self.load_timeout if timeout is None else timeout)
+        try:
+            handle = entry.backend.submit(request)
+        except BaseException:
+            self._release(entry)
+            raise
+        handle.on_done(lambda _handle: self._release(entry))
+        return handle
+
+    async def asubmit(self, ref: str | None, request: GenerationRequest,
+                      timeout: float | None = None) -> GenerationHandle:
+        """`submit` for event loops: a model that must load first is waited for off the loop."""
+        entry = self.resolve(ref)
+        if entry.serving:
+            return self.submit(ref, request, timeout)
+        future = asyncio.get_running_loop().run_in_executor(
+            self._waiters, self.submit, ref, request, timeout)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:  # the client left while the model loaded: cancel its handle
+            future.add_done_callback(_cancel_result)
+            raise
+
+    def _acquire(self, ref: str | None, timeout: float) -> _Entry:
+        deadline = time.monotonic() + timeout
+        joined: int | None = None
+        with self._cond:
+            while True:
+                entry = self.resolve(ref)
+                if entry.serving:
+                    entry.in_flight += 1
+                    entry.served += 1
+                    entry.last_used = time.monotonic()
+                    return entry
+                remaining = deadline - time.monotonic()
+                if entry.state == FAILED and joined == entry.attempt:
+                    entry.raise_failure()
+                if entry.state in (UNLOADED, FAILED):
+                    self._begin_load(entry, memory_wait=max(0.0, remaining))
+                if entry.state == LOADING:
+                    joined = entry.attempt
+                if remaining <= 0:
+                    raise ModelLoadError(
+                        f"model '{entry.spec.key}' was not ready within {timeout:.0f} s "
+                        f"(state: {entry.state}{', ' + entry.stage if entry.stage else ''})",
+                        code="model_not_ready")
+                self._cond.wait(remaining)
+
+    def _release(self, entry: _Entry) -> None:
+        with self._cond:
+            entry.in_flight -= 1
+            entry.last_used = time.monotonic()
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ loading
+    def load(self, ref: str | None, timeout: float | None = None) -> dict[str, Any]:
+        """Load now (evicting idle models if needed, never waiting for busy ones)."""
+        entry = self.resolve(ref)
+        self._wait_ready(entry, self.load_timeout if timeout is None else timeout, memory_wait=0.0)
+        return self.describe(entry)
+
+    def _wait_ready(self, entry: _Entry, timeout: float, memory_wait: float) -> None:
+        deadline = time.monotonic() + timeout
+        joined: int | None = None
+        with self._cond:
+            while entry.state != READY:
+                if entry.state == FAILED and joined == entry.attempt:
+                    entry.raise_failure()
+                if entry.state in (UNLOADED, FAILED):
+                    self._begin_load(entry, memory_wait)
+                if entry.state == LOADING:
+                    joined = entry.attempt
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise ModelLoadError(f"model '{entry.spec.key}' was not ready within {timeout:.0f} s")
+                self._cond.wait(remaining)
+
+    def _begin_load(self, entry: _Entry, memory_wait: float) -> None:
+        entry.state, entry.progress, entry.stage, entry.error = LOADING, 0.0, "starting", None
+        entry.attempt += 1
+        self._cond.notify_all()
+        threading.Thread(target=self._load, args=(entry, memory_wait), daemon=True,
+                         name=f"load-{entry.spec.key}").start()
+
+    def _load(self, entry: _Entry, memory_wait: float) -> None:
+        started = time.monotonic()
+        backend: Backend | None = None
+
+        def progress(fraction: float, stage: str) -> None:
+            with self._cond:
+                entry.progress, entry.stage = fraction, stage
+                self._cond.notify_all()
+
+        try:
+            backend = self._factory(entry.spec, self.context)
+            backend.prepare(progress)
+            self._make_room(entry, backend.estimate_bytes(), time.monotonic() + memory_wait)
+            backend.load(progress)
+        except Exception as exc:
+            error = exc if isinstance(exc, ShoalError) else ModelLoadError(
+                f"model '{entry.spec.key}' failed to load: {exc}")
+            log.warning("load of %s failed: %s", entry.spec.key, error.message)
+            if backend is not None:
+                _quietly(backend.unload)
+            with self._cond:
+                entry.state, entry.error, entry.stage, entry.failure = FAILED, error.message, "", error
+                entry.reserved, entry.backend = 0, None
+                self._cond.notify_all()
+            return
+        with self._cond:
+            entry.backend, entry.reserved = backend, backend.memory_bytes()
+            entry.state, entry.progress, entry.stage = READY, 1.0, ""
+            entry.load_seconds = time.monotonic() - started
+            entry.loaded_at = time.time()
+            entry.last_used = time.monotonic()
+            entry.info = backend.info()
+            self._cond.notify_all()
+        log.info("loaded %s in %.1f s (%s)", entry.spec.key, entry.load_seconds, _gb(entry.reserved))
+
+    # ------------------------------------------------------------------ memory
+    def _make_room(self, entry: _Entry, need: int, deadline: float) -> None:
+        """Reserve `need` bytes for `entry`, evicting LRU idle versions; wait for busy ones
+        (marked draining so they take no new requests) until `deadline`."""
+        drained: list[_Entry] = []
+        try:
+            while True:
+                with self._cond:
+                    plan, victims = self._plan(entry, need)
+                    if plan == "fit":
+                        entry.reserved = need
+                        return
+                    if plan == "evict":
+                        for victim in victims:
+                            victim.state, victim.draining = UNLOADING, False
+                        self._cond.notify_all()
+                    else:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            raise InsufficientMemoryError(self._no_room(entry, need, busy=victims))
+                        for victim in victims:
+                            if not victim.draining:
+                                victim.draining = True
+                                drained.append(victim)
+                        self._cond.wait(min(remaining, 1.0))
+                        continue
+                for victim in victims:
+                    log.info("evicting %s (idle, least recently used) for %s", victim.spec.key, entry.spec.key)
+                    self._unload_backend(victim)
+        finally:
+            with self._cond:
+                for victim in drained:
+                    victim.draining = False
+                self._cond.notify_all()
+
+    def _plan(self, entry: _Entry, need: int) -> tuple[str, list[_Entry]]:
+        others = [e for e in self._entries.values() if e is not entry]
+        used = sum(e.reserved for e in others)
+        over = used + need - self.budget
+        if over <= 0:
+            return "fit", []
+        movable = [e for e in others if e.state == READY and not e.pinned
+                   and e.spec.key not in self._protected]
+        idle = sorted((e for e in movable if e.in_flight == 0), key=lambda e: e.last_used)
+        busy = sorted((e for e in movable if e.in_flight > 0), key=lambda e: e.last_used)
+        leaving = sum(e.reserved for e in others if e.state == UNLOADING)
+        if leaving + sum(e.reserved for e in idle + busy) < over:
+            raise InsufficientMemoryError(self._no_room(entry, need))
+        victims, freed = [], leaving
+        for candidate in idle:
+            if freed >= over:
+                break
+            victims.append(candidate)
+            freed += candidate.reserved
+        if victims:
+            return "evict", victims
+        if freed >= over:  # enough is on its way out already
+            return "wait", []
+        waiting_for = []
+        for candidate in busy:
+            if freed >= over:
+                break
+            waiting_for.append(candidate)
+            freed += candidate.reserved
+        return "wait", waiting_for
+
+    def _no_room(self, entry: _Entry, need: int, busy: list[_Entry] | None = None) -> str:
+        held = [e for e in self._entries.values() if e is not entry and e.reserved]
+        why = ", ".join(f"{e.spec.key} ({_gb(e.reserved)}, {_holding(e)})" for e in held) or "nothing"
+        tail = " Busy models did not become idle in time." if busy else ""
+        return (f"Not enough memory to load '{entry.spec.key}': it needs {_gb(need)}, the budget is "
+                f"{_gb(self.budget)} and {why} cannot be evicted now.{tail} Unpin or unload a model, "
+                "or raise --memory-budget.")
+
+    def _unload_backend(self, entry: _Entry) -> None:
+        backend = entry.backend
+        if backend is not None:
+            _quietly(backend.unload)
+        with self._cond:
+            entry.state, entry.backend, entry.reserved = UNLOADED, None, 0
+            entry.progress, entry.stage, entry.draining = 0.0, "", False
+            self._cond.notify_all()
+
+    # ------------------------------------------------------------------ management
+    def unload(self, ref: str | None, timeout: float = 30.0) -> dict[str, Any]:
+        """Unload once in-flight requests finish (new ones wait and reload it on demand)."""
+        entry = self.resolve(ref)
+        with self._cond:
+            if entry.pinned:
+                raise ConflictError(f"model '{entry.spec.key}' is pinned; unpin it first")
+            if entry.state == LOADING:
+                raise ConflictError(f"model '{entry.spec.key}' is loading; unload it when it is ready")
+            if entry.state != READY:
+                return self.describe(entry, locked=True)
+            entry.draining = True
+            if not self._cond.wait_for(lambda: entry.in_flight == 0, timeout):
+                entry.draining = False
+                self._cond.notify_all()
+                raise ConflictError(f"model '{entry.spec.key}' is still serving {entry.in_flight} "
+                                    f"requests after {timeout:.0f} s; try again later")
+            entry.state = UNLOADING
+        self._unload_backend(entry)
+        return self.describe(entry)
+
+    def pin(self, ref: str | None) -> dict[str, Any]:
+        entry = self.resolve(ref)
+        with self._cond:
+            entry.pinned = True
+        try:
+            return self.load(ref)
+        except ShoalError:
+            with self._cond:
+                entry.pinned = False
+            raise
+
+    def unpin(self, ref: str | None) -> dict[str, Any]:
+        entry = self.resolve(ref)
+        with self._cond:
+            entry.pinned = False
+            self._cond.notify_all()
+        return self.describe(entry)
+
+    def swap(self, name: str, version: str, timeout: float | None = None) -> dict[str, Any]:
+        """Point `name` at `version`: load it beside the current one, flip, drain, unload the old."""
+        target = self._entry_for_locked(self.catalog.get(name, version))
+        with self._cond:
+            old = self._entry_for(self.catalog.get(name, self._active_version(name)))
+            if old is target:
+                return self.describe(target, locked=True)
+            self._protected.add(old.spec.key)
+        try:
+            self._wait_ready(target, self.load_timeout if timeout is None else timeout,
+                             memory_wait=self.load_timeout if timeout is None else timeout)
+            with self._cond:
+                self._previous[name] = old.spec.version
+                self._alias[name] = version
+                self._cond.notify_all()
+            log.info("model %s now points to version %s (was %s)", name, version, old.spec.version)
+        finally:
+            with self._cond:
+                self._protected.discard(old.spec.key)
+        threading.Thread(target=self._retire, args=(old,), daemon=True).start()
+        return self.describe(target)
+
+    def rollback(self, name: str, timeout: float | None = None) -> dict[str, Any]:
+        with self._cond:
+            previous = self._previous.get(name)
+        if previous is None:
+            raise ConflictError(f"model '{name}' has not been swapped; nothing to roll back to")
+        return self.swap(name, previous, timeout)
+
+    def _retire(self, old: _Entry) -> None:
+        """After a swap: unload the old version once nothing uses it (unless it is active again)."""
+        with self._cond:
+            self._cond.wait_for(lambda: old.in_flight == 0)
+            still_wanted = self._alias.get(old.spec.name) == old.spec.version
+            if still_wanted or old.pinned or old.state != READY:
+                return
+            old.state = UNLOADING
+        self._unload_backend(old)
+
+    def _entry_for_locked(self, spec: ModelSpec) -> _Entry:
+        with self._cond:
+            return self._entry_for(spec)
+
+    def shutdown(self) -> None:
+        with self._cond:
+            entries = [e for e in self._entries.values() if e.backend is not None]
+            for entry in entries:
+                entry.state = UNLOADING
+        for entry in entries:
+            self._unload_backend(entry)
+        self._waiters.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ status
+    def describe(self, entry: _Entry, locked: bool = False) -> dict[str, Any]:
+        if not locked:
+            with self._cond:
+                return self.describe(entry, locked=True)
+        spec = entry.spec
+        info = entry.backend.info() if entry.backend else entry.info
+        return {
+            "name": spec.name, "version": spec.version, "id": spec.key,
+            "active": self._alias.get(spec.name, self.catalog.get(spec.name).version) == spec.version,
+            "state": entry.state, "progress": round(entry.progress, 3), "stage": entry.stage,
+            "error": entry.error, "pinned": entry.pinned, "in_flight": entry.in_flight,
+            "resident_bytes": entry.reserved if entry.state in (READY, UNLOADING) else 0,
+            "load_seconds": round(entry.load_seconds, 2) if entry.load_seconds else None,
+            "loaded_at": entry.loaded_at, "requests_served": entry.served,
+            "kind": spec.kind, "source": spec.source, "location": spec.location,
+            "description": spec.description,
+            "dtype": info.get("dtype", spec.dtype), "device": info.get("device", spec.device),
+            "parameters": info.get("parameters"),
+            "context_length": info.get("context_length") or spec.context_length,
+            "queue": entry.backend.load_stats() if entry.backend else {},
+        }
+
+    def status(self, ref: str | None) -> dict[str, Any]:
+        return self.describe(self.resolve(ref))
+
+    def models(self) -> list[dict[str, Any]]:
+        """One item per model name: its active version's status plus every version's."""
+        out = []
+        for name in self.catalog.names():
+            versions = [self.describe(self._entry_for_locked(spec)) for spec in self.catalog.versions(name)]
+            active = next((v for v in versions if v["active"]), versions[0])
+            out.append({**active, "versions": versions,
+                        "active_version": active["version"]})
+        return out
+
+    def resident_bytes(self) -> int:
+        with self._cond:
+            return sum(e.reserved for e in self._entries.values())
+
+    def ready_count(self) -> int:
+        with self._cond:
+            return sum(1 for e in self._entries.values() if e.state == READY)
+
+
+def _holding(entry: _Entry) -> str:
+    if entry.pinned:
+        return "pinned"
+    if entry.state != READY:
+        return entry.state
+    return "busy" if entry.in_flight else "idle"
+
+
+def _split(ref: str) -> tuple[str, str | None]:
+    name, _, version = ref.partition("@")
+    return name, version or None
+
+
+def _cancel_result(future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().cancel()
+
+
+def _quietly(func) -> None:
+    try:
+        func()
+    except Exception:  # unloading must not stop the pool from reaching a clean state
+        log.exception("error while unloading")

@@ -1,0 +1,69 @@
+"""Choosing the next token for each row of a batch, each with its own parameters.
+
+Greedy rows are decided together with one argmax; sampled rows each apply their repetition
+penalty, temperature, top-k and top-p and draw from their own seeded generator, so a request's
+output does not depend on what else shares its batch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .params import GenerationParams
+
+
+class RowSampler:
+    """Per-request sampling state: parameters, a seeded generator and the tokens seen so far."""
+
+    def __init__(self, params: GenerationParams, prompt_ids: list[int], device: torch.device):
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if not params.greedy:
+            seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "big")
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+        self._seen: torch.Tensor | None = None
+        if params.repetition_penalty != 1.0:
+            self._seen = torch.tensor(sorted(set(prompt_ids)), dtype=torch.long, device=device)
+
+    @property
+    def simple_greedy(self) -> bool:
+        return self.params.greedy and self._seen is None
+
+    def observe(self, token_id: int) -> None:
+        if self._seen is not None:
+            self._seen = torch.unique(torch.cat([self._seen, self._seen.new_tensor([token_id])]))
+
+    def choose(self, logits: torch.Tensor) -> int:
+        """logits: [vocab] float tensor of one row."""
+        params = self.params
+        if self._seen is not None and self._seen.numel():
+            logits = logits.clone()
+            picked = logits[self._seen]
+            penalty = params.repetition_penalty
+            logits[self._seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+        if params.greedy:
+            return int(torch.argmax(logits))
+        logits = logits / params.temperature
+        if params.top_k and params.top_k < logits.numel():
+            kth = torch.topk(logits, params.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if params.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+            drop = cumulative - torch.softmax(sorted_logits, dim=-1) > params.top_p
+            sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
+        probs = torch.softmax(logits.float(), dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> tuple[list[int], list[float]]:
+    """logits: [batch, vocab] for the last position of each row. Returns the chosen tokens and
+    their log-probabilities under the model's own distribution (before sampling settings)."""
+    greedy = torch.argmax(logits, dim=-1).tolist()
+    chosen = [g if s.simple_greedy else s.choose(logits[i]) for i, (g, s) in enumerate(zip(greedy, samplers))]
+    picked = logits.gather(1, torch.tensor(chosen, device=logits.device).unsqueeze(1)).squeeze(1)
+    logprobs = (picked - torch.logsumexp(logits, dim=-1)).tolist()
+    return chosen, logprobs

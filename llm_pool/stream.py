@@ -1,0 +1,212 @@
+"""What a generation looks like from outside: requests in, a stream of events out.
+
+A `GenerationHandle` is filled by a producer thread (an engine or a remote backend) and read by
+one consumer, synchronously (`for event in handle`) or asynchronously (`async for event in
+handle`). Cancelling it (client gone, stop button, API call) tells the producer to stop; the
+stream then ends with a `Finished` event whose reason is "cancelled". The handle knows nothing
+about models or tokenizers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+
+from .errors import ShoalError
+from .params import GenerationParams
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str  # system | user | assistant
+    content: str
+
+
+@dataclass
+class GenerationRequest:
+    """A prompt for one model: `messages` for chat models, `prompt` for raw completion."""
+
+    params: GenerationParams
+    messages: list[Message] | None = None
+    prompt: str | None = None
+    request_id: str = field(default_factory=lambda: f"gen-{next(_ids)}")
+    queue_timeout: float | None = None
+    cache_key: str | None = None  # e.g. a session id: hints that a later turn will reuse the prefix
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+    token_ids: tuple[int, ...]  # the tokens this delta covers (a character may span several)
+    logprobs: tuple[float, ...] = ()  # log-probability of each of those tokens under the model
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: str  # stop | length | cancelled | error
+    usage: Usage
+    text: str  # the whole generated text
+    model: str = ""
+    ttft: float | None = None  # seconds from submit to the first token
+    duration: float = 0.0  # seconds from submit to the end
+    queued: float = 0.0  # seconds spent waiting for a batch slot
+    stopped_by: str | None = None  # for reason "stop": "eos" or "stop_sequence"
+
+    @property
+    def tokens_per_second(self) -> float:
+        span = self.duration - (self.ttft or 0.0)
+        if self.usage.completion_tokens <= 1 or span <= 0:
+            return 0.0
+        return (self.usage.completion_tokens - 1) / span
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: ShoalError
+
+
+Event = TextDelta | Finished | Failed
+
+
+class GenerationHandle:
+    """One generation's event stream, with cancellation. Thread-safe producer side."""
+
+    def __init__(self, request: GenerationRequest, model: str = ""):
+        self.request = request
+        self.model = model
+        self.created = time.monotonic()
+        self.first_token_at: float | None = None
+        self._events: deque[Event] = deque()
+        self._cond = threading.Condition()
+        self._done = False
+        self._cancelled = threading.Event()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._on_done: list[Callable[[GenerationHandle], None]] = []
+        self._final: Finished | Failed | None = None
+
+    @property
+    def id(self) -> str:
+        return self.request.request_id
+
+    # producer side ---------------------------------------------------------------------------
+    def push(self, event: Event) -> None:
+        callbacks: list[Callable[[GenerationHandle], None]] = []
+        with self._cond:
+            if self._done:
+                return
+            if isinstance(event, TextDelta) and self.first_token_at is None:
+                self.first_token_at = time.monotonic()
+            self._events.append(event)
+            if isinstance(event, (Finished, Failed)):
+                self._done = True
+                self._final = event
+                callbacks, self._on_done = self._on_done, []
+            self._cond.notify_all()
+            waiters = list(self._waiters)
+        for loop, flag in waiters:
+            try:
+                loop.call_soon_threadsafe(flag.set)
+            except RuntimeError:  # the consumer's loop is closed; nobody is listening
+                pass
+        for callback in callbacks:
+            callback(self)
+
+    def fail(self, error: ShoalError) -> None:
+        self.push(Failed(error))
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def on_done(self, callback: Callable[[GenerationHandle], None]) -> None:
+        with self._cond:
+            if not self._done:
+                self._on_done.append(callback)
+                return
+        callback(self)
+
+    # consumer side ---------------------------------------------------------------------------
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    def _pop(self) -> Event | None:
+        with self._cond:
+            return self._events.popleft() if self._events else None
+
+    def __iter__(self) -> Iterator[Event]:
+        while True:
+            with self._cond:
+                while not self._events:
+                    self._cond.wait(0.5)
+                event = self._events.popleft()
+            yield event
+            if isinstance(event, (Finished, Failed)):
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        loop = asyncio.get_running_loop()
+        flag = asyncio.Event()
+        with self._cond:
+            self._waiters.append((loop, flag))
+        try:
+            while True:
+                event = self._pop()
+                if event is None:
+                    flag.clear()
+                    event = self._pop()  # re-check: a push may have raced the clear
+                    if event is None:
+                        await flag.wait()
+                        continue
+                yield event
+                if isinstance(event, (Finished, Failed)):
+                    return
+        finally:
+            with self._cond:
+                self._waiters.remove((loop, flag))
+
+    def result(self, timeout: float | None = None) -> Finished:
+        """Block until the end; return the final event or raise the generation's error."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._done, timeout):
+                raise TimeoutError(f"generation {self.id} did not finish in {timeout} s")
+            final = self._final
+        if isinstance(final, Failed):
+            raise final.error
+        assert isinstance(final, Finished)
+        return final
+
+    async def aresult(self) -> Finished:
+        final: Finished | None = None
+        async for event in self:
+            if isinstance(event, Failed):
+                raise event.error
+            if isinstance(event, Finished):
+                final = event
+        assert final is not None
+        return final

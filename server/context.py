@@ -1,0 +1,18 @@
+"""What every route needs from the request: the services, the caller, admission to a model."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from llm_pool import GenerationHandle, GenerationRequest
+from service import Services
+
+
+def services_of(request: Request) -> Services:
+    return request.app.state.services
+
+
+async def admit(request: Request, model: str | None, gen: GenerationRequest) -> GenerationHandle:
+    """Start a generation for this caller: on-demand load, bounded queue."""
+    services = services_of(request)
+    return await services.pool.asubmit(model, gen)

@@ -1,0 +1,52 @@
+"""Turning a generation's events into a stream for a client, and cancelling it when they leave.
+
+`chunked(handle, chunk_size, delay_ms)` groups text deltas into chunks of at least `chunk_size`
+tokens and paces them; whatever the transport, the consumer's `finally` cancels the handle, so a
+client that disconnects (the ASGI server cancels the response task) frees its batch slot at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from llm_pool.stream import Failed, Finished, GenerationHandle, TextDelta
+
+
+@dataclass(frozen=True)
+class Chunk:
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+
+
+async def chunked(handle: GenerationHandle, chunk_size: int = 1,
+                  delay_ms: int = 0) -> AsyncIterator[Chunk | Finished | Failed]:
+    """Yield Chunk (>= chunk_size tokens, except the last), then Finished or Failed."""
+    text, ids, logprobs = "", (), ()
+    try:
+        async for event in handle:
+            if isinstance(event, TextDelta):
+                text, ids, logprobs = text + event.text, ids + event.token_ids, logprobs + event.logprobs
+                if len(ids) >= chunk_size:
+                    yield Chunk(text, ids, logprobs)
+                    text, ids, logprobs = "", (), ()
+                    if delay_ms:
+                        await asyncio.sleep(delay_ms / 1000)
+                continue
+            if text:
+                yield Chunk(text, ids, logprobs)
+            yield event
+            return
+    finally:
+        handle.cancel()  # no-op when finished; stops generation when the client went away
+
+
+def sse(data: dict | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n"
+
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -1,0 +1,123 @@
+"""Shoal's settings: one schema for CLI flags, `SHOAL_*` environment variables and defaults.
+
+`Settings.from_cli(argv)` parses flags (documented by `python app.py --help`); environment variables
+fill what flags leave out; the defaults below fill the rest. Nothing else in Shoal reads the
+environment: the composition root (`app.py`) builds a `Settings` once and passes parts of it on.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(value: str | int | float) -> int:
+    """'6GB' -> 6e9, '512MiB' -> 536870912, 1024 -> 1024."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    match = _SIZE.match(value)
+    if not match:
+        raise ValueError(f"not a size: {value!r} (use e.g. 6GB, 512MiB or a number of bytes)")
+    unit = (match.group(2) or "").lower().rstrip("b")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def machine_memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * 2**30
+
+
+class Settings(BaseSettings):
+    """Shoal: a pool of LLMs behind a chat UI and an OpenAI/TGI-compatible API."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SHOAL_", cli_prog_name="python app.py", cli_kebab_case=True,
+        cli_implicit_flags=True, populate_by_name=True, extra="ignore",
+    )
+
+    host: str = Field("127.0.0.1", description="Address to listen on (0.0.0.0 for all interfaces).")
+    port: int = Field(7860, ge=0, le=65535, description="TCP port for the UI and the API.")
+    data_dir: Path = Field(ROOT / "data", description="Where sessions, files and caches live.")
+    model_cache_dir: Path | None = Field(
+        None, description="Where converted model weights are cached (default: DATA_DIR/models).")
+    catalog: Path = Field(ROOT / "models.toml", description="The model catalog (TOML).")
+    memory_budget: str = Field(
+        "auto", description="Bytes of RAM (or VRAM) the pool may use for models and their KV "
+        "caches, e.g. 6GB; 'auto' = half the machine's memory (90% of VRAM on a GPU).")
+    default_model: str | None = Field(
+        None, description="Model used when a request names none (default: the catalog's first).")
+    preload: list[str] | None = Field(
+        None, description="Models to load at start-up (default: the default model). Use "
+        "--preload '[]' to load nothing until asked.")
+    device: str = Field("auto", description="auto, cpu or cuda[:N]; overrides 'auto' in the catalog.")
+    api_keys: list[str] = Field(
+        default_factory=list, description="API keys; when set, every route but /health* needs one. Env: a JSON list "
+        "or comma-separated.")
+    session_secret: str | None = Field(
+        None, description="Secret that signs the browser's user id (default: generated once and "
+        "kept in DATA_DIR).")
+    log_level: str = Field("info", description="debug, info, warning or error.")
+    load_timeout: float = Field(300.0, gt=0, description="Seconds a request waits for its model to load.")
+    max_batch_size: int = Field(16, ge=1, le=256, description="Concurrent generations per model.")
+    queue_size: int = Field(64, ge=0, description="Requests that may wait per model beyond the batch.")
+    queue_timeout: float = Field(120.0, gt=0, description="Seconds a request may wait in the queue.")
+    kv_cache_budget: str = Field("512MiB", description="KV-cache bytes per loaded model (counted in the budget).")
+    rate_limit_rpm: float = Field(0, ge=0, description="Requests per minute per client (0 = off).")
+    rate_limit_tpm: float = Field(0, ge=0, description="Generated tokens per minute per client (0 = off).")
+    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (off when empty).")
+    max_upload_mb: float = Field(25.0, gt=0, description="Largest file a user may upload, in MB.")
+    share: bool = Field(False, description="Ask Gradio for a public share link.")
+
+    @field_validator("api_keys", "cors_origins", "preload", mode="before")
+    @classmethod
+    def _split_commas(cls, value):
+        if isinstance(value, str) and not value.strip().startswith("["):
+            return [item.strip() for item in value.split(",") if item.strip()]
+        return value
+
+    @field_validator("memory_budget", "kv_cache_budget")
+    @classmethod
+    def _check_size(cls, value: str) -> str:
+        if value != "auto":
+            parse_size(value)
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_level(cls, value: str) -> str:
+        if value.lower() not in {"debug", "info", "warning", "error", "critical"}:
+            raise ValueError("log level must be debug, info, warning, error or critical")
+        return value.lower()
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None) -> Settings:
+        return CliApp.run(cls, cli_args=argv if argv is not None else [])
+
+    @property
+    def models_dir(self) -> Path:
+        return self.model_cache_dir or self.data_dir / "models"
+
+    def memory_budget_bytes(self, gpu_total: int | None = None) -> int:
+        if self.memory_budget != "auto":
+            return parse_size(self.memory_budget)
+        if gpu_total:
+            return int(gpu_total * 0.9)
+        return machine_memory_bytes() // 2
+
+    def kv_cache_bytes(self) -> int:
+        return parse_size(self.kv_cache_budget)
+
+    def cli_cmd(self) -> None:  # CliApp.run calls this; app.py does the work.
+        return None

@@ -1,0 +1,37 @@
+"""A user in a real browser chats with SmolLM2 and completes text with Gemma."""
+
+from __future__ import annotations
+
+import time
+
+from playwright.sync_api import expect
+
+
+def test_chat_in_the_browser_streams_a_reply(page, live_server, artifacts):
+    page.goto(live_server.url)
+    box = page.locator("#chat-input textarea")
+    box.fill("What is the capital of France?")
+    box.press("Enter")
+    reply = page.locator("#chatbot [data-testid='bot']").last
+    figures = page.locator("#reply-figures")
+    lengths = set()
+    deadline = time.monotonic() + 90
+    while "tok/s" not in figures.inner_text() and time.monotonic() < deadline:
+        if reply.count():
+            lengths.add(len(reply.inner_text()))
+        time.sleep(0.05)
+    expect(figures).to_contain_text("tok/s")
+    assert len([n for n in lengths if n > 0]) >= 2  # the reply grew while we watched
+    assert len(reply.inner_text().strip()) > 0
+    assert box.input_value() == ""  # Enter sent the message and cleared the box
+    page.screenshot(path=str(artifacts / "chat.png"), full_page=True)
+
+
+def test_completion_tab_continues_text_with_the_base_model(page, live_server, artifacts):
+    page.goto(live_server.url)
+    page.get_by_role("tab", name="Complete").click()
+    page.locator("#complete-prompt textarea").fill("The capital of France is")
+    page.locator("#complete-go").click()
+    output = page.locator("#complete-output textarea")
+    expect(output).not_to_have_value("", timeout=180_000)
+    page.screenshot(path=str(artifacts / "complete.png"), full_page=True)

@@ -1,0 +1,130 @@
+"""Shared fixtures: the real SmolLM2 loaded once per test session, isolated data directories,
+a real server on a free loopback port, and a tiny random-weight model for pool tests.
+
+Converted model weights are cached in `.cache/test-models` (or $SHOAL_TEST_MODEL_CACHE) so only
+the first run pays for GGUF conversion.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL_CACHE = Path(os.environ.get("SHOAL_TEST_MODEL_CACHE", ROOT / ".cache" / "test-models"))
+ARTIFACTS = ROOT / "test-artifacts"
+CHAT_MODEL = "smollm2-135m"
+BASE_MODEL = "gemma3-270m"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def artifacts() -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
+
+
+def make_settings(data_dir: Path, **overrides):
+    from service import Settings
+    values = {"data_dir": data_dir, "model_cache_dir": MODEL_CACHE, "catalog": ROOT / "models.toml",
+              "memory_budget": "8GB", "preload": [], "session_secret": "test-secret"}
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory):
+    """The real services with the real catalog; SmolLM2 is loaded once, here."""
+    from service import build_services
+    services = build_services(make_settings(tmp_path_factory.mktemp("data")))
+    services.pool.load(CHAT_MODEL)
+    yield services
+    services.close()
+
+
+@pytest.fixture(scope="session")
+def pool(services):
+    return services.pool
+
+
+class LiveServer:
+    def __init__(self, app, port: int):
+        import uvicorn
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                                    log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def start(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def serve(services, with_ui: bool = True) -> LiveServer:
+    from server.app import create_app
+    return LiveServer(create_app(services, with_ui=with_ui, own_services=False), free_port()).start()
+
+
+@pytest.fixture(scope="session")
+def live_server(services) -> Iterator[LiveServer]:
+    """A real uvicorn server on a loopback port, sharing the session's loaded model."""
+    server = serve(services)
+    yield server
+    server.stop()
+
+
+# --------------------------------------------------------------------------- tiny fake model
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight Llama (a fake for pool mechanics, not for language): ~100 KB, with
+    a word-level tokenizer and a chat template. Its EOS row in lm_head is zero, so greedy
+    decoding practically never ends early and a long request keeps the model busy."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-random-llama")
+    words = ["<pad>", "<eos>", "<unk>", "<bos>"] + [f"w{i}" for i in range(60)] + \
+        ["user", "assistant", "system", ":", "hello", "world"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<pad>",
+                                        unk_token="<unk>", bos_token="<bos>")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} "
+                               "{% endfor %}{% if add_generation_prompt %}assistant : {% endif %}")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(words), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=4096, tie_word_embeddings=False,
+                         eos_token_id=1, pad_token_id=0, bos_token_id=3)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight[1].zero_()  # EOS logit 0 while the best of ~70 others is > 0
+    model.save_pretrained(folder)
+    return folder

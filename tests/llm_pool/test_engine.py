@@ -1,0 +1,115 @@
+"""Continuous batching with the real SmolLM2: concurrent greedy answers equal sequential ones,
+parameters stay per request inside a batch, cancelling one leaves the others, the prefix cache
+gives the same answer as a fresh prefill, and the KV cache stays under its cap."""
+
+from __future__ import annotations
+
+import threading
+
+from llm_pool import (
+    Catalog,
+    EngineConfig,
+    GenerationParams,
+    GenerationRequest,
+    Message,
+    ModelPool,
+    TextDelta,
+    spec_from_dict,
+)
+from llm_pool.backends import BackendContext
+from tests.conftest import CHAT_MODEL
+
+QUESTIONS = ["What is the capital of France?", "Name three colours.",
+             "What is two plus two?", "Write one sentence about cats."]
+
+
+def request(text, **params):
+    params.setdefault("temperature", 0)
+    params.setdefault("max_new_tokens", 24)
+    return GenerationRequest(GenerationParams.validated(**params), messages=[Message("user", text)])
+
+
+def engine_of(pool):
+    return pool.backend(CHAT_MODEL).engine
+
+
+def test_concurrent_greedy_answers_equal_sequential_ones(pool):
+    engine_of(pool).prefix_cache.clear()
+    sequential = [pool.submit(CHAT_MODEL, request(q)).result(60).text for q in QUESTIONS]
+    engine_of(pool).prefix_cache.clear()
+    before = engine_of(pool).stats["peak_batch"]
+    handles = [pool.submit(CHAT_MODEL, request(q)) for q in QUESTIONS]
+    concurrent = [h.result(60).text for h in handles]
+    assert concurrent == sequential
+    assert engine_of(pool).stats["peak_batch"] >= 2 or before >= 2  # they really shared batches
+
+
+def test_parameters_are_honoured_per_request_inside_a_batch(pool):
+    alone_greedy = pool.submit(CHAT_MODEL, request(QUESTIONS[0])).result(60).text
+    alone_sampled = pool.submit(CHAT_MODEL, request(QUESTIONS[1], temperature=1.2, seed=3)).result(60).text
+    alone_stopped = pool.submit(CHAT_MODEL, request(QUESTIONS[0], stop=["Paris"])).result(60).text
+    handles = [pool.submit(CHAT_MODEL, request(QUESTIONS[0])),
+               pool.submit(CHAT_MODEL, request(QUESTIONS[1], temperature=1.2, seed=3)),
+               pool.submit(CHAT_MODEL, request(QUESTIONS[0], stop=["Paris"])),
+               pool.submit(CHAT_MODEL, request(QUESTIONS[2], max_new_tokens=3))]
+    together = [h.result(60) for h in handles]
+    assert together[0].text == alone_greedy
+    assert together[1].text == alone_sampled
+    assert together[2].text == alone_stopped and "Paris" not in together[2].text
+    assert together[3].usage.completion_tokens == 3 and together[3].reason == "length"
+
+
+def test_cancelling_one_request_leaves_the_others_streaming(pool):
+    expected = pool.submit(CHAT_MODEL, request(QUESTIONS[3], max_new_tokens=40)).result(60).text
+    victim = pool.submit(CHAT_MODEL, request("Write a long poem.", max_new_tokens=400))
+    others = [pool.submit(CHAT_MODEL, request(QUESTIONS[3], max_new_tokens=40)) for _ in range(2)]
+    for event in victim:
+        if isinstance(event, TextDelta):
+            victim.cancel()
+            break
+    assert victim.result(10).reason == "cancelled"
+    results = [h.result(60) for h in others]
+    assert [r.text for r in results] == [expected, expected]
+
+
+def test_next_turn_reuses_the_prefix_cache_and_answers_the_same(pool):
+    engine = engine_of(pool)
+    first = pool.submit(CHAT_MODEL, request(QUESTIONS[0])).result(60)
+    turn = [Message("user", QUESTIONS[0]), Message("assistant", first.text),
+            Message("user", "And what is the capital of Germany?")]
+    params = GenerationParams.validated(temperature=0, max_new_tokens=24)
+    cached = pool.submit(CHAT_MODEL, GenerationRequest(params, messages=turn)).result(60)
+    assert cached.usage.cached_tokens >= 30  # the first turn's prompt was not recomputed
+    engine.prefix_cache.clear()
+    fresh = pool.submit(CHAT_MODEL, GenerationRequest(params, messages=turn)).result(60)
+    assert fresh.usage.cached_tokens == 0
+    assert cached.text == fresh.text
+
+
+def test_kv_cache_never_exceeds_its_cap(tiny_model_dir, tmp_path):
+    spec = spec_from_dict({"name": "tiny", "version": "1", "source": "local",
+                           "location": str(tiny_model_dir)})
+    cap = 64 * 1024  # bytes: a handful of rows of this tiny model
+    context = BackendContext(cache_dir=tmp_path, device="cpu",
+                             engine=EngineConfig(kv_cache_bytes=cap, max_batch_size=16, queue_size=64))
+    small = ModelPool(Catalog([spec]), context, budget_bytes=10**9)
+    try:
+        small.load("tiny")
+        engine = small.backend("tiny").engine
+        results, lock = [], threading.Lock()
+
+        def client():
+            final = small.submit("tiny", request("hello world", max_new_tokens=40)).result(60)
+            with lock:
+                results.append(final)
+
+        threads = [threading.Thread(target=client) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert len(results) == 16 and all(r.usage.completion_tokens == 40 for r in results)
+        assert 0 < engine.stats["peak_kv_bytes"] <= engine.batch_kv_bytes
+        assert engine.stats["peak_batch"] < 16  # the cap, not the batch size, held them back
+    finally:
+        small.shutdown()
