@@ -144,6 +144,11 @@ class GenerationHandle:
     def done(self) -> bool:
         return self._done
 
+    @property
+    def final(self) -> Finished | Failed | None:
+        """The last event, once the generation is over."""
+        return self._final
+
     def on_done(self, callback: Callable[[GenerationHandle], None]) -> None:
         with self._cond:
             if not self._done:

@@ -6,11 +6,14 @@ import logging
 from contextlib import asynccontextmanager
 
 import gradio as gr
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from service import Services
 
-from . import models_api, openai_api, tgi_api
+from . import batch_api, models_api, openai_api, sessions_api, tgi_api, ws_api
+from .auth import COOKIE, APIKeyMiddleware, key_is_valid, login_page, parse_login_form
 from .errors import install_error_handlers
 from .ui import ASSETS, create_ui, ui_css
 
@@ -29,17 +32,42 @@ def create_app(services: Services, *, with_ui: bool = True, own_services: bool =
         if own_services:
             services.close()
 
+    settings = services.settings
     app = FastAPI(title="Shoal", version="0.1.0", lifespan=lifespan,
                   description="A pool of LLMs behind OpenAI- and TGI-compatible APIs and a chat UI.")
     app.state.services = services
     install_error_handlers(app)
-    app.include_router(models_api.router)
-    app.include_router(openai_api.router)
-    app.include_router(tgi_api.router)
+    for module in (models_api, openai_api, tgi_api, batch_api, sessions_api, ws_api):
+        app.include_router(module.router)
+    _add_service_routes(app, services)
     if with_ui:
         demo = create_ui(services)
         demo.queue(default_concurrency_limit=None, api_open=False)
         gr.mount_gradio_app(app, demo, path="", css=ui_css(), favicon_path=str(ASSETS / "logo.svg"),
-                            footer_links=["api", "settings"], show_error=True,
-                            allowed_paths=[], max_file_size=int(services.settings.max_upload_mb * 1e6))
+                            footer_links=["api", "settings"], show_error=True, allowed_paths=[],
+                            max_file_size=int(settings.max_upload_mb * 1e6))
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
+                           allow_headers=["*"], allow_credentials=False)
+    if settings.api_keys:
+        app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
     return app
+
+
+def _add_service_routes(app: FastAPI, services: Services) -> None:
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(services.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/login", include_in_schema=False)
+    async def login_form() -> HTMLResponse:
+        return HTMLResponse(login_page())
+
+    @app.post("/login", include_in_schema=False)
+    async def login(request: Request):
+        key = parse_login_form(await request.body())
+        if not key_is_valid(key, services.settings.api_keys):
+            return HTMLResponse(login_page("That key is not valid."), status_code=401)
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(COOKIE, key, httponly=True, samesite="lax", max_age=30 * 24 * 3600)
+        return response

@@ -7,12 +7,13 @@ from fastapi import Request
 from llm_pool import GenerationHandle, GenerationRequest
 from service import Services
 
+from .auth import client_of
+
 
 def services_of(request: Request) -> Services:
     return request.app.state.services
 
 
 async def admit(request: Request, model: str | None, gen: GenerationRequest) -> GenerationHandle:
-    """Start a generation for this caller: on-demand load, bounded queue."""
-    services = services_of(request)
-    return await services.pool.asubmit(model, gen)
+    """Start a generation for this caller: rate limits, on-demand load, bounded queue."""
+    return await services_of(request).submit(model, gen, client_of(request))

@@ -1,104 +1,94 @@
-"""The Gradio Blocks UI: chat, completion and the model pool, as a thin adapter over the services.
+"""The Gradio Blocks UI: chat sessions in a sidebar, completion, and the model pool.
 
-`create_ui(services)` returns the Blocks so tests can drive it. Handlers are async generators
-that yield as tokens arrive; when Gradio cancels one (the Stop button, a closed tab) the
-generation's handle is cancelled in a `finally`, which frees the model's batch slot.
+`create_ui(services)` returns the Blocks so tests can drive it. The layout lives here; the chat
+handlers in `ui_chat.py`, the gradio_client endpoints in `ui_api.py`. Handlers are thin: they
+call the services and translate errors into `gr.Error` messages.
 """
 
 from __future__ import annotations
 
-import html
 from pathlib import Path
-from typing import Any
 
 import gradio as gr
 
-from llm_pool import Finished, GenerationParams, GenerationRequest, Message, ShoalError, TextDelta
-from llm_pool.stream import Failed
 from service import Services
+
+from . import ui_api
+from .ui_chat import ChatHandlers
+from .ui_common import model_line, model_table
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 
 
-def _text_of(content: Any) -> str:
-    """Gradio 6 hands message content over as a list of parts."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
-    if isinstance(content, dict):
-        return content.get("text", "")
-    return ""
-
-
-def _params(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, stop) -> GenerationParams:
-    stops = [s for s in (stop or "").split("|") if s] if isinstance(stop, str) else stop
-    return GenerationParams.validated(
-        temperature=temperature, top_p=top_p, top_k=int(top_k or 0),
-        max_new_tokens=int(max_new_tokens) if max_new_tokens else None,
-        repetition_penalty=repetition_penalty,
-        seed=int(seed) if seed not in (None, "", -1) and int(seed) >= 0 else None, stop=stops)
-
-
-def _figures(final: Finished) -> str:
-    ttft = f"{final.ttft:.2f} s" if final.ttft is not None else "-"
-    return (f"**{final.usage.completion_tokens}** tokens · **{final.tokens_per_second:.1f}** tok/s · "
-            f"first token {ttft} · `{final.model}` · {final.reason}")
-
-
-def _model_table(services: Services) -> str:
-    rows = []
-    for m in services.pool.models():
-        state = m["state"]
-        if state == "loading":
-            state = f"loading {int(m['progress'] * 100)}% ({html.escape(m['stage'])})"
-        if state == "failed":
-            state = f"failed: {html.escape(m['error'] or '')}"
-        mem = f"{m['resident_bytes'] / 1e9:.2f} GB" if m["resident_bytes"] else "-"
-        rows.append(f"<tr><td><b>{html.escape(m['name'])}</b></td><td>{html.escape(m['version'])}</td>"
-                    f"<td>{m['kind']}</td><td class='state-{m['state']}'>{state}</td><td>{mem}</td>"
-                    f"<td>{'📌' if m['pinned'] else ''}</td><td>{m['requests_served']}</td></tr>")
-    budget = services.pool.budget / 1e9
-    used = services.pool.resident_bytes() / 1e9
-    return ("<table class='shoal-models'><tr><th>model</th><th>version</th><th>kind</th><th>state</th>"
-            "<th>memory</th><th>pinned</th><th>served</th></tr>" + "".join(rows) +
-            f"</table><p>Memory: {used:.2f} GB of {budget:.2f} GB budget</p>")
-
-
 def create_ui(services: Services) -> gr.Blocks:
-    pool = services.pool
-    chat_models = [s.name for s in services.catalog.all() if s.kind == "chat"]
-    all_models = services.catalog.names()
-    default_chat = pool.default_model if pool.default_model in chat_models else (chat_models or [None])[0]
-    completion_models = [s.name for s in services.catalog.all() if s.kind == "completion"] or all_models
+    catalog = services.catalog
+    chat_models = [n for n in catalog.names() if catalog.get(n).kind == "chat"]
+    all_models = catalog.names()
+    default_chat = services.pool.default_model if services.pool.default_model in chat_models \
+        else (chat_models[0] if chat_models else None)
+    completion_models = [n for n in all_models if catalog.get(n).kind == "completion"] or all_models
+    handlers = ChatHandlers(services, default_chat)
 
-    with gr.Blocks(title="Shoal") as demo:
-        gr.HTML("<div class='shoal-header'><span class='shoal-logo'>🐟</span> <b>Shoal</b> "
-                "<span class='shoal-sub'>a pool of LLMs</span></div>")
+    with gr.Blocks(title="Shoal", fill_height=True) as demo:
+        browser_id = gr.BrowserState(None, storage_key="shoal-user", secret=services.session_secret)
+        session_id = gr.State(None)
+        edit_index = gr.State(None)
+        with gr.Sidebar(open=True, elem_id="sidebar", width=290):
+            gr.HTML("<div class='shoal-header'><span class='shoal-mark'></span><b>Shoal</b></div>")
+            new_chat = gr.Button("+ New chat", variant="primary", elem_id="new-chat")
+            sessions = gr.Radio([], label="Chats", elem_id="session-list", container=False)
+            with gr.Accordion("This chat", open=False, elem_id="manage-chat"):
+                title = gr.Textbox(label="Title", elem_id="rename-box", max_lines=1)
+                rename = gr.Button("Rename", size="sm", elem_id="rename")
+                delete = gr.Button("Delete chat", size="sm", variant="stop", elem_id="delete-chat")
+                with gr.Row(visible=False) as confirm_row:
+                    confirm = gr.Button("Yes, delete it", size="sm", variant="stop", elem_id="confirm-delete")
+                    cancel = gr.Button("Keep it", size="sm", elem_id="cancel-delete")
+                export = gr.Button("Export (Markdown + JSON)", size="sm", elem_id="export")
+                exported = gr.File(label="Export", file_count="multiple", visible=False, elem_id="exported")
+                importer = gr.UploadButton("Import a JSON export", file_types=[".json"], size="sm",
+                                           elem_id="import")
+            with gr.Accordion("All chats", open=False):
+                days = gr.Number(30, label="Delete chats unused for this many days", precision=0, minimum=0)
+                purge = gr.Button("Delete old chats", size="sm", variant="stop", elem_id="purge")
+
         with gr.Tab("Chat", id="chat"):
-            with gr.Row():
-                chat_model = gr.Dropdown(chat_models, value=default_chat, label="Model",
-                                         elem_id="chat-model", scale=3)
-            chatbot = gr.Chatbot(elem_id="chatbot", height=480, buttons=["copy"],
-                                 placeholder="Ask anything.")
-            with gr.Row():
+            with gr.Row(equal_height=True):
+                model = gr.Dropdown(chat_models, value=default_chat, label="Model", elem_id="chat-model",
+                                    scale=2, min_width=200)
+                status = gr.Markdown(model_line(services, default_chat), elem_id="model-status")
+            if completion_models and set(completion_models) - set(chat_models):
+                gr.Markdown("Base models without a chat template (" + ", ".join(
+                    f"`{n}`" for n in completion_models if n not in chat_models) +
+                    ") are in the **Complete** tab.", elem_classes=["shoal-note"])
+            chatbot = gr.Chatbot(elem_id="chatbot", buttons=["copy"], scale=1, min_height=320,
+                                 placeholder="Start a conversation. Your chats are kept on this server.",
+                                 feedback_options=None)
+            editing = gr.Markdown("", elem_id="editing-note")
+            with gr.Row(equal_height=True):
                 message = gr.Textbox(placeholder="Message (Enter sends, Shift+Enter for a new line)",
-                                     show_label=False, lines=1, max_lines=8, scale=8,
-                                     elem_id="chat-input")
-                send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-                stop = gr.Button("Stop", variant="stop", scale=1, elem_id="stop")
-            figures = gr.Markdown(elem_id="reply-figures")
-            with gr.Accordion("Parameters", open=False):
+                                     show_label=False, lines=1, max_lines=8, scale=8, elem_id="chat-input",
+                                     autofocus=True)
+                send = gr.Button("Send", variant="primary", scale=1, min_width=80, elem_id="send")
+                stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop")
+            with gr.Row():
+                regenerate = gr.Button("Regenerate", size="sm", elem_id="regenerate")
+                edit_last = gr.Button("Edit last message", size="sm", elem_id="edit-last")
+            reply_figures = gr.Markdown(elem_id="reply-figures")
+            with gr.Accordion("Parameters and system prompt", open=False, elem_id="params"):
                 system = gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt")
                 with gr.Row():
-                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature")
+                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", elem_id="temperature")
                     top_p = gr.Slider(0.01, 1, value=1.0, step=0.01, label="Top p")
                     top_k = gr.Number(0, label="Top k (0 = off)", precision=0, minimum=0)
                 with gr.Row():
                     max_new = gr.Number(256, label="Max new tokens", precision=0, minimum=1, maximum=32768)
                     repetition = gr.Slider(0.5, 2, value=1.0, step=0.05, label="Repetition penalty")
                     seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
-                stop_text = gr.Textbox(label="Stop sequences (separate with |)")
+                with gr.Row():
+                    stop_text = gr.Textbox(label="Stop sequences (separate with |)")
+                    history_limit = gr.Number(0, label="History to keep (messages, 0 = all that fit)",
+                                              precision=0, minimum=0)
 
         with gr.Tab("Complete", id="complete"):
             comp_model = gr.Dropdown(all_models, value=completion_models[0] if completion_models else None,
@@ -108,103 +98,60 @@ def create_ui(services: Services) -> gr.Blocks:
             with gr.Row():
                 comp_go = gr.Button("Complete", variant="primary", elem_id="complete-go")
                 comp_stop = gr.Button("Stop", variant="stop", elem_id="complete-stop")
-            completion = gr.Textbox(label="Continuation", lines=8, elem_id="complete-output",
-                                    buttons=["copy"])
+            completion = gr.Textbox(label="Continuation", lines=8, elem_id="complete-output", buttons=["copy"])
             comp_figures = gr.Markdown()
             with gr.Row():
                 comp_temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature")
                 comp_max_new = gr.Number(128, label="Max new tokens", precision=0, minimum=1, maximum=32768)
 
         with gr.Tab("Models", id="models"):
-            table = gr.HTML(lambda: _model_table(services), elem_id="model-table", every=2.0)
+            table = gr.HTML(model_table(services), elem_id="model-table")
             with gr.Row():
-                pick = gr.Dropdown(all_models, value=all_models[0] if all_models else None,
-                                   label="Model", scale=3)
-                load_btn = gr.Button("Load", scale=1)
-                unload_btn = gr.Button("Unload", scale=1)
+                pick = gr.Dropdown(all_models, value=all_models[0] if all_models else None, label="Model", scale=3)
+                load_btn = gr.Button("Load", scale=1, elem_id="load-model")
+                unload_btn = gr.Button("Unload", scale=1, elem_id="unload-model")
+                pin_btn = gr.Button("Pin", scale=1)
+                unpin_btn = gr.Button("Unpin", scale=1)
             model_note = gr.Markdown()
 
-        async def respond(history, text, model, system_prompt, *param_values):
-            text = (text or "").strip()
-            if not text:
-                raise gr.Error("Write a message first.")
-            try:
-                params = _params(*param_values)
-            except ShoalError as exc:
-                raise gr.Error(exc.message) from None
-            messages = [Message("system", system_prompt)] if system_prompt else []
-            messages += [Message(m["role"], _text_of(m["content"])) for m in history or []]
-            messages.append(Message("user", text))
-            history = list(history or []) + [{"role": "user", "content": text},
-                                             {"role": "assistant", "content": ""}]
-            yield history, "", ""
-            async for updated, note in _stream(GenerationRequest(params, messages=messages), model, history):
-                yield updated, "", note
+        timer = gr.Timer(2.0)
+        timer.tick(lambda name: (model_line(services, name), model_table(services)), [model], [status, table],
+                   api_visibility="private", queue=False, show_progress="hidden")
 
-        async def _stream(request, model, history):
-            try:
-                handle = await pool.asubmit(model, request)
-            except ShoalError as exc:
-                raise gr.Error(exc.message) from None
-            try:
-                async for event in handle:
-                    if isinstance(event, TextDelta):
-                        history[-1]["content"] += event.text
-                        yield history, ""
-                    elif isinstance(event, Finished):
-                        yield history, _figures(event)
-                    elif isinstance(event, Failed):
-                        raise gr.Error(event.error.message)
-            finally:
-                handle.cancel()
+        params = [temperature, top_p, top_k, max_new, repetition, seed, stop_text]
+        settings = [model, system, *params, history_limit]
+        view = [session_id, sessions, chatbot, title, reply_figures, *settings]
 
-        param_inputs = [temperature, top_p, top_k, max_new, repetition, seed, stop_text]
-        chat_inputs = [chatbot, message, chat_model, system, *param_inputs]
-        sent = message.submit(respond, chat_inputs, [chatbot, message, figures], api_name="chat")
-        clicked = send.click(respond, chat_inputs, [chatbot, message, figures], api_visibility="private")
-        stop.click(None, cancels=[sent, clicked])
+        demo.load(handlers.start, [browser_id], [browser_id, *view], api_visibility="private")
+        sessions.input(handlers.open, [browser_id, sessions], view, api_visibility="private")
+        new_chat.click(handlers.new, [browser_id, *settings], view, api_visibility="private")
+        gr.on([w.input for w in settings], handlers.save_settings, [browser_id, session_id, *settings],
+              [status], api_visibility="private", show_progress="hidden")
+        rename.click(handlers.rename, [browser_id, session_id, title], [sessions], api_visibility="private")
+        delete.click(lambda: gr.Row(visible=True), None, [confirm_row], api_visibility="private")
+        cancel.click(lambda: gr.Row(visible=False), None, [confirm_row], api_visibility="private")
+        confirm.click(handlers.delete, [browser_id, session_id], view, api_visibility="private").then(
+            lambda: gr.Row(visible=False), None, [confirm_row], api_visibility="private")
+        export.click(handlers.export, [browser_id, session_id], [exported], api_visibility="private")
+        importer.upload(handlers.import_file, [browser_id, importer], view, api_visibility="private")
+        purge.click(handlers.purge, [browser_id, session_id, days], view, api_visibility="private")
 
-        async def complete(model, text, temp, max_tokens):
-            if not (text or "").strip():
-                raise gr.Error("Write some text to continue.")
-            try:
-                params = GenerationParams.validated(temperature=temp, max_new_tokens=int(max_tokens or 128))
-                handle = await pool.asubmit(model, GenerationRequest(params, prompt=text))
-            except ShoalError as exc:
-                raise gr.Error(exc.message) from None
-            out = ""
-            try:
-                async for event in handle:
-                    if isinstance(event, TextDelta):
-                        out += event.text
-                        yield out, ""
-                    elif isinstance(event, Finished):
-                        yield out, _figures(event)
-                    elif isinstance(event, Failed):
-                        raise gr.Error(event.error.message)
-            finally:
-                handle.cancel()
+        turn_out = [chatbot, message, reply_figures, sessions, session_id, edit_index, editing]
+        turn_in = [browser_id, session_id, message, edit_index, *settings]
+        sent = message.submit(handlers.send, turn_in, turn_out, api_visibility="private")
+        clicked = send.click(handlers.send, turn_in, turn_out, api_visibility="private")
+        redo = regenerate.click(handlers.regenerate, [browser_id, session_id], turn_out, api_visibility="private")
+        stop.click(None, cancels=[sent, clicked, redo])
+        edit_last.click(handlers.edit_last, [browser_id, session_id], [message, edit_index, editing],
+                        api_visibility="private")
 
-        comp_event = comp_go.click(complete, [comp_model, prompt, comp_temperature, comp_max_new],
+        comp_event = comp_go.click(handlers.complete, [comp_model, prompt, comp_temperature, comp_max_new],
                                    [completion, comp_figures], api_name="complete")
         comp_stop.click(None, cancels=[comp_event])
 
-        def do_load(name):
-            try:
-                pool.load(name)
-                return f"Loaded **{name}**.", _model_table(services)
-            except ShoalError as exc:
-                raise gr.Error(exc.message) from None
-
-        def do_unload(name):
-            try:
-                pool.unload(name)
-                return f"Unloaded **{name}**.", _model_table(services)
-            except ShoalError as exc:
-                raise gr.Error(exc.message) from None
-
-        load_btn.click(do_load, [pick], [model_note, table], api_name="load_model")
-        unload_btn.click(do_unload, [pick], [model_note, table], api_name="unload_model")
+        for button, action in ((load_btn, "load"), (unload_btn, "unload"), (pin_btn, "pin"), (unpin_btn, "unpin")):
+            button.click(handlers.model_action(action), [pick], [model_note, table], api_visibility="private")
+        ui_api.register(services)
     return demo
 
 

@@ -1,18 +1,28 @@
-"""Building the service objects from settings (the only place that knows all of them)."""
+"""Building the service objects from settings, and the one door to generation.
+
+Every entry point (HTTP routes, WebSocket, batch, the Gradio UI) starts generations through
+`Services.submit`, so rate limits, the model's bounded queue and metrics apply to all of them
+alike.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from llm_pool import Catalog, EngineConfig, ModelPool
+from llm_pool import Catalog, EngineConfig, GenerationHandle, GenerationRequest, ModelPool, ShoalError
 from llm_pool.backends import BackendContext
+from memory.store import SessionStore
 
+from .chat import ChatService
+from .limits import RateLimiter
+from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger("shoal")
@@ -23,6 +33,35 @@ class Services:
     settings: Settings
     catalog: Catalog
     pool: ModelPool
+    store: SessionStore
+    limiter: RateLimiter = field(default_factory=RateLimiter)
+    metrics: Metrics | None = None
+    chat: ChatService | None = None
+    session_secret: str = ""
+
+    def __post_init__(self) -> None:
+        if self.metrics is None:
+            self.metrics = Metrics(self.pool)
+        if self.chat is None:
+            self.chat = ChatService(self.store, self)
+
+    async def submit(self, model: str | None, request: GenerationRequest, client: str) -> GenerationHandle:
+        """Start a generation for `client`: rate limits, on-demand load, the model's queue."""
+        try:
+            self.limiter.admit(client)
+            handle = await self.pool.asubmit(model, request)
+        except ShoalError as exc:
+            self.metrics.reject(type(exc).__name__)
+            raise
+        handle.on_done(lambda h: self._finished(h, client))
+        return handle
+
+    def _finished(self, handle: GenerationHandle, client: str) -> None:
+        self.metrics.observe(handle)
+        final = handle.final
+        usage = getattr(final, "usage", None)
+        if usage is not None:
+            self.limiter.charge_tokens(client, usage.completion_tokens)
 
     def preload(self) -> None:
         """Load the start-up models in the background; failures show in the model status."""
@@ -40,6 +79,7 @@ class Services:
 
     def close(self) -> None:
         self.pool.shutdown()
+        self.store.close()
 
 
 def ensure_private_dir(path: Path) -> Path:
@@ -48,14 +88,29 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
-def build_services(settings: Settings) -> Services:
+def build_services(settings: Settings, pool: ModelPool | None = None) -> Services:
+    """`pool`: share an existing pool (tests run several apps over one loaded model)."""
     data_dir = ensure_private_dir(settings.data_dir)
-    catalog = Catalog.from_toml(settings.catalog, registry_path=data_dir / "registered-models.json")
-    gpu_total = (torch.cuda.get_device_properties(0).total_memory
-                 if settings.device != "cpu" and torch.cuda.is_available() else None)
-    engine = EngineConfig(max_batch_size=settings.max_batch_size, queue_size=settings.queue_size,
-                          queue_timeout=settings.queue_timeout, kv_cache_bytes=settings.kv_cache_bytes())
-    context = BackendContext(cache_dir=settings.models_dir, device=settings.device, engine=engine)
-    pool = ModelPool(catalog, context, settings.memory_budget_bytes(gpu_total),
-                     default_model=settings.default_model, load_timeout=settings.load_timeout)
-    return Services(settings=settings, catalog=catalog, pool=pool)
+    if pool is None:
+        catalog = Catalog.from_toml(settings.catalog, registry_path=data_dir / "registered-models.json")
+        gpu_total = (torch.cuda.get_device_properties(0).total_memory
+                     if settings.device != "cpu" and torch.cuda.is_available() else None)
+        engine = EngineConfig(max_batch_size=settings.max_batch_size, queue_size=settings.queue_size,
+                              queue_timeout=settings.queue_timeout, kv_cache_bytes=settings.kv_cache_bytes())
+        context = BackendContext(cache_dir=settings.models_dir, device=settings.device, engine=engine)
+        pool = ModelPool(catalog, context, settings.memory_budget_bytes(gpu_total),
+                         default_model=settings.default_model, load_timeout=settings.load_timeout)
+    limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
+    store = SessionStore(data_dir / "sessions")
+    return Services(settings=settings, catalog=pool.catalog, pool=pool, store=store, limiter=limiter,
+                    session_secret=settings.session_secret or _stored_secret(data_dir))
+
+
+def _stored_secret(data_dir: Path) -> str:
+    """A secret generated on first start and kept (0600) in the data directory."""
+    path = data_dir / "session-secret"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    return path.read_text().strip()

@@ -1,0 +1,227 @@
+"""The durable session store: sessions, their messages and settings, per user, on disk.
+
+Backed by diskcache (SQLite in WAL mode) with values stored as JSON, never pickle. A turn (the
+user's message and the assistant's reply) is appended in one transaction, so two writers on one
+session never lose or interleave turns, and a `kill -9` between turns loses nothing that was
+acknowledged. Every read and write names the user: a session of another user is "not found",
+exactly like a session that does not exist. Knows nothing about models or HTTP.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import diskcache
+
+from llm_pool.errors import InvalidParamsError, NotFoundError, ServiceUnavailableError
+
+ID_RE = re.compile(r"^[0-9a-f]{32}$")
+MAX_TITLE = 200
+
+
+class SessionNotFoundError(NotFoundError):
+    def __init__(self, session_id: str):
+        shown = session_id if ID_RE.match(str(session_id)) else "(invalid id)"
+        super().__init__(f"session {shown} not found", param="session_id", code="session_not_found")
+
+
+class StorageError(ServiceUnavailableError):
+    """The disk refused a write (full, read-only): nothing was half-written."""
+
+
+@dataclass
+class StoredMessage:
+    role: str  # system | user | assistant
+    content: str
+    created: float = field(default_factory=time.time)
+    meta: dict[str, Any] = field(default_factory=dict)  # model, usage, timings, sources, finish_reason
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StoredMessage:
+        if data.get("role") not in ("system", "user", "assistant") or not isinstance(data.get("content"), str):
+            raise InvalidParamsError("each message needs a role (system, user or assistant) and text content",
+                                     param="messages")
+        return cls(data["role"], data["content"], float(data.get("created") or time.time()),
+                   dict(data.get("meta") or {}))
+
+
+@dataclass
+class Session:
+    id: str
+    user: str
+    title: str
+    model: str | None = None
+    system_prompt: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
+    context_policy: dict[str, Any] = field(default_factory=dict)  # e.g. {"max_history_turns": 20}
+    created: float = field(default_factory=time.time)
+    updated: float = field(default_factory=time.time)
+    message_count: int = 0
+
+    def public(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("user")
+        return data
+
+
+class SessionStore:
+    def __init__(self, directory: Path):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.directory = directory
+        # JSON (never pickle) for keys and values; synchronous=FULL so a written turn survives
+        # a crash of the process or of the machine.
+        self._db = diskcache.Cache(str(directory), disk=diskcache.JSONDisk, eviction_policy="none",
+                                   size_limit=2**62, sqlite_synchronous=2)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ------------------------------------------------------------------ helpers
+    def _write(self, func):
+        try:
+            with self._db.transact():
+                return func()
+        except sqlite3.OperationalError as exc:
+            raise StorageError(f"could not save: {exc}; nothing was changed", retry_after=5.0) from exc
+        except OSError as exc:
+            raise StorageError(f"could not save ({exc.strerror}); nothing was changed", retry_after=5.0) from exc
+
+    def _session(self, user: str, session_id: str) -> Session:
+        if not isinstance(session_id, str) or not ID_RE.match(session_id):
+            raise SessionNotFoundError(str(session_id))
+        data = self._db.get(f"s:{session_id}")
+        if data is None or data.get("user") != user:
+            raise SessionNotFoundError(session_id)
+        return Session(**data)
+
+    def _index(self, user: str) -> list[str]:
+        return list(self._db.get(f"u:{user}", []))
+
+    @staticmethod
+    def _title(title: Any) -> str:
+        if not isinstance(title, str):
+            raise InvalidParamsError("title must be text", param="title")
+        title = " ".join(title.split())[:MAX_TITLE]
+        return title or "New chat"
+
+    # ------------------------------------------------------------------ sessions
+    def create(self, user: str, title: str = "New chat", **fields: Any) -> Session:
+        session = Session(id=uuid.uuid4().hex, user=user, title=self._title(title), **fields)
+
+        def write():
+            self._db.set(f"s:{session.id}", asdict(session))
+            self._db.set(f"m:{session.id}", [])
+            self._db.set(f"u:{user}", [session.id] + self._index(user))
+        self._write(write)
+        return session
+
+    def list(self, user: str) -> list[Session]:
+        sessions = []
+        for session_id in self._index(user):
+            data = self._db.get(f"s:{session_id}")
+            if data and data.get("user") == user:
+                sessions.append(Session(**data))
+        return sorted(sessions, key=lambda s: s.updated, reverse=True)
+
+    def get(self, user: str, session_id: str) -> Session:
+        return self._session(user, session_id)
+
+    def update(self, user: str, session_id: str, **changes: Any) -> Session:
+        allowed = {"title", "model", "system_prompt", "params", "context_policy"}
+        unknown = set(changes) - allowed
+        if unknown:
+            raise InvalidParamsError(f"cannot change '{sorted(unknown)[0]}'", param=sorted(unknown)[0])
+        if "title" in changes:
+            changes["title"] = self._title(changes["title"])
+
+        def write():
+            session = self._session(user, session_id)
+            for key, value in changes.items():
+                setattr(session, key, value)
+            session.updated = time.time()
+            self._db.set(f"s:{session_id}", asdict(session))
+            return session
+        return self._write(write)
+
+    def delete(self, user: str, session_id: str) -> None:
+        def write():
+            self._session(user, session_id)
+            self._db.delete(f"s:{session_id}")
+            self._db.delete(f"m:{session_id}")
+            self._db.set(f"u:{user}", [s for s in self._index(user) if s != session_id])
+        self._write(write)
+
+    def delete_many(self, user: str, *, older_than: float | None = None,
+                    ids: list[str] | None = None) -> list[str]:
+        """Delete the user's sessions last updated before `older_than`, or those in `ids`."""
+        doomed = [s.id for s in self.list(user)
+                  if (older_than is not None and s.updated < older_than) or (ids and s.id in ids)]
+        for session_id in doomed:
+            self.delete(user, session_id)
+        return doomed
+
+    # ------------------------------------------------------------------ messages
+    def messages(self, user: str, session_id: str) -> list[StoredMessage]:
+        self._session(user, session_id)
+        return [StoredMessage(**m) for m in self._db.get(f"m:{session_id}", [])]
+
+    def append(self, user: str, session_id: str, new: list[StoredMessage],
+               truncate_to: int | None = None) -> Session:
+        """Append messages atomically; `truncate_to` first cuts the history to that many messages
+        (regenerate, edit-and-resend)."""
+        def write():
+            session = self._session(user, session_id)
+            stored = self._db.get(f"m:{session_id}", [])
+            if truncate_to is not None:
+                stored = stored[:truncate_to]
+            stored += [asdict(m) for m in new]
+            session.message_count = len(stored)
+            session.updated = time.time()
+            if session.title == "New chat":
+                first = next((m["content"] for m in stored if m["role"] == "user"), "")
+                if first:
+                    session.title = self._title(first[:60])
+            self._db.set(f"m:{session_id}", stored)
+            self._db.set(f"s:{session_id}", asdict(session))
+            return session
+        return self._write(write)
+
+    # ------------------------------------------------------------------ export / import
+    def export(self, user: str, session_id: str) -> dict[str, Any]:
+        session = self._session(user, session_id)
+        return {"format": "shoal-session/1", "session": session.public(),
+                "messages": [asdict(m) for m in self.messages(user, session_id)]}
+
+    def import_session(self, user: str, data: Any) -> Session:
+        if not isinstance(data, dict) or data.get("format") != "shoal-session/1":
+            raise InvalidParamsError("not a Shoal session export (format shoal-session/1)", param="file")
+        meta = data.get("session") or {}
+        messages = [StoredMessage.from_dict(m) for m in data.get("messages") or []]
+        session = self.create(user, title=str(meta.get("title") or "Imported chat"),
+                              model=meta.get("model"), system_prompt=str(meta.get("system_prompt") or ""),
+                              params=dict(meta.get("params") or {}),
+                              context_policy=dict(meta.get("context_policy") or {}))
+        if messages:
+            session = self.append(user, session.id, messages)
+        return session
+
+    def check(self) -> list[str]:
+        """Consistency problems (empty list when the store is sound)."""
+        problems = []
+        if self._db.check():
+            problems.append("sqlite integrity check reported problems")
+        for key in self._db.iterkeys():
+            if isinstance(key, str) and key.startswith("s:"):
+                sid = key[2:]
+                data = self._db.get(key)
+                if self._db.get(f"m:{sid}") is None:
+                    problems.append(f"session {sid} has no message list")
+                elif len(self._db.get(f"m:{sid}")) != data.get("message_count"):
+                    problems.append(f"session {sid} message count mismatch")
+        return problems

@@ -1,0 +1,96 @@
+"""POST /v1/batch: many prompts in one call, answered in order, each item on its own.
+
+Items go through the same door as every request (rate limits, the model's bounded queue), a few
+at a time so one batch cannot fill the queue on its own; an item that fails is reported in its
+place and the others go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field, model_validator
+
+from llm_pool import GenerationParams, GenerationRequest
+from llm_pool.errors import InvalidParamsError, ShoalError
+
+from .auth import client_of
+from .context import services_of
+from .openai_api import ChatMessageIn, timings, usage_dict
+
+router = APIRouter(tags=["batch"])
+MAX_ITEMS = 256
+
+
+class BatchParams(BaseModel):
+    max_tokens: int | None = Field(None, ge=1, le=32768)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=1_000_000)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[str] | None = Field(None, max_length=16)
+
+    def merged(self, base: GenerationParams) -> GenerationParams:
+        return base.updated(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                            top_k=self.top_k, repetition_penalty=self.repetition_penalty, seed=self.seed,
+                            stop=self.stop)
+
+
+class BatchItem(BaseModel):
+    prompt: str | None = Field(None, description="Text to continue, or:")
+    messages: list[ChatMessageIn] | None = Field(None, description="a chat to answer.")
+    model: str | None = Field(None, max_length=200, description="Overrides the batch's model.")
+    params: BatchParams | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("each item needs exactly one of 'prompt' or 'messages'")
+        return self
+
+
+class BatchRequest(BaseModel):
+    model: str | None = Field(None, max_length=200)
+    items: list[BatchItem] = Field(min_length=1, max_length=MAX_ITEMS)
+    params: BatchParams = Field(default_factory=BatchParams, description="Defaults for every item.")
+    concurrency: int = Field(8, ge=1, le=64, description="Items in flight at once.")
+
+
+@router.post("/v1/batch", summary="Run many prompts; results in order, failures in place")
+async def batch(body: BatchRequest, request: Request) -> dict:
+    services = services_of(request)
+    client = client_of(request)
+    defaults = body.params.merged(GenerationParams())
+    gate = asyncio.Semaphore(body.concurrency)
+
+    async def run(index: int, item: BatchItem) -> dict:
+        async with gate:
+            try:
+                params = item.params.merged(defaults) if item.params else defaults
+                if item.messages is not None:
+                    gen = GenerationRequest(params, messages=[m.to_message() for m in item.messages])
+                else:
+                    if not item.prompt:
+                        raise InvalidParamsError("prompt must not be empty", param=f"items.{index}.prompt")
+                    gen = GenerationRequest(params, prompt=item.prompt)
+                handle = await services.submit(item.model or body.model, gen, client)
+                try:
+                    final = await handle.aresult()
+                except asyncio.CancelledError:
+                    handle.cancel()
+                    raise
+            except ShoalError as exc:
+                return {"index": index, "ok": False, "status": exc.status, "error": exc.to_dict()}
+            return {"index": index, "ok": True, "model": handle.model, "text": final.text,
+                    "finish_reason": final.reason, "usage": usage_dict(final), "timings": timings(final)}
+
+    tasks = [asyncio.create_task(run(i, item)) for i, item in enumerate(body.items)]
+    try:
+        results = await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:  # the client left: stop what is still running
+            task.cancel()
+    return {"object": "batch", "results": results,
+            "succeeded": sum(1 for r in results if r["ok"]), "failed": sum(1 for r in results if not r["ok"])}

@@ -1,0 +1,175 @@
+"""REST routes for chat sessions, so notebooks can use them: create, list, read, change, delete,
+and send a message (answered whole, or streamed as server-sent events). The user is the API
+key's owner, or the one local user when keys are off."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from llm_pool import Finished, ShoalError
+from llm_pool.stream import Failed
+from memory.store import StorageError
+
+from .auth import client_of, key_owner
+from .context import services_of
+from .openai_api import timings, usage_dict
+from .streaming import SSE_HEADERS, Chunk, chunked, sse
+
+router = APIRouter(tags=["sessions"])
+LOCAL_USER = "local"
+
+
+def user_of(request: Request) -> str:
+    key = request.scope.get("state", {}).get("api_key")
+    return key_owner(key) if key else LOCAL_USER
+
+
+class SessionParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = Field(None, ge=1, le=32768)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=0, le=1_000_000)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[str] | None = Field(None, max_length=16)
+
+    def values(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class ContextPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    max_history_messages: int | None = Field(None, ge=0, le=100_000,
+                                             description="Most history messages to send (None: all that fit).")
+
+
+class NewSession(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field("New chat", max_length=200)
+    model: str | None = Field(None, max_length=200)
+    system_prompt: str = Field("", max_length=100_000)
+    params: SessionParams = Field(default_factory=SessionParams)
+    context_policy: ContextPolicy = Field(default_factory=ContextPolicy)
+
+
+class SessionChanges(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    title: str | None = Field(None, max_length=200)
+    model: str | None = Field(None, max_length=200)
+    system_prompt: str | None = Field(None, max_length=100_000)
+    params: SessionParams | None = None
+    context_policy: ContextPolicy | None = None
+
+
+class NewMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    content: str = Field(min_length=1, max_length=200_000)
+    stream: bool = False
+    params: SessionParams = Field(default_factory=SessionParams, description="For this message only.")
+    chunk_size: int = Field(1, ge=1, le=256)
+    stream_delay_ms: int = Field(0, ge=0, le=10_000)
+
+
+def _policy(policy: ContextPolicy | None) -> dict | None:
+    if policy is None:
+        return None
+    return {k: v for k, v in policy.model_dump().items() if v is not None}
+
+
+@router.post("/v1/sessions", status_code=201, summary="Create a chat session")
+async def create_session(body: NewSession, request: Request) -> dict:
+    chat = services_of(request).chat
+    session = chat.create(user_of(request), title=body.title, model=body.model,
+                          system_prompt=body.system_prompt, params=body.params.values(),
+                          context_policy=_policy(body.context_policy))
+    return session.public()
+
+
+@router.get("/v1/sessions", summary="Your sessions, most recently used first")
+async def list_sessions(request: Request) -> dict:
+    store = services_of(request).store
+    return {"object": "list", "data": [s.public() for s in store.list(user_of(request))]}
+
+
+@router.get("/v1/sessions/{session_id}", summary="A session with its messages")
+async def get_session(session_id: str, request: Request) -> dict:
+    store, user = services_of(request).store, user_of(request)
+    session = store.get(user, session_id)
+    messages = [{"role": m.role, "content": m.content, "created": m.created, **m.meta}
+                for m in store.messages(user, session_id)]
+    return {**session.public(), "messages": messages}
+
+
+@router.patch("/v1/sessions/{session_id}", summary="Rename, or change model, prompt, parameters")
+async def change_session(session_id: str, body: SessionChanges, request: Request) -> dict:
+    chat = services_of(request).chat
+    changes = {"title": body.title, "model": body.model, "system_prompt": body.system_prompt,
+               "params": body.params.values() if body.params else None,
+               "context_policy": _policy(body.context_policy)}
+    return chat.update(user_of(request), session_id, **changes).public()
+
+
+@router.delete("/v1/sessions/{session_id}", summary="Delete a session, its files and memory")
+async def delete_session(session_id: str, request: Request) -> dict:
+    services_of(request).store.delete(user_of(request), session_id)
+    return {"id": session_id, "deleted": True}
+
+
+@router.delete("/v1/sessions", summary="Delete sessions unused for some days (or all)")
+async def delete_old_sessions(request: Request,
+                              older_than_days: float = Query(ge=0, le=100_000,
+                                                             description="0 deletes every session")) -> dict:
+    gone = services_of(request).store.delete_many(user_of(request),
+                                                  older_than=time.time() - older_than_days * 86400 + 1e-6)
+    return {"deleted": gone}
+
+
+@router.post("/v1/sessions/{session_id}/messages", summary="Send a message; get the reply (or SSE)")
+async def send_message(session_id: str, body: NewMessage, request: Request):
+    services = services_of(request)
+    turn = await services.chat.send(user_of(request), session_id, body.content, client=client_of(request),
+                                    params=body.params.values())
+    if not body.stream:
+        final = await turn.handle.aresult()
+        _raise_if_failed(await turn.saved)
+        return _assistant(final, turn)
+
+    async def events():
+        async for item in chunked(turn.handle, body.chunk_size, body.stream_delay_ms):
+            if isinstance(item, Chunk):
+                yield sse({"type": "token", "text": item.text})
+            elif isinstance(item, Finished):
+                saved = await turn.saved
+                if isinstance(saved, ShoalError):
+                    yield sse({"type": "error", "error": saved.to_dict()})
+                else:
+                    yield sse({"type": "done", "message": _assistant(item, turn)})
+            elif isinstance(item, Failed):
+                yield sse({"type": "error", "error": item.error.to_dict()})
+        yield sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _raise_if_failed(saved) -> None:
+    if isinstance(saved, ShoalError):
+        raise saved
+    if isinstance(saved, Exception):
+        raise StorageError(f"the reply could not be stored: {saved}")
+
+
+def _assistant(final: Finished, turn) -> dict:
+    return {"role": "assistant", "content": final.text, "model": final.model, "finish_reason": final.reason,
+            "usage": usage_dict(final), "timings": timings(final),
+            "sources": [{"source": p.source, "score": round(p.score, 3), **p.meta} for p in turn.passages],
+            "history_dropped": turn.history_dropped}

@@ -1,0 +1,96 @@
+"""Named Gradio endpoints for `gradio_client`: chat in a session, sessions, models.
+
+The user is the API key's owner, or the one local user when keys are off (the same user the REST
+API serves), so a notebook sees the sessions it made through either door.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import gradio as gr
+
+from llm_pool import ShoalError, TextDelta
+from llm_pool.stream import Failed
+from service import Services
+
+from .ui_common import api_user, client_id
+
+
+def register(services: Services) -> None:
+    chat, store, pool = services.chat, services.store, services.pool
+
+    def guard(func):
+        try:
+            return func()
+        except ShoalError as exc:
+            raise gr.Error(exc.message) from None
+
+    def list_sessions(request: gr.Request) -> list[dict]:
+        """Your chat sessions, most recently used first."""
+        return [s.public() for s in store.list(api_user(services, request))]
+
+    def create_session(title: str = "New chat", model: str | None = None, system_prompt: str = "",
+                       request: gr.Request = None) -> dict:
+        """Start a session; returns it with its id."""
+        user = api_user(services, request)
+        return guard(lambda: chat.create(user, title=title, model=model or None,
+                                         system_prompt=system_prompt).public())
+
+    def rename_session(session_id: str, title: str, request: gr.Request) -> dict:
+        """Give a session a new title."""
+        return guard(lambda: store.update(api_user(services, request), session_id, title=title).public())
+
+    def delete_session(session_id: str, request: gr.Request) -> str:
+        """Delete a session and everything in it."""
+        guard(lambda: store.delete(api_user(services, request), session_id))
+        return session_id
+
+    def session_messages(session_id: str, request: gr.Request) -> list[dict]:
+        """A session's messages, oldest first."""
+        user = api_user(services, request)
+        return guard(lambda: [{"role": m.role, "content": m.content, "meta": m.meta}
+                              for m in store.messages(user, session_id)])
+
+    async def chat_turn(session_id: str, message: str, request: gr.Request) -> AsyncIterator[str]:
+        """Send a message in a session; yields the reply as it grows (the last value is all of it)."""
+        user = api_user(services, request)
+        try:
+            turn = await chat.send(user, session_id, message, client=client_id(request))
+        except ShoalError as exc:
+            raise gr.Error(exc.message) from None
+        text = ""
+        try:
+            async for event in turn.handle:
+                if isinstance(event, TextDelta):
+                    text += event.text
+                    yield text
+                elif isinstance(event, Failed):
+                    raise gr.Error(event.error.message)
+        finally:
+            turn.handle.cancel()
+        await turn.saved
+        yield text
+
+    def list_models() -> list[dict]:
+        """Every model with its state, version and memory."""
+        return [{k: m[k] for k in ("name", "version", "kind", "state", "progress", "error", "resident_bytes",
+                                   "pinned", "in_flight")} for m in pool.models()]
+
+    def load_model(name: str) -> dict:
+        """Load a model now (waits until it is ready)."""
+        return guard(lambda: _short(pool.load(name)))
+
+    def unload_model(name: str) -> dict:
+        """Unload a model once its requests have finished."""
+        return guard(lambda: _short(pool.unload(name)))
+
+    for func, name in ((list_sessions, "list_sessions"), (create_session, "create_session"),
+                       (rename_session, "rename_session"), (delete_session, "delete_session"),
+                       (session_messages, "session_messages"), (chat_turn, "chat"),
+                       (list_models, "list_models"), (load_model, "load_model"), (unload_model, "unload_model")):
+        gr.api(func, api_name=name, concurrency_limit=None)
+
+
+def _short(status: dict) -> dict:
+    return {k: status[k] for k in ("name", "version", "state", "resident_bytes", "error")}

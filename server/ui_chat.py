@@ -1,0 +1,369 @@
+"""The chat UI's handlers: sessions (open, new, rename, delete, export, import), turns (send,
+stop, regenerate, edit), completion and model actions. Each one names the user it acts for, so
+a browser only ever sees its own sessions."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from llm_pool import Finished, GenerationParams, GenerationRequest, ShoalError, TextDelta
+from llm_pool.stream import Failed
+from memory.store import Session
+from service import Services
+
+from .ui_common import (
+    chat_view,
+    client_id,
+    figures,
+    model_line,
+    model_table,
+    params_from,
+    stored_figures,
+    ui_user,
+)
+
+DEFAULTS = {
+    "temperature": 0.7,
+    "top_p": 1.0,
+    "top_k": 0,
+    "max_new_tokens": 256,
+    "repetition_penalty": 1.0,
+    "seed": -1,
+    "stop": [],
+}
+
+
+def _error(exc: Exception) -> gr.Error:
+    return gr.Error(getattr(exc, "message", None) or str(exc))
+
+
+class ChatHandlers:
+    def __init__(self, services: Services, default_model: str | None):
+        self.services = services
+        self.chat = services.chat
+        self.store = services.store
+        self.default_model = default_model
+
+    # ------------------------------------------------------------------ views
+    def _radio(self, user: str, current: str | None) -> gr.Radio:
+        items = self.store.list(user)
+        return gr.Radio(choices=[(s.title, s.id) for s in items], value=current)
+
+    def _view(self, user: str, session: Session | None) -> list[Any]:
+        if session is None:
+            values = {**DEFAULTS}
+            return [
+                None,
+                self._radio(user, None),
+                [],
+                "",
+                "",
+                self.default_model,
+                "",
+                *self._param_values(values),
+                0,
+            ]
+        messages = self.store.messages(user, session.id)
+        values = {**DEFAULTS, **session.params}
+        last = next((m for m in reversed(messages) if m.role == "assistant"), None)
+        return [
+            session.id,
+            self._radio(user, session.id),
+            chat_view(messages),
+            session.title,
+            stored_figures(last) if last else "",
+            session.model or self.default_model,
+            session.system_prompt,
+            *self._param_values(values),
+            session.context_policy.get("max_history_messages") or 0,
+        ]
+
+    @staticmethod
+    def _param_values(values: dict) -> list[Any]:
+        seed = values.get("seed")
+        return [
+            values["temperature"],
+            values["top_p"],
+            values["top_k"],
+            values["max_new_tokens"],
+            values["repetition_penalty"],
+            -1 if seed is None else seed,
+            "|".join(values.get("stop") or []),
+        ]
+
+    @staticmethod
+    def _settings(
+        model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
+    ) -> dict:
+        limit = int(history_limit or 0)
+        params = params_from(temperature, top_p, top_k, max_new, repetition, seed, stop)
+        return {
+            "model": model,
+            "system_prompt": system or "",
+            "params": params,
+            "context_policy": {"max_history_messages": limit} if limit else {},
+        }
+
+    # ------------------------------------------------------------------ sessions
+    def start(self, browser_id: str | None, request: gr.Request):
+        if not browser_id:
+            browser_id = uuid.uuid4().hex
+        user = ui_user(self.services, browser_id, request)
+        sessions = self.store.list(user)
+        return [browser_id, *self._view(user, sessions[0] if sessions else None)]
+
+    def open(self, browser_id, session_id, request: gr.Request):
+        user = ui_user(self.services, browser_id, request)
+        try:
+            return self._view(user, self.store.get(user, session_id))
+        except ShoalError as exc:
+            raise _error(exc) from None
+
+    def new(
+        self,
+        browser_id,
+        model,
+        system,
+        temperature,
+        top_p,
+        top_k,
+        max_new,
+        repetition,
+        seed,
+        stop,
+        history_limit,
+        request: gr.Request,
+    ):
+        user = ui_user(self.services, browser_id, request)
+        try:
+            session = self.chat.create(
+                user,
+                **self._settings(
+                    model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
+                ),
+            )
+        except ShoalError as exc:
+            raise _error(exc) from None
+        return self._view(user, session)
+
+    def save_settings(
+        self,
+        browser_id,
+        session_id,
+        model,
+        system,
+        temperature,
+        top_p,
+        top_k,
+        max_new,
+        repetition,
+        seed,
+        stop,
+        history_limit,
+        request: gr.Request,
+    ):
+        user = ui_user(self.services, browser_id, request)
+        values = self._settings(
+            model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
+        )
+        if session_id:
+            try:
+                self.chat.update(user, session_id, **values)
+            except ShoalError as exc:
+                raise _error(exc) from None
+        return model_line(self.services, values["model"])
+
+    def rename(self, browser_id, session_id, title, request: gr.Request):
+        user = ui_user(self.services, browser_id, request)
+        if not session_id:
+            raise gr.Error("Open a chat first.")
+        try:
+            self.store.update(user, session_id, title=title)
+        except ShoalError as exc:
+            raise _error(exc) from None
+        return self._radio(user, session_id)
+
+    def delete(self, browser_id, session_id, request: gr.Request):
+        user = ui_user(self.services, browser_id, request)
+        if session_id:
+            try:
+                self.store.delete(user, session_id)
+            except ShoalError as exc:
+                raise _error(exc) from None
+        remaining = self.store.list(user)
+        return self._view(user, remaining[0] if remaining else None)
+
+    def purge(self, browser_id, session_id, days, request: gr.Request):
+        user = ui_user(self.services, browser_id, request)
+        gone = self.store.delete_many(user, older_than=time.time() - float(days or 0) * 86400)
+        gr.Info(f"Deleted {len(gone)} chat(s).")
+        remaining = self.store.list(user)
+        current = next((s for s in remaining if s.id == session_id), remaining[0] if remaining else None)
+        return self._view(user, current)
+
+    def export(self, browser_id, session_id, request: gr.Request):
+        user = ui_user(self.services, browser_id, request)
+        if not session_id:
+            raise gr.Error("Open a chat first.")
+        try:
+            data = self.store.export(user, session_id)
+            markdown = self.chat.export_markdown(user, session_id)
+        except ShoalError as exc:
+            raise _error(exc) from None
+        folder = Path(tempfile.mkdtemp(prefix="shoal-export-"))
+        stem = "".join(c if c.isalnum() else "-" for c in data["session"]["title"])[:40].strip("-") or "chat"
+        md_path, json_path = folder / f"{stem}.md", folder / f"{stem}.json"
+        md_path.write_text(markdown)
+        json_path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+        return gr.File(value=[str(md_path), str(json_path)], visible=True)
+
+    def import_file(self, browser_id, file, request: gr.Request):
+        user = ui_user(self.services, browser_id, request)
+        try:
+            data = json.loads(Path(file if isinstance(file, str) else file.name).read_text())
+            session = self.store.import_session(user, data)
+        except (ValueError, UnicodeDecodeError):
+            raise gr.Error("That file is not a JSON export of a Shoal chat.") from None
+        except ShoalError as exc:
+            raise _error(exc) from None
+        gr.Info(f"Imported “{session.title}”.")
+        return self._view(user, session)
+
+    # ------------------------------------------------------------------ turns
+    async def send(
+        self,
+        browser_id,
+        session_id,
+        text,
+        edit_index,
+        model,
+        system,
+        temperature,
+        top_p,
+        top_k,
+        max_new,
+        repetition,
+        seed,
+        stop,
+        history_limit,
+        request: gr.Request,
+    ):
+        user = ui_user(self.services, browser_id, request)
+        text = (text or "").strip()
+        if not text:
+            raise gr.Error("Write a message first.")
+        values = self._settings(
+            model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
+        )
+        try:
+            if session_id:
+                self.chat.update(user, session_id, **values)
+            else:
+                session_id = self.chat.create(user, **values).id
+        except ShoalError as exc:
+            raise _error(exc) from None
+        async for update in self._run(user, session_id, text, edit_index, request):
+            yield update
+
+    async def regenerate(self, browser_id, session_id, request: gr.Request):
+        user = ui_user(self.services, browser_id, request)
+        if not session_id:
+            raise gr.Error("Open a chat first.")
+        try:
+            index, text = self.chat.last_user_index(user, session_id)
+        except ShoalError as exc:
+            raise _error(exc) from None
+        async for update in self._run(user, session_id, text, index, request):
+            yield update
+
+    def edit_last(self, browser_id, session_id, request: gr.Request):
+        user = ui_user(self.services, browser_id, request)
+        if not session_id:
+            raise gr.Error("Open a chat first.")
+        try:
+            index, text = self.chat.last_user_index(user, session_id)
+        except ShoalError as exc:
+            raise _error(exc) from None
+        return text, index, "Editing your last message: send to replace it and its answer."
+
+    async def _run(self, user, session_id, text, replace_from, request):
+        history = self.store.messages(user, session_id)
+        if replace_from is not None:
+            history = history[:replace_from]
+        view = chat_view(history) + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        radio = self._radio(user, session_id)
+        yield view, "", "", radio, session_id, None, ""
+        try:
+            turn = await self.chat.send(
+                user, session_id, text, client=client_id(request), replace_from=replace_from
+            )
+        except ShoalError as exc:
+            raise _error(exc) from None
+        note = ""
+        try:
+            async for event in turn.handle:
+                if isinstance(event, TextDelta):
+                    view[-1]["content"] += event.text
+                    yield view, "", "", radio, session_id, None, ""
+                elif isinstance(event, Finished):
+                    note = figures(event)
+                elif isinstance(event, Failed):
+                    raise _error(event.error)
+        finally:
+            turn.handle.cancel()
+        await turn.saved
+        yield (
+            chat_view(self.store.messages(user, session_id)),
+            "",
+            note,
+            self._radio(user, session_id),
+            session_id,
+            None,
+            "",
+        )
+
+    # ------------------------------------------------------------------ completion and models
+    async def complete(self, model, text, temperature, max_tokens, request: gr.Request):
+        if not (text or "").strip():
+            raise gr.Error("Write some text to continue.")
+        try:
+            params = GenerationParams.validated(
+                temperature=temperature, max_new_tokens=int(max_tokens or 128)
+            )
+            handle = await self.services.submit(
+                model, GenerationRequest(params, prompt=text), client_id(request)
+            )
+        except ShoalError as exc:
+            raise _error(exc) from None
+        out = ""
+        try:
+            async for event in handle:
+                if isinstance(event, TextDelta):
+                    out += event.text
+                    yield out, ""
+                elif isinstance(event, Finished):
+                    yield out, figures(event)
+                elif isinstance(event, Failed):
+                    raise _error(event.error)
+        finally:
+            handle.cancel()
+
+    def model_action(self, action: str):
+        pool = self.services.pool
+
+        def run(name):
+            try:
+                getattr(pool, action)(name)
+            except ShoalError as exc:
+                raise _error(exc) from None
+            return f"{action.capitalize()}: **{name}** done.", model_table(self.services)
+
+        run.__name__ = f"{action}_model"
+        return run

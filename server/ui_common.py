@@ -1,0 +1,154 @@
+"""Small helpers the UI modules share: who the user is, and how things are shown."""
+
+from __future__ import annotations
+
+import html
+import re
+from typing import Any
+
+import gradio as gr
+
+from llm_pool import Finished, GenerationParams
+from memory.store import StoredMessage
+from service import Services
+
+from .auth import COOKIE, key_is_valid, key_owner
+
+_BROWSER_ID = re.compile(r"^[0-9a-f]{32}$")
+LOCAL_USER = "local"
+
+
+def request_key(request: gr.Request | None) -> str | None:
+    if request is None or not request.headers:
+        return None
+    auth = request.headers.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return request.headers.get("x-api-key") or (request.cookies or {}).get(COOKIE)
+
+
+def ui_user(services: Services, browser_id: str | None, request: gr.Request | None) -> str:
+    """With API keys: the key's owner. Without: this browser's own id (from gr.BrowserState)."""
+    key = request_key(request)
+    if services.settings.api_keys:
+        if not key_is_valid(key, services.settings.api_keys):
+            raise gr.Error("Sign in with an API key first.")
+        return key_owner(key)
+    if browser_id and _BROWSER_ID.match(browser_id):
+        return "browser-" + browser_id
+    raise gr.Error("This browser has no user id yet; reload the page.")
+
+
+def api_user(services: Services, request: gr.Request | None) -> str:
+    """For gradio_client calls: the API key's owner, or the one local user when keys are off."""
+    key = request_key(request)
+    if services.settings.api_keys and key_is_valid(key, services.settings.api_keys):
+        return key_owner(key)
+    return LOCAL_USER
+
+
+def client_id(request: gr.Request | None) -> str:
+    key = request_key(request)
+    if key:
+        return key_owner(key)
+    host = request.client.host if request is not None and request.client else "unknown"
+    return "ip-" + host
+
+
+def text_of(content: Any) -> str:
+    """Gradio 6 hands message content over as a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    if isinstance(content, dict):
+        return content.get("text", "")
+    return ""
+
+
+def params_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, stop) -> dict:
+    """The parameter widgets' values as a validated dict (raises gr.Error naming the field)."""
+    stops = [s for s in (stop or "").split("|") if s]
+    values = {"temperature": temperature, "top_p": top_p, "top_k": int(top_k or 0),
+              "max_new_tokens": int(max_new_tokens) if max_new_tokens else None,
+              "repetition_penalty": repetition_penalty,
+              "seed": int(seed) if seed not in (None, "") and int(seed) >= 0 else None, "stop": stops}
+    values = {k: v for k, v in values.items() if v is not None}
+    try:
+        return {k: v for k, v in GenerationParams.validated(**values).to_dict().items() if k in values}
+    except Exception as exc:
+        raise gr.Error(getattr(exc, "message", str(exc))) from None
+
+
+def figures(final: Finished) -> str:
+    ttft = f"{final.ttft:.2f} s" if final.ttft is not None else "-"
+    cached = f" · {final.usage.cached_tokens} prompt tokens cached" if final.usage.cached_tokens else ""
+    return (f"**{final.usage.completion_tokens}** tokens · **{final.tokens_per_second:.1f}** tok/s · "
+            f"first token {ttft} · `{final.model}` · {final.reason}{cached}")
+
+
+def stored_figures(message: StoredMessage) -> str:
+    meta = message.meta
+    usage, timings = meta.get("usage") or {}, meta.get("timings") or {}
+    if not usage:
+        return ""
+    ttft = timings.get("ttft_s")
+    return (f"**{usage.get('completion_tokens', 0)}** tokens · **{timings.get('tokens_per_second', 0):.1f}** "
+            f"tok/s · first token {f'{ttft:.2f} s' if ttft is not None else '-'} · `{meta.get('model')}` · "
+            f"{meta.get('finish_reason')}")
+
+
+def chat_view(messages: list[StoredMessage]) -> list[dict]:
+    """Stored messages as Chatbot messages, with the sources an answer used."""
+    view = []
+    for message in messages:
+        if message.role == "system":
+            continue
+        content = message.content
+        sources = message.meta.get("sources") or []
+        if sources:
+            listed = "; ".join(f"[{i + 1}] {html.escape(s['source'])}" for i, s in enumerate(sources))
+            content += f"\n\n<sub>Sources: {listed}</sub>"
+        view.append({"role": message.role, "content": content})
+    return view
+
+
+def model_table(services: Services) -> str:
+    rows = []
+    for m in services.pool.models():
+        state = m["state"]
+        if state == "loading":
+            state = f"loading {int(m['progress'] * 100)}% ({html.escape(m['stage'])})"
+        if state == "failed":
+            state = f"failed: {html.escape(m['error'] or '')}"
+        memory = f"{m['resident_bytes'] / 1e9:.2f} GB" if m["resident_bytes"] else "-"
+        rows.append(f"<tr><td><b>{html.escape(m['name'])}</b></td><td>{html.escape(m['version'])}</td>"
+                    f"<td>{m['kind']}</td><td class='state-{m['state']}'>{state}</td><td>{memory}</td>"
+                    f"<td>{'pinned' if m['pinned'] else ''}</td><td>{m['in_flight']}</td>"
+                    f"<td>{m['requests_served']}</td></tr>")
+    budget = services.pool.budget / 1e9
+    used = services.pool.resident_bytes() / 1e9
+    return ("<table class='shoal-models'><tr><th>model</th><th>version</th><th>kind</th><th>state</th>"
+            "<th>memory</th><th></th><th>busy</th><th>served</th></tr>" + "".join(rows) +
+            f"</table><p class='shoal-budget'>Memory: {used:.2f} GB of a {budget:.2f} GB budget</p>")
+
+
+def model_line(services: Services, name: str | None) -> str:
+    if not name:
+        return ""
+    try:
+        m = services.pool.status(name)
+    except Exception:
+        return f"`{html.escape(name)}` is not in the catalog"
+    state = m["state"]
+    if state == "loading":
+        return f"{_dot(state)} `{m['id']}` loading {int(m['progress'] * 100)}% ({m['stage']})"
+    if state == "ready":
+        return f"{_dot(state)} `{m['id']}` ready · {m['resident_bytes'] / 1e9:.2f} GB · {m['device']}"
+    if state == "failed":
+        return f"{_dot(state)} `{m['id']}` failed to load: {html.escape(m['error'] or '')}"
+    return f"{_dot(state)} `{m['id']}` {state} (loads when you send a message)"
+
+
+def _dot(state: str) -> str:
+    return f"<span class='shoal-dot state-{state}'></span>"

@@ -1,0 +1,164 @@
+"""Chat sessions: a user's conversations, each with its own model, parameters and history.
+
+`ChatService.send` builds the context for a new user turn (system prompt, the turn, retrieved
+passages, recent history that fits), starts the generation through `Services.submit`, and when it
+ends stores the user message and the reply together in one transaction. Regenerate and edit
+replace the last turn. Used alike by the Gradio UI and the /v1/sessions routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from llm_pool import Finished, GenerationHandle, GenerationParams, GenerationRequest, Message
+from llm_pool.errors import InvalidParamsError, InvalidRequestError
+from memory.context import Passage, build_context
+from memory.store import Session, SessionStore, StoredMessage
+
+log = logging.getLogger("shoal.chat")
+MAX_MESSAGE_CHARS = 200_000
+
+
+@dataclass
+class Turn:
+    """A started turn: its generation handle and the context it was built from."""
+
+    handle: GenerationHandle
+    session: Session
+    user_text: str
+    passages: list[Passage]
+    history_dropped: int
+    saved: asyncio.Future | None = None
+
+
+class ChatService:
+    def __init__(self, store: SessionStore, services, retrieve: Callable | None = None):
+        self.store = store
+        self.services = services
+        self.retrieve = retrieve  # (user, session_id, query) -> list[Passage]; set by the documents layer
+
+    # ------------------------------------------------------------------ sessions
+    def create(self, user: str, *, title: str = "New chat", model: str | None = None,
+               system_prompt: str = "", params: dict | None = None,
+               context_policy: dict | None = None) -> Session:
+        if model is not None:
+            self.services.pool.resolve(model)  # 404 for a model that does not exist
+        clean = self.check_params(params or {})
+        return self.store.create(user, title=title, model=model, system_prompt=system_prompt or "",
+                                 params=clean, context_policy=self._policy(context_policy or {}))
+
+    def update(self, user: str, session_id: str, **changes: Any) -> Session:
+        changes = {k: v for k, v in changes.items() if v is not None}
+        if "model" in changes:
+            self.services.pool.resolve(changes["model"])
+        if "params" in changes:
+            changes["params"] = self.check_params(changes["params"])
+        if "context_policy" in changes:
+            changes["context_policy"] = self._policy(changes["context_policy"])
+        return self.store.update(user, session_id, **changes)
+
+    @staticmethod
+    def check_params(params: dict) -> dict:
+        return {k: v for k, v in GenerationParams.validated(**params).to_dict().items() if k in params}
+
+    @staticmethod
+    def _policy(policy: dict) -> dict:
+        value = policy.get("max_history_messages")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InvalidParamsError("context_policy.max_history_messages must be a whole number >= 0",
+                                     param="context_policy")
+        unknown = set(policy) - {"max_history_messages"}
+        if unknown:
+            raise InvalidParamsError(f"unknown context policy '{sorted(unknown)[0]}'", param="context_policy")
+        return dict(policy)
+
+    # ------------------------------------------------------------------ turns
+    async def send(self, user: str, session_id: str, text: str, *, client: str,
+                   params: dict | None = None, replace_from: int | None = None) -> Turn:
+        """Start a turn. `replace_from`: index of the history message the new turn replaces
+        (regenerate / edit); the reply is stored in its place."""
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidParamsError("content must not be empty", param="content")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise InvalidParamsError(f"content is longer than {MAX_MESSAGE_CHARS} characters", param="content")
+        session = self.store.get(user, session_id)
+        model = session.model or self.services.pool.default_model
+        if self.services.pool.spec(model).kind != "chat":
+            raise InvalidRequestError(f"model '{model}' is a completion model; pick a chat model for this "
+                                      "session", param="model", code="not_a_chat_model")
+        history = self.store.messages(user, session_id)
+        if replace_from is not None:
+            history = history[:replace_from]
+        gen_params = GenerationParams.validated(**{**session.params, **(params or {})})
+        backend = await self._loaded_backend(model)
+        passages = self.retrieve(user, session_id, text) if self.retrieve else []
+        reply_room = gen_params.max_new_tokens or min(512, backend.context_length // 4)
+        context = build_context(
+            system_prompt=session.system_prompt, history=[Message(m.role, m.content) for m in history],
+            user_text=text, count_tokens=backend.count_tokens, budget=backend.context_length - reply_room,
+            max_history_messages=session.context_policy.get("max_history_messages"), passages=passages)
+        request = GenerationRequest(gen_params, messages=context.messages, cache_key=session_id)
+        handle = await self.services.submit(model, request, client)
+        turn = Turn(handle, session, text, context.passages, context.history_dropped)
+        loop = asyncio.get_running_loop()
+        turn.saved = loop.create_future()
+        handle.on_done(lambda h: self._save(user, turn, replace_from, loop))
+        return turn
+
+    def _save(self, user: str, turn: Turn, replace_from: int | None, loop) -> None:
+        final = turn.handle.final
+        result: Any = None
+        if isinstance(final, Finished) and (final.text or final.reason != "cancelled"):
+            meta = {"model": final.model, "finish_reason": final.reason,
+                    "usage": {"prompt_tokens": final.usage.prompt_tokens,
+                              "completion_tokens": final.usage.completion_tokens,
+                              "cached_tokens": final.usage.cached_tokens},
+                    "timings": {"ttft_s": final.ttft, "duration_s": final.duration,
+                                "tokens_per_second": final.tokens_per_second},
+                    "sources": [{"source": p.source, "score": round(p.score, 3), **p.meta} for p in turn.passages]}
+            now = time.time()
+            try:
+                result = self.store.append(user, turn.session.id, [
+                    StoredMessage("user", turn.user_text, now),
+                    StoredMessage("assistant", final.text, now, meta)], truncate_to=replace_from)
+            except Exception as exc:  # the session may have been deleted meanwhile, or the disk is full
+                log.warning("could not store the turn of session %s: %s", turn.session.id, exc)
+                result = exc
+        loop.call_soon_threadsafe(_resolve, turn.saved, result)
+
+    async def _loaded_backend(self, model: str):
+        pool = self.services.pool
+        backend = pool.backend(model)
+        if backend is None or pool.status(model)["state"] != "ready":
+            await asyncio.get_running_loop().run_in_executor(None, pool.load, model)
+            backend = pool.backend(model)
+        return backend
+
+    def last_user_index(self, user: str, session_id: str) -> tuple[int, str]:
+        messages = self.store.messages(user, session_id)
+        for index in range(len(messages) - 1, -1, -1):
+            if messages[index].role == "user":
+                return index, messages[index].content
+        raise InvalidRequestError("this session has no message to regenerate", param="session_id")
+
+    # ------------------------------------------------------------------ export
+    def export_markdown(self, user: str, session_id: str) -> str:
+        session = self.store.get(user, session_id)
+        lines = [f"# {session.title}", "", f"Model: {session.model or self.services.pool.default_model}", ""]
+        if session.system_prompt:
+            lines += ["**System:** " + session.system_prompt, ""]
+        for message in self.store.messages(user, session_id):
+            lines += [f"## {message.role.capitalize()}", "", message.content, ""]
+            for source in message.meta.get("sources", []):
+                lines.append(f"- source: {source['source']}")
+        return "\n".join(lines).rstrip() + "\n"
+
+
+def _resolve(future: asyncio.Future, result: Any) -> None:
+    if not future.done():
+        future.set_result(result)

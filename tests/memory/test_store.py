@@ -1,0 +1,126 @@
+"""The durable session store: per-user isolation, atomic turns, JSON on disk, restarts."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import zlib
+
+import pytest
+
+from llm_pool.errors import InvalidParamsError
+from memory.store import SessionNotFoundError, SessionStore, StoredMessage
+
+
+@pytest.fixture
+def store(tmp_path):
+    store = SessionStore(tmp_path / "sessions")
+    yield store
+    store.close()
+
+
+def turn(n: int) -> list[StoredMessage]:
+    return [StoredMessage("user", f"question {n}"), StoredMessage("assistant", f"answer {n}")]
+
+
+def test_sessions_belong_to_their_user(store):
+    mine = store.create("alice", title="Alice's plans")
+    store.create("bob", title="Bob's")
+    assert [s.title for s in store.list("alice")] == ["Alice's plans"]
+    for call in (lambda: store.get("bob", mine.id), lambda: store.messages("bob", mine.id),
+                 lambda: store.append("bob", mine.id, turn(1)), lambda: store.update("bob", mine.id, title="x"),
+                 lambda: store.delete("bob", mine.id), lambda: store.export("bob", mine.id)):
+        with pytest.raises(SessionNotFoundError):
+            call()
+    assert store.get("alice", mine.id).title == "Alice's plans"  # untouched by bob's attempts
+
+
+@pytest.mark.parametrize("bad_id", ["", "../../etc/passwd", "abc\x00def", "0" * 31, "Z" * 32, None, 42])
+def test_bad_ids_are_not_found(store, bad_id):
+    with pytest.raises(SessionNotFoundError):
+        store.get("alice", bad_id)
+
+
+def test_turns_append_atomically_and_survive_a_reopen(tmp_path):
+    store = SessionStore(tmp_path / "s")
+    session = store.create("alice")
+    store.append("alice", session.id, turn(1))
+    store.update("alice", session.id, title="Renamed", params={"temperature": 0.1})
+    store.close()
+    again = SessionStore(tmp_path / "s")
+    assert again.get("alice", session.id).title == "Renamed"
+    assert again.get("alice", session.id).params == {"temperature": 0.1}
+    assert [m.content for m in again.messages("alice", session.id)] == ["question 1", "answer 1"]
+    assert again.check() == []
+    again.close()
+
+
+def test_first_message_names_a_new_chat(store):
+    session = store.create("alice")
+    store.append("alice", session.id, [StoredMessage("user", "How do tides work?"), StoredMessage("assistant", "x")])
+    assert store.get("alice", session.id).title == "How do tides work?"
+
+
+def test_two_writers_never_lose_or_interleave_turns(tmp_path):
+    store = SessionStore(tmp_path / "s")
+    session = store.create("alice")
+    other = SessionStore(tmp_path / "s")  # a second handle, as a second process would have
+
+    def writer(handle, offset):
+        for n in range(offset, offset + 40):
+            handle.append("alice", session.id, turn(n))
+
+    threads = [threading.Thread(target=writer, args=(store, 0)), threading.Thread(target=writer, args=(other, 1000))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    messages = store.messages("alice", session.id)
+    assert len(messages) == 160
+    for question, answer in zip(messages[::2], messages[1::2]):
+        assert question.role == "user" and answer.role == "assistant"
+        assert question.content.split()[1] == answer.content.split()[1]  # each pair stayed together
+    assert store.check() == []
+    other.close()
+    store.close()
+
+
+def test_regenerate_replaces_the_last_turn(store):
+    session = store.create("alice")
+    store.append("alice", session.id, turn(1) + turn(2))
+    store.append("alice", session.id, [StoredMessage("user", "question 2"), StoredMessage("assistant", "better")],
+                 truncate_to=2)
+    assert [m.content for m in store.messages("alice", session.id)] == ["question 1", "answer 1", "question 2", "better"]
+
+
+def test_values_on_disk_are_json_not_pickle(tmp_path):
+    store = SessionStore(tmp_path / "s")
+    session = store.create("alice", title="secret plans")
+    store.append("alice", session.id, turn(1))
+    store.close()
+    rows = sqlite3.connect(tmp_path / "s" / "cache.db").execute("SELECT value FROM Cache").fetchall()
+    decoded = [zlib.decompress(value).decode() for (value,) in rows if value is not None]
+    assert any("secret plans" in text for text in decoded)
+    assert all(not text.startswith("\x80") for text in decoded)  # no pickle protocol header
+
+
+def test_export_and_import_round_trip(store):
+    session = store.create("alice", title="Trip", system_prompt="Be brief.", params={"temperature": 0.2})
+    store.append("alice", session.id, turn(1))
+    exported = store.export("alice", session.id)
+    copy = store.import_session("bob", exported)
+    assert copy.id != session.id and copy.title == "Trip" and copy.system_prompt == "Be brief."
+    assert [m.content for m in store.messages("bob", copy.id)] == ["question 1", "answer 1"]
+    with pytest.raises(InvalidParamsError):
+        store.import_session("bob", {"format": "something-else"})
+    with pytest.raises(InvalidParamsError):
+        store.import_session("bob", {"format": "shoal-session/1", "messages": [{"role": "robot", "content": 1}]})
+
+
+def test_bulk_delete_by_age(store):
+    old = store.create("alice", title="old")
+    fresh = store.create("alice", title="fresh")
+    store.update("alice", fresh.id, title="fresh!")
+    gone = store.delete_many("alice", older_than=store.get("alice", fresh.id).updated - 1e-6)
+    assert gone == [old.id]
+    assert [s.id for s in store.list("alice")] == [fresh.id]

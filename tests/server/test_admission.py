@@ -1,0 +1,115 @@
+"""Admission control and auth, each on its own server: a full queue answers 503 + Retry-After,
+a rate limit 429 + Retry-After, and with API keys every route but /health needs a key."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import websockets
+
+from llm_pool import Catalog, EngineConfig, ModelPool, spec_from_dict
+from llm_pool.backends import BackendContext
+from service import build_services
+from tests.conftest import CHAT_MODEL, make_settings, serve
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def tiny_server(tiny_model_dir, tmp_path):
+    """One tiny model with one batch slot and one queue place."""
+    spec = spec_from_dict({"name": "tiny", "version": "1", "source": "local", "location": str(tiny_model_dir)})
+    context = BackendContext(cache_dir=tmp_path / "models", device="cpu",
+                             engine=EngineConfig(max_batch_size=1, queue_size=1, kv_cache_bytes=4 * 2**20))
+    pool = ModelPool(Catalog([spec]), context, budget_bytes=10**9)
+    pool.load("tiny")
+    server = serve(build_services(make_settings(tmp_path / "data"), pool=pool), with_ui=False)
+    yield server
+    server.stop()
+    pool.shutdown()
+
+
+async def _burst(url: str, n: int) -> list[httpx.Response]:
+    body = {"model": "tiny", "prompt": "hello world", "max_tokens": 3000, "temperature": 0}
+    async with httpx.AsyncClient(timeout=120) as client:
+        first = asyncio.create_task(client.post(f"{url}/v1/completions", json=body))
+        await asyncio.sleep(0.3)  # the first one holds the only slot
+        rest = [asyncio.create_task(client.post(f"{url}/v1/completions", json=body)) for _ in range(n - 1)]
+        return await asyncio.gather(first, *rest)
+
+
+def test_full_queue_answers_503_with_retry_after_and_admitted_ones_finish(tiny_server):
+    responses = asyncio.run(_burst(tiny_server.url, 4))
+    codes = sorted(r.status_code for r in responses)
+    assert codes == [200, 200, 503, 503]  # one running, one queued, two turned away
+    refused = [r for r in responses if r.status_code == 503]
+    assert all(int(r.headers["retry-after"]) >= 1 for r in refused)
+    assert all(r.json()["error"]["code"] == "queue_full" for r in refused)
+    done = [r.json() for r in responses if r.status_code == 200]
+    assert all(d["choices"][0]["finish_reason"] == "length" for d in done)
+
+
+def test_rate_limit_answers_429_with_retry_after(pool, tmp_path):
+    server = serve(build_services(make_settings(tmp_path, rate_limit_rpm=2), pool=pool), with_ui=False)
+    try:
+        body = {"model": CHAT_MODEL, "messages": QUESTION, "max_tokens": 2}
+        codes = [httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60) for _ in range(3)]
+        assert [r.status_code for r in codes] == [200, 200, 429]
+        assert int(codes[2].headers["retry-after"]) >= 1
+        assert codes[2].json()["error"]["type"] == "rate_limit_error"
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(pool, tmp_path_factory):
+    server = serve(build_services(make_settings(tmp_path_factory.mktemp("keyed"), api_keys=["sk-test-1"]),
+                                  pool=pool))
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/generate"), ("POST", "/"),
+    ("GET", "/metrics"), ("POST", "/v1/batch"), ("GET", "/gradio_api/info"), ("GET", "/openapi.json"),
+    ("POST", "/v1/models/smollm2-135m/load"),
+])
+def test_with_keys_every_route_but_health_needs_one(keyed_server, method, path):
+    response = httpx.request(method, f"{keyed_server.url}{path}", json={})
+    assert response.status_code == 401, (path, response.status_code)
+    assert response.json()["error"]["type"] == "authentication_error"
+
+
+def test_keys_are_accepted_in_the_usual_places(keyed_server):
+    url = f"{keyed_server.url}/v1/models"
+    assert httpx.get(url, headers={"Authorization": "Bearer sk-test-1"}).status_code == 200
+    assert httpx.get(url, headers={"x-api-key": "sk-test-1"}).status_code == 200
+    assert httpx.get(url, params={"api_key": "sk-test-1"}).status_code == 200
+    assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert httpx.get(f"{keyed_server.url}/health").status_code == 200
+    assert httpx.get(f"{keyed_server.url}/health/ready").status_code == 200
+    page = httpx.get(keyed_server.url, headers={"accept": "text/html"})
+    assert page.status_code == 303 and page.headers["location"] == "/login"
+    login = httpx.post(f"{keyed_server.url}/login", data={"api_key": "sk-test-1"})
+    assert login.status_code == 303 and "shoal_key" in login.cookies
+    assert httpx.get(keyed_server.url, cookies=login.cookies).status_code == 200
+
+
+def test_websocket_needs_a_key_in_its_first_message(keyed_server):
+    async def attempt(first):
+        async with websockets.connect(keyed_server.url.replace("http", "ws") + "/v1/ws") as ws:
+            await ws.send(json.dumps(first))
+            reply = json.loads(await ws.recv())
+            if reply["type"] == "error":
+                with pytest.raises(websockets.ConnectionClosed) as closed:
+                    await ws.recv()
+                return reply, closed.value.rcvd.code
+            return reply, None
+
+    refused, code = asyncio.run(attempt({"type": "generate", "prompt": "hi"}))
+    assert refused["error"]["type"] == "authentication_error" and code == 4401
+    hello, _ = asyncio.run(attempt({"type": "auth", "api_key": "sk-test-1"}))
+    assert hello["type"] == "hello"

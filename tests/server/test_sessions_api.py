@@ -1,0 +1,111 @@
+"""Sessions over REST and gradio_client, with the real SmolLM2: a notebook's view of its chats."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from service import build_services
+from tests.conftest import CHAT_MODEL, make_settings, serve
+
+
+def test_session_lifecycle_over_rest(live_server):
+    url = live_server.url
+    created = httpx.post(f"{url}/v1/sessions", json={"title": "Geography", "model": CHAT_MODEL,
+                                                     "system_prompt": "Answer in one sentence.",
+                                                     "params": {"temperature": 0, "max_new_tokens": 40}})
+    assert created.status_code == 201
+    session = created.json()
+    sid = session["id"]
+    first = httpx.post(f"{url}/v1/sessions/{sid}/messages", json={"content": "What is the capital of France?"},
+                       timeout=120).json()
+    assert first["role"] == "assistant" and "Paris" in first["content"]
+    second = httpx.post(f"{url}/v1/sessions/{sid}/messages", json={"content": "And of Italy?"}, timeout=120).json()
+    assert second["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"]  # the history went along
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] > 0  # and its KV was reused
+    stored = httpx.get(f"{url}/v1/sessions/{sid}").json()
+    assert [m["role"] for m in stored["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert stored["messages"][1]["content"] == first["content"]
+
+    renamed = httpx.patch(f"{url}/v1/sessions/{sid}", json={"title": "Capitals", "params": {"temperature": 0.5}})
+    assert renamed.json()["title"] == "Capitals" and renamed.json()["params"]["temperature"] == 0.5
+    listed = httpx.get(f"{url}/v1/sessions").json()["data"]
+    assert sid in [s["id"] for s in listed]
+    assert httpx.delete(f"{url}/v1/sessions/{sid}").status_code == 200
+    assert httpx.get(f"{url}/v1/sessions/{sid}").status_code == 404
+
+
+def test_session_reply_streams_as_sse(live_server):
+    url = live_server.url
+    sid = httpx.post(f"{url}/v1/sessions", json={"params": {"temperature": 0, "max_new_tokens": 20}}).json()["id"]
+    events = []
+    with httpx.stream("POST", f"{url}/v1/sessions/{sid}/messages", timeout=120,
+                      json={"content": "Name a colour.", "stream": True}) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:] if line[6:] == "[DONE]" else json.loads(line[6:]))
+    tokens = [e["text"] for e in events if isinstance(e, dict) and e["type"] == "token"]
+    done = next(e for e in events if isinstance(e, dict) and e["type"] == "done")
+    assert events[-1] == "[DONE]" and len(tokens) >= 2
+    assert "".join(tokens) == done["message"]["content"]
+    messages = httpx.get(f"{url}/v1/sessions/{sid}").json()["messages"]
+    assert messages[-1]["content"] == done["message"]["content"]
+
+
+@pytest.mark.parametrize("body, status, field", [
+    ({"model": "no-such-model"}, 404, "model"),
+    ({"params": {"temperature": 3}}, 422, "temperature"),
+    ({"params": {"banana": 1}}, 422, "banana"),
+    ({"title": 5}, 422, "title"),
+])
+def test_bad_session_input_is_refused_by_name(live_server, body, status, field):
+    response = httpx.post(f"{live_server.url}/v1/sessions", json=body)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert field in (error["param"] or "") + error["message"]
+
+
+def test_bad_ids_and_empty_messages(live_server):
+    url = live_server.url
+    for bad in ("nope", "..%2F..%2Fapp.py", "0" * 32, "%00%01"):
+        assert httpx.get(f"{url}/v1/sessions/{bad}").status_code == 404
+    sid = httpx.post(f"{url}/v1/sessions", json={}).json()["id"]
+    empty = httpx.post(f"{url}/v1/sessions/{sid}/messages", json={"content": ""})
+    assert empty.status_code == 422 and "content" in empty.json()["error"]["message"]
+
+
+def test_another_users_sessions_are_not_found(pool, tmp_path):
+    server = serve(build_services(make_settings(tmp_path, api_keys=["key-alice", "key-bob"]), pool=pool),
+                   with_ui=False)
+    try:
+        alice = {"Authorization": "Bearer key-alice"}
+        bob = {"x-api-key": "key-bob"}
+        sid = httpx.post(f"{server.url}/v1/sessions", json={"title": "mine"}, headers=alice).json()["id"]
+        assert httpx.get(f"{server.url}/v1/sessions/{sid}", headers=bob).status_code == 404
+        assert httpx.patch(f"{server.url}/v1/sessions/{sid}", json={"title": "x"}, headers=bob).status_code == 404
+        assert httpx.delete(f"{server.url}/v1/sessions/{sid}", headers=bob).status_code == 404
+        assert httpx.post(f"{server.url}/v1/sessions/{sid}/messages", json={"content": "hi"},
+                          headers=bob).status_code == 404
+        assert httpx.get(f"{server.url}/v1/sessions", headers=bob).json()["data"] == []
+        assert httpx.get(f"{server.url}/v1/sessions/{sid}", headers=alice).json()["title"] == "mine"
+    finally:
+        server.stop()
+
+
+def test_gradio_client_chats_in_a_session(live_server):
+    from gradio_client import Client
+    client = Client(live_server.url, verbose=False)
+    named = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for name in ("/chat", "/list_sessions", "/create_session", "/delete_session", "/list_models", "/complete"):
+        assert name in named
+    session = client.predict("From a notebook", CHAT_MODEL, "Answer briefly.", api_name="/create_session")
+    reply = client.predict(session["id"], "What is the capital of France?", api_name="/chat")
+    assert reply.strip()
+    messages = client.predict(session["id"], api_name="/session_messages")
+    assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"] == reply
+    assert session["id"] in [s["id"] for s in client.predict(api_name="/list_sessions")]
+    assert httpx.get(f"{live_server.url}/v1/sessions/{session['id']}").status_code == 200  # same local user
+    client.predict(session["id"], api_name="/delete_session")
+    assert session["id"] not in [s["id"] for s in client.predict(api_name="/list_sessions")]
