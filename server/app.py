@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import secrets
+import threading
 from contextlib import asynccontextmanager
 
 import gradio as gr
@@ -15,7 +17,7 @@ from service import Services
 from . import batch_api, models_api, openai_api, sessions_api, tgi_api, ws_api
 from .auth import COOKIE, APIKeyMiddleware, key_is_valid, login_page, parse_login_form
 from .errors import install_error_handlers
-from .ui import ASSETS, create_ui, ui_css
+from .ui import ASSETS, create_ui, ui_css, ui_js
 
 log = logging.getLogger("shoal.http")
 
@@ -28,6 +30,8 @@ def create_app(services: Services, *, with_ui: bool = True, own_services: bool =
     async def lifespan(_app: FastAPI):
         if own_services:
             services.preload()
+        if services.settings.share:
+            threading.Thread(target=_share, args=(services.settings,), daemon=True).start()
         yield
         if own_services:
             services.close()
@@ -45,13 +49,26 @@ def create_app(services: Services, *, with_ui: bool = True, own_services: bool =
         demo.queue(default_concurrency_limit=None, api_open=False)
         gr.mount_gradio_app(app, demo, path="", css=ui_css(), favicon_path=str(ASSETS / "logo.svg"),
                             footer_links=["api", "settings"], show_error=True, allowed_paths=[],
-                            max_file_size=int(settings.max_upload_mb * 1e6))
+                            max_file_size=int(settings.max_upload_mb * 1e6), js=ui_js())
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=False)
     if settings.api_keys:
         app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
     return app
+
+
+def _share(settings) -> None:
+    """Ask Gradio's share server for a public link; offline, say so and keep serving locally."""
+    from gradio.networking import setup_tunnel
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    try:
+        url = setup_tunnel(host, settings.port, secrets.token_urlsafe(32), None, None)
+    except Exception as exc:  # no internet, blocked, or the share server is down
+        log.error("Could not create a public share link (%s: %s). Shoal keeps running locally at "
+                  "http://%s:%s", type(exc).__name__, exc.__cause__ or exc, host, settings.port)
+        return
+    log.info("Public share link: %s (it expires after a while; anyone with it can use this app)", url)
 
 
 def _add_service_routes(app: FastAPI, services: Services) -> None:

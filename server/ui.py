@@ -14,7 +14,7 @@ import gradio as gr
 from service import Services
 
 from . import ui_api
-from .ui_chat import ChatHandlers
+from .ui_chat import DEFAULTS, ChatHandlers
 from .ui_common import model_line, model_table
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -78,12 +78,14 @@ def create_ui(services: Services) -> gr.Blocks:
             with gr.Accordion("Parameters and system prompt", open=False, elem_id="params"):
                 system = gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt")
                 with gr.Row():
-                    temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", elem_id="temperature")
-                    top_p = gr.Slider(0.01, 1, value=1.0, step=0.01, label="Top p")
+                    temperature = gr.Slider(0, 2, value=DEFAULTS["temperature"], step=0.05, label="Temperature",
+                                            elem_id="temperature")
+                    top_p = gr.Slider(0.01, 1, value=DEFAULTS["top_p"], step=0.01, label="Top p")
                     top_k = gr.Number(0, label="Top k (0 = off)", precision=0, minimum=0)
                 with gr.Row():
                     max_new = gr.Number(256, label="Max new tokens", precision=0, minimum=1, maximum=32768)
-                    repetition = gr.Slider(0.5, 2, value=1.0, step=0.05, label="Repetition penalty")
+                    repetition = gr.Slider(0.5, 2, value=DEFAULTS["repetition_penalty"], step=0.05,
+                                           label="Repetition penalty")
                     seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
                 with gr.Row():
                     stop_text = gr.Textbox(label="Stop sequences (separate with |)")
@@ -158,3 +160,14 @@ def create_ui(services: Services) -> gr.Blocks:
 def ui_css() -> str:
     path = ASSETS / "shoal.css"
     return path.read_text() if path.exists() else ""
+
+
+def ui_js() -> str:
+    """On a phone-sized screen, start with the chat in view and the sidebar folded away."""
+    return """() => { setTimeout(() => {
+        if (window.innerWidth < 700) {
+            const toggle = document.querySelector('button[aria-label="Toggle Sidebar"]');
+            const sidebar = document.querySelector('.sidebar');
+            if (toggle && sidebar && sidebar.classList.contains('open')) toggle.click();
+        }
+    }, 200); }"""

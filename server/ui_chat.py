@@ -29,12 +29,12 @@ from .ui_common import (
     ui_user,
 )
 
-DEFAULTS = {
-    "temperature": 0.7,
-    "top_p": 1.0,
+DEFAULTS = {  # small chat models answer best cool and a little discouraged from repeating
+    "temperature": 0.3,
+    "top_p": 0.9,
     "top_k": 0,
     "max_new_tokens": 256,
-    "repetition_penalty": 1.0,
+    "repetition_penalty": 1.1,
     "seed": -1,
     "stop": [],
 }

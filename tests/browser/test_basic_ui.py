@@ -1,10 +1,20 @@
-"""A user in a real browser chats with SmolLM2 and completes text with Gemma."""
+"""A user in a real browser chats with SmolLM2 (streamed) and completes text with Gemma."""
 
 from __future__ import annotations
 
 import time
 
 from playwright.sync_api import expect
+
+
+def test_completion_tab_continues_text_with_the_base_model(page, live_server, artifacts):
+    page.goto(live_server.url)
+    page.get_by_role("tab", name="Complete").click()
+    page.locator("#complete-prompt textarea").fill("The capital of France is")
+    page.locator("#complete-go").click()
+    output = page.locator("#complete-output textarea")
+    expect(output).not_to_have_value("", timeout=180_000)
+    page.screenshot(path=str(artifacts / "complete.png"), full_page=True)
 
 
 def test_chat_in_the_browser_streams_a_reply(page, live_server, artifacts):
@@ -25,13 +35,3 @@ def test_chat_in_the_browser_streams_a_reply(page, live_server, artifacts):
     assert len(reply.inner_text().strip()) > 0
     assert box.input_value() == ""  # Enter sent the message and cleared the box
     page.screenshot(path=str(artifacts / "chat.png"), full_page=True)
-
-
-def test_completion_tab_continues_text_with_the_base_model(page, live_server, artifacts):
-    page.goto(live_server.url)
-    page.get_by_role("tab", name="Complete").click()
-    page.locator("#complete-prompt textarea").fill("The capital of France is")
-    page.locator("#complete-go").click()
-    output = page.locator("#complete-output textarea")
-    expect(output).not_to_have_value("", timeout=180_000)
-    page.screenshot(path=str(artifacts / "complete.png"), full_page=True)

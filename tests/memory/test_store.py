@@ -90,7 +90,8 @@ def test_regenerate_replaces_the_last_turn(store):
     store.append("alice", session.id, turn(1) + turn(2))
     store.append("alice", session.id, [StoredMessage("user", "question 2"), StoredMessage("assistant", "better")],
                  truncate_to=2)
-    assert [m.content for m in store.messages("alice", session.id)] == ["question 1", "answer 1", "question 2", "better"]
+    contents = [m.content for m in store.messages("alice", session.id)]
+    assert contents == ["question 1", "answer 1", "question 2", "better"]
 
 
 def test_values_on_disk_are_json_not_pickle(tmp_path):

@@ -1,0 +1,49 @@
+"""`python app.py` as a user runs it: --help documents the settings, SHOAL_* variables and flags
+take effect, and --share offline fails with a clear message while the app keeps serving."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.conftest import MODEL_CACHE, ROOT, free_port
+
+
+def test_help_documents_every_setting():
+    out = subprocess.run([sys.executable, "app.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0
+    for flag in ("--host", "--port", "--data-dir", "--catalog", "--memory-budget", "--api-keys", "--log-level",
+                 "--max-batch-size", "--queue-size", "--rate-limit-rpm", "--share"):
+        assert flag in out.stdout
+
+
+def test_app_starts_from_env_and_flags_and_share_fails_clearly_offline(tmp_path):
+    port = free_port()
+    env = {**os.environ, "SHOAL_DATA_DIR": str(tmp_path / "data"), "SHOAL_MODEL_CACHE_DIR": str(MODEL_CACHE),
+           "SHOAL_PRELOAD": "[]", "GRADIO_SHARE_SERVER_ADDRESS": "127.0.0.1:9"}  # a share server that is not there
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--share", "--memory-budget", "3GB"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=10).json()["data"]
+        assert {m["state"] for m in models} == {"unloaded"}  # SHOAL_PRELOAD=[] was honoured
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        assert "shoal_memory_budget_bytes 3e+09" in metrics  # so was --memory-budget
+        time.sleep(2)
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200  # still serving
+        assert (tmp_path / "data").stat().st_mode & 0o777 == 0o700
+    finally:
+        proc.terminate()
+        output = proc.communicate(timeout=60)[0]
+    assert "Could not create a public share link" in output and "keeps running locally" in output

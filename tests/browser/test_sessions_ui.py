@@ -1,0 +1,155 @@
+"""The chat UI in headless Chromium: streamed replies, stop, sessions (create, switch, rename,
+delete), persistence across a reload and a server restart, and isolation between browsers."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from playwright.sync_api import Page, expect
+
+from service import build_services
+from tests.conftest import LiveServer, free_port, make_settings
+
+BOT = "#chatbot [data-testid='bot']"
+USER = "#chatbot [data-testid='user']"
+
+
+def send(page: Page, text: str, wait: bool = True) -> None:
+    bots = page.locator(BOT).count()
+    box = page.locator("#chat-input textarea")
+    box.fill(text)
+    box.press("Enter")
+    expect(page.locator(BOT)).to_have_count(bots + 1, timeout=60_000)
+    if wait:
+        expect(page.locator("#reply-figures")).to_contain_text("tok/s", timeout=120_000)
+
+
+def session_titles(page: Page) -> list[str]:
+    return [t.strip() for t in page.locator("#session-list label").all_inner_texts()]
+
+
+def open_page(browser, url: str, width: int = 1280) -> Page:
+    context = browser.new_context(viewport={"width": width, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    expect(page.locator("#chat-input textarea")).to_be_visible()
+    page.wait_for_timeout(500)  # the load event fills in this browser's sessions
+    return page
+
+
+@pytest.fixture
+def own_server(pool, tmp_path):
+    """A server with its own data directory (shared model), which a test may restart."""
+    state = {"port": free_port(), "dir": tmp_path / "data"}
+
+    def start() -> LiveServer:
+        from server.app import create_app
+        services = build_services(make_settings(state["dir"]), pool=pool)
+        state["services"] = services
+        state["server"] = LiveServer(create_app(services, own_services=False), state["port"]).start()
+        return state["server"]
+
+    def stop() -> None:
+        state["server"].stop()
+        state["services"].store.close()
+
+    state["start"], state["stop"] = start, stop
+    start()
+    yield state
+    stop()
+
+
+def test_streamed_reply_then_stop_mid_reply_keeps_the_partial_answer(browser, own_server, artifacts, pool):
+    url = own_server["server"].url
+    page = open_page(browser, url)
+    page.locator("#params").click()
+    page.locator("#params input[type='number']").nth(1).fill("600")  # max new tokens
+    send(page, "Write a very long story about a lighthouse keeper.", wait=False)
+    reply = page.locator(BOT).last
+    expect(reply).not_to_have_text("", timeout=60_000)
+    page.wait_for_timeout(800)
+    page.locator("#stop").click()
+    page.wait_for_timeout(1500)
+    frozen = reply.inner_text()
+    page.wait_for_timeout(1500)
+    assert reply.inner_text() == frozen  # nothing more arrives after Stop
+    deadline = time.monotonic() + 5
+    while pool.status("smollm2-135m")["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert pool.status("smollm2-135m")["in_flight"] == 0  # the generation really stopped
+    page.screenshot(path=str(artifacts / "chat-stopped.png"), full_page=True)
+    page.reload()
+    expect(page.locator(BOT).last).to_contain_text(frozen[:20], timeout=30_000)  # the partial reply was kept
+
+
+def test_sessions_create_switch_rename_delete_and_survive_reload_and_restart(browser, own_server, artifacts):
+    page = open_page(browser, own_server["server"].url)
+    send(page, "What is the capital of France?")
+    expect(page.locator("#session-list label")).to_have_count(1)
+    first_title = session_titles(page)[0]
+    assert "capital of France" in first_title
+
+    page.locator("#new-chat").click()
+    expect(page.locator(BOT)).to_have_count(0)
+    send(page, "Name three colours.")
+    expect(page.locator("#session-list label")).to_have_count(2)
+
+    page.locator("#session-list label", has_text="capital of France").click()  # switch back
+    expect(page.locator(USER).first).to_contain_text("capital of France")
+    expect(page.locator(USER)).to_have_count(1)
+
+    page.locator("#manage-chat").click()
+    page.locator("#rename-box input, #rename-box textarea").first.fill("Geography")
+    page.locator("#rename").click()
+    expect(page.locator("#session-list label", has_text="Geography")).to_have_count(1)
+    page.screenshot(path=str(artifacts / "sessions.png"), full_page=True)
+
+    page.reload()
+    expect(page.locator("#session-list label")).to_have_count(2)
+    assert "Geography" in session_titles(page)
+
+    own_server["stop"]()
+    own_server["start"]()
+    page.reload()
+    expect(page.locator("#session-list label")).to_have_count(2)
+    page.locator("#session-list label", has_text="Geography").click()
+    expect(page.locator(USER).first).to_contain_text("capital of France")
+
+    page.locator("#manage-chat").click()
+    page.locator("#delete-chat").click()
+    page.locator("#confirm-delete").click()
+    expect(page.locator("#session-list label")).to_have_count(1)
+    assert "Geography" not in session_titles(page)
+
+
+def test_another_browser_does_not_see_my_sessions(browser, own_server):
+    mine = open_page(browser, own_server["server"].url)
+    send(mine, "My private question about tides.")
+    expect(mine.locator("#session-list label")).to_have_count(1)
+    theirs = open_page(browser, own_server["server"].url)
+    expect(theirs.locator("#session-list label")).to_have_count(0)
+    assert theirs.locator(BOT).count() == 0
+
+
+def test_shift_enter_is_a_newline_and_the_api_page_lists_named_endpoints(browser, own_server, artifacts):
+    page = open_page(browser, own_server["server"].url)
+    box = page.locator("#chat-input textarea")
+    box.fill("first line")
+    box.press("Shift+Enter")
+    box.type("second line")
+    assert box.input_value() == "first line\nsecond line"  # not sent
+    assert page.locator(USER).count() == 0
+    page.get_by_text("Use via API").click()
+    expect(page.get_by_text("/list_sessions").first).to_be_visible()
+    expect(page.get_by_text("/chat", exact=True).first).to_be_visible()
+    page.screenshot(path=str(artifacts / "api-page.png"))
+
+
+def test_phone_width_starts_with_the_chat_not_the_sidebar(browser, own_server, artifacts):
+    page = open_page(browser, own_server["server"].url, width=390)
+    page.wait_for_timeout(800)
+    expect(page.locator("#chat-input textarea")).to_be_in_viewport()
+    send(page, "Hello!")
+    page.screenshot(path=str(artifacts / "phone.png"), full_page=True)
