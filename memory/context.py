@@ -26,6 +26,12 @@ class Passage:
     score: float = 0.0
     meta: dict = field(default_factory=dict)
 
+    def citation(self) -> dict:
+        """How an answer cites this passage (stored with the message, sent to clients)."""
+        excerpt = " ".join(self.text.split())
+        return {"source": self.source, "score": round(self.score, 3),
+                "excerpt": excerpt[:300] + ("…" if len(excerpt) > 300 else ""), **self.meta}
+
 
 @dataclass
 class Context:

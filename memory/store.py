@@ -31,6 +31,12 @@ class SessionNotFoundError(NotFoundError):
         super().__init__(f"session {shown} not found", param="session_id", code="session_not_found")
 
 
+class FileNotFoundInSessionError(NotFoundError):
+    def __init__(self, file_id: str):
+        shown = file_id if ID_RE.match(str(file_id)) else "(invalid id)"
+        super().__init__(f"file {shown} not found in this session", param="file_id", code="file_not_found")
+
+
 class StorageError(ServiceUnavailableError):
     """The disk refused a write (full, read-only): nothing was half-written."""
 
@@ -154,6 +160,7 @@ class SessionStore:
             self._session(user, session_id)
             self._db.delete(f"s:{session_id}")
             self._db.delete(f"m:{session_id}")
+            self._db.delete(f"f:{session_id}")
             self._db.set(f"u:{user}", [s for s in self._index(user) if s != session_id])
         self._write(write)
 
@@ -191,6 +198,56 @@ class SessionStore:
             self._db.set(f"s:{session_id}", asdict(session))
             return session
         return self._write(write)
+
+    # ------------------------------------------------------------------ uploaded files (records only)
+    def files(self, user: str, session_id: str) -> list[dict[str, Any]]:
+        self._session(user, session_id)
+        return list(self._db.get(f"f:{session_id}", []))
+
+    def file(self, user: str, session_id: str, file_id: str) -> dict[str, Any]:
+        for record in self.files(user, session_id):
+            if record["id"] == file_id:
+                return record
+        raise FileNotFoundInSessionError(file_id)
+
+    def add_file(self, user: str, session_id: str, record: dict[str, Any]) -> None:
+        def write():
+            self._session(user, session_id)
+            self._db.set(f"f:{session_id}", list(self._db.get(f"f:{session_id}", [])) + [record])
+        self._write(write)
+
+    def update_file(self, session_id: str, file_id: str, **changes: Any) -> dict[str, Any] | None:
+        """For the indexing worker: returns the updated record, or None if it is gone."""
+        def write():
+            records = list(self._db.get(f"f:{session_id}", []))
+            for record in records:
+                if record["id"] == file_id:
+                    record.update(changes)
+                    self._db.set(f"f:{session_id}", records)
+                    return record
+            return None
+        return self._write(write)
+
+    def remove_file(self, user: str, session_id: str, file_id: str) -> dict[str, Any]:
+        def write():
+            records = self.files(user, session_id)
+            found = next((r for r in records if r["id"] == file_id), None)
+            if found is None:
+                raise FileNotFoundInSessionError(file_id)
+            self._db.set(f"f:{session_id}", [r for r in records if r["id"] != file_id])
+            return found
+        return self._write(write)
+
+    def unfinished_files(self) -> list[tuple[str, str, dict[str, Any]]]:
+        """(user, session id, record) of files whose indexing a restart interrupted."""
+        out = []
+        for key in list(self._db.iterkeys()):
+            if isinstance(key, str) and key.startswith("f:"):
+                session = self._db.get(f"s:{key[2:]}")
+                for record in self._db.get(key, []):
+                    if session and record.get("status") in ("queued", "parsing", "indexing"):
+                        out.append((session["user"], key[2:], record))
+        return out
 
     # ------------------------------------------------------------------ export / import
     def export(self, user: str, session_id: str) -> dict[str, Any]:

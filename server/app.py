@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from service import Services
 
-from . import batch_api, models_api, openai_api, sessions_api, tgi_api, ws_api
+from . import batch_api, files_api, models_api, openai_api, sessions_api, tgi_api, ws_api
 from .auth import COOKIE, APIKeyMiddleware, key_is_valid, login_page, parse_login_form
 from .errors import install_error_handlers
 from .ui import ASSETS, create_ui, ui_css, ui_js
@@ -41,7 +41,7 @@ def create_app(services: Services, *, with_ui: bool = True, own_services: bool =
                   description="A pool of LLMs behind OpenAI- and TGI-compatible APIs and a chat UI.")
     app.state.services = services
     install_error_handlers(app)
-    for module in (models_api, openai_api, tgi_api, batch_api, sessions_api, ws_api):
+    for module in (models_api, openai_api, tgi_api, batch_api, sessions_api, files_api, ws_api):
         app.include_router(module.router)
     _add_service_routes(app, services)
     if with_ui:

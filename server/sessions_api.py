@@ -121,7 +121,7 @@ async def change_session(session_id: str, body: SessionChanges, request: Request
 
 @router.delete("/v1/sessions/{session_id}", summary="Delete a session, its files and memory")
 async def delete_session(session_id: str, request: Request) -> dict:
-    services_of(request).store.delete(user_of(request), session_id)
+    services_of(request).chat.delete(user_of(request), session_id)
     return {"id": session_id, "deleted": True}
 
 
@@ -129,7 +129,7 @@ async def delete_session(session_id: str, request: Request) -> dict:
 async def delete_old_sessions(request: Request,
                               older_than_days: float = Query(ge=0, le=100_000,
                                                              description="0 deletes every session")) -> dict:
-    gone = services_of(request).store.delete_many(user_of(request),
+    gone = services_of(request).chat.delete_many(user_of(request),
                                                   older_than=time.time() - older_than_days * 86400 + 1e-6)
     return {"deleted": gone}
 
@@ -171,5 +171,5 @@ def _raise_if_failed(saved) -> None:
 def _assistant(final: Finished, turn) -> dict:
     return {"role": "assistant", "content": final.text, "model": final.model, "finish_reason": final.reason,
             "usage": usage_dict(final), "timings": timings(final),
-            "sources": [{"source": p.source, "score": round(p.score, 3), **p.meta} for p in turn.passages],
+            "sources": [p.citation() for p in turn.passages],
             "history_dropped": turn.history_dropped}

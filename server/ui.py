@@ -75,6 +75,18 @@ def create_ui(services: Services) -> gr.Blocks:
                 regenerate = gr.Button("Regenerate", size="sm", elem_id="regenerate")
                 edit_last = gr.Button("Edit last message", size="sm", elem_id="edit-last")
             reply_figures = gr.Markdown(elem_id="reply-figures")
+            with gr.Accordion("Files in this chat", open=False, elem_id="files-panel"):
+                gr.Markdown("Answers use these files and cite them. pdf, docx, text, Markdown and code "
+                            f"files up to {services.settings.max_upload_mb:g} MB.", elem_classes=["shoal-note"])
+                uploads = gr.File(label="Add files", file_count="multiple", elem_id="file-upload",
+                                  file_types=[".pdf", ".docx", ".txt", ".md", ".py", ".js", ".ts", ".rs", ".go",
+                                              ".java", ".c", ".h", ".cpp", ".hpp", ".rb", ".php", ".cs", ".kt",
+                                              ".swift", ".sh", ".sql", ".html", ".css", ".json", ".yaml",
+                                              ".yml", ".toml", ".csv", ".log", ".rst"])
+                files_table = gr.HTML("", elem_id="files-table")
+                with gr.Row():
+                    file_pick = gr.Dropdown([], label="File", scale=3, elem_id="file-pick")
+                    remove_file = gr.Button("Remove file", scale=1, variant="stop", elem_id="remove-file")
             with gr.Accordion("Parameters and system prompt", open=False, elem_id="params"):
                 system = gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt")
                 with gr.Row():
@@ -117,7 +129,7 @@ def create_ui(services: Services) -> gr.Blocks:
             model_note = gr.Markdown()
 
         timer = gr.Timer(2.0)
-        timer.tick(lambda name: (model_line(services, name), model_table(services)), [model], [status, table],
+        timer.tick(handlers.tick, [browser_id, session_id, model], [status, table, files_table, file_pick],
                    api_visibility="private", queue=False, show_progress="hidden")
 
         params = [temperature, top_p, top_k, max_new, repetition, seed, stop_text]
@@ -137,6 +149,13 @@ def create_ui(services: Services) -> gr.Blocks:
         export.click(handlers.export, [browser_id, session_id], [exported], api_visibility="private")
         importer.upload(handlers.import_file, [browser_id, importer], view, api_visibility="private")
         purge.click(handlers.purge, [browser_id, session_id, days], view, api_visibility="private")
+
+        uploads.upload(handlers.upload, [browser_id, session_id, uploads, *settings],
+                       [session_id, sessions, files_table, file_pick, uploads], api_visibility="private")
+        remove_file.click(handlers.remove_file, [browser_id, session_id, file_pick], [files_table, file_pick],
+                          api_visibility="private")
+        sessions.change(handlers.files_view, [browser_id, session_id], [files_table, file_pick],
+                        api_visibility="private", show_progress="hidden")
 
         turn_out = [chatbot, message, reply_figures, sessions, session_id, edit_index, editing]
         turn_in = [browser_id, session_id, message, edit_index, *settings]

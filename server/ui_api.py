@@ -43,7 +43,7 @@ def register(services: Services) -> None:
 
     def delete_session(session_id: str, request: gr.Request) -> str:
         """Delete a session and everything in it."""
-        guard(lambda: store.delete(api_user(services, request), session_id))
+        guard(lambda: chat.delete(api_user(services, request), session_id))
         return session_id
 
     def session_messages(session_id: str, request: gr.Request) -> list[dict]:

@@ -22,6 +22,7 @@ from .ui_common import (
     chat_view,
     client_id,
     figures,
+    files_table,
     model_line,
     model_table,
     params_from,
@@ -194,7 +195,7 @@ class ChatHandlers:
         user = ui_user(self.services, browser_id, request)
         if session_id:
             try:
-                self.store.delete(user, session_id)
+                self.chat.delete(user, session_id)
             except ShoalError as exc:
                 raise _error(exc) from None
         remaining = self.store.list(user)
@@ -202,7 +203,7 @@ class ChatHandlers:
 
     def purge(self, browser_id, session_id, days, request: gr.Request):
         user = ui_user(self.services, browser_id, request)
-        gone = self.store.delete_many(user, older_than=time.time() - float(days or 0) * 86400)
+        gone = self.chat.delete_many(user, older_than=time.time() - float(days or 0) * 86400)
         gr.Info(f"Deleted {len(gone)} chat(s).")
         remaining = self.store.list(user)
         current = next((s for s in remaining if s.id == session_id), remaining[0] if remaining else None)
@@ -328,6 +329,60 @@ class ChatHandlers:
             None,
             "",
         )
+
+    # ------------------------------------------------------------------ files
+    def files_view(self, browser_id, session_id, request: gr.Request):
+        if not session_id or not browser_id and not self.services.settings.api_keys:
+            return "", gr.Dropdown(choices=[], value=None)
+        user = ui_user(self.services, browser_id, request)
+        try:
+            records = self.services.documents.list(user, session_id)
+        except ShoalError:
+            return "", gr.Dropdown(choices=[], value=None)
+        return files_table(records), gr.Dropdown(choices=[(r["name"], r["id"]) for r in records])
+
+    def upload(self, browser_id, session_id, files, model, system, temperature, top_p, top_k, max_new,
+               repetition, seed, stop, history_limit, request: gr.Request):
+        user = ui_user(self.services, browser_id, request)
+        if not files:
+            return session_id, gr.Radio(), *self.files_view(browser_id, session_id, request), None
+        try:
+            if not session_id:
+                session_id = self.chat.create(user, **self._settings(model, system, temperature, top_p, top_k,
+                                                                     max_new, repetition, seed, stop,
+                                                                     history_limit)).id
+            for file in files:
+                path = Path(file if isinstance(file, str) else file.name)
+                self.services.documents.add(user, session_id, path.name, path.read_bytes())
+        except ShoalError as exc:
+            raise _error(exc) from None
+        return (session_id, self._radio(user, session_id), *self.files_view(browser_id, session_id, request),
+                None)
+
+    def remove_file(self, browser_id, session_id, file_id, request: gr.Request):
+        user = ui_user(self.services, browser_id, request)
+        if not session_id or not file_id:
+            raise gr.Error("Pick a file to remove.")
+        try:
+            self.services.documents.remove(user, session_id, file_id)
+        except ShoalError as exc:
+            raise _error(exc) from None
+        return self.files_view(browser_id, session_id, request)
+
+    def tick(self, browser_id, session_id, model, request: gr.Request):
+        """Every few seconds: the model's state, the pool table, and files still being read."""
+        files_html, pick = gr.HTML(), gr.Dropdown()
+        if session_id:
+            try:
+                user = ui_user(self.services, browser_id, request)
+                records = self.services.documents.list(user, session_id)
+                if any(r["status"] in ("queued", "parsing", "indexing") for r in records) or \
+                        time.time() - max((r["created"] for r in records), default=0) < 10:
+                    files_html, pick = files_table(records), gr.Dropdown(
+                        choices=[(r["name"], r["id"]) for r in records])
+            except (ShoalError, gr.Error):
+                pass
+        return model_line(self.services, model), model_table(self.services), files_html, pick
 
     # ------------------------------------------------------------------ completion and models
     async def complete(self, model, text, temperature, max_tokens, request: gr.Request):

@@ -152,3 +152,24 @@ def model_line(services: Services, name: str | None) -> str:
 
 def _dot(state: str) -> str:
     return f"<span class='shoal-dot state-{state}'></span>"
+
+
+def files_table(records: list[dict]) -> str:
+    if not records:
+        return "<p class='shoal-note'>No files yet.</p>"
+    rows = []
+    for r in records:
+        status = r["status"]
+        if status in ("queued", "parsing", "indexing"):
+            status = f"{status} {int(r['progress'] * 100)}%"
+        elif status == "failed":
+            status = f"failed: {html.escape(r['reason'] or '')}"
+        else:
+            status = f"ready · {r['chunks']} passages"
+        detail = r.get("language") or r.get("kind") or ""
+        if r.get("pages"):
+            detail += f", {r['pages']} pages"
+        rows.append(f"<tr><td>{html.escape(r['name'])}</td><td>{r['size'] / 1e3:.0f} KB</td>"
+                    f"<td>{html.escape(detail)}</td><td class='file-{r['status']}'>{status}</td></tr>")
+    return ("<table class='shoal-files'><tr><th>file</th><th>size</th><th>type</th><th>status</th></tr>"
+            + "".join(rows) + "</table>")

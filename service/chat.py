@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +18,8 @@ from llm_pool import Finished, GenerationHandle, GenerationParams, GenerationReq
 from llm_pool.errors import InvalidParamsError, InvalidRequestError
 from memory.context import Passage, build_context
 from memory.store import Session, SessionStore, StoredMessage
+
+from .documents import DocumentsNotReadyError
 
 log = logging.getLogger("shoal.chat")
 MAX_MESSAGE_CHARS = 200_000
@@ -37,10 +38,24 @@ class Turn:
 
 
 class ChatService:
-    def __init__(self, store: SessionStore, services, retrieve: Callable | None = None):
+    def __init__(self, store: SessionStore, services, documents=None, wait_for_files: float = 30.0):
         self.store = store
         self.services = services
-        self.retrieve = retrieve  # (user, session_id, query) -> list[Passage]; set by the documents layer
+        self.documents = documents  # DocumentService: files and memory of earlier turns
+        self.wait_for_files = wait_for_files
+
+    def delete(self, user: str, session_id: str) -> None:
+        """Delete a session with its files and memory."""
+        self.store.delete(user, session_id)
+        if self.documents:
+            self.documents.delete_session(session_id)
+
+    def delete_many(self, user: str, *, older_than: float) -> list[str]:
+        gone = self.store.delete_many(user, older_than=older_than)
+        for session_id in gone:
+            if self.documents:
+                self.documents.delete_session(session_id)
+        return gone
 
     # ------------------------------------------------------------------ sessions
     def create(self, user: str, *, title: str = "New chat", model: str | None = None,
@@ -95,22 +110,47 @@ class ChatService:
         if replace_from is not None:
             history = history[:replace_from]
         gen_params = GenerationParams.validated(**{**session.params, **(params or {})})
+        await self._wait_for_files(user, session_id)
         backend = await self._loaded_backend(model)
-        passages = self.retrieve(user, session_id, text) if self.retrieve else []
         reply_room = gen_params.max_new_tokens or min(512, backend.context_length // 4)
-        context = build_context(
-            system_prompt=session.system_prompt, history=[Message(m.role, m.content) for m in history],
-            user_text=text, count_tokens=backend.count_tokens, budget=backend.context_length - reply_room,
-            max_history_messages=session.context_policy.get("max_history_messages"), passages=passages)
+        messages = [Message(m.role, m.content) for m in history]
+
+        def build(passages):
+            return build_context(
+                system_prompt=session.system_prompt, history=messages, user_text=text,
+                count_tokens=backend.count_tokens, budget=backend.context_length - reply_room,
+                max_history_messages=session.context_policy.get("max_history_messages"), passages=passages)
+
+        context = build(())
+        if self.documents:  # turns still in the window need no recalling
+            passages = await asyncio.get_running_loop().run_in_executor(
+                None, lambda: self.documents.retrieve(user, session_id, text,
+                                                      exclude_turns_from=len(messages) - context.history_used))
+            if passages:
+                context = build(passages)
         request = GenerationRequest(gen_params, messages=context.messages, cache_key=session_id)
         handle = await self.services.submit(model, request, client)
         turn = Turn(handle, session, text, context.passages, context.history_dropped)
         loop = asyncio.get_running_loop()
         turn.saved = loop.create_future()
-        handle.on_done(lambda h: self._save(user, turn, replace_from, loop))
+        turn_index = len(history)
+        handle.on_done(lambda h: self._save(user, turn, replace_from, loop, turn_index))
         return turn
 
-    def _save(self, user: str, turn: Turn, replace_from: int | None, loop) -> None:
+    async def _wait_for_files(self, user: str, session_id: str) -> None:
+        """Files still being read would make an answer from nothing: wait a little, then say so."""
+        if not self.documents:
+            return
+        deadline = time.monotonic() + self.wait_for_files
+        while True:
+            pending = self.documents.pending(user, session_id)
+            if not pending:
+                return
+            if time.monotonic() >= deadline:
+                raise DocumentsNotReadyError(pending)
+            await asyncio.sleep(0.25)
+
+    def _save(self, user: str, turn: Turn, replace_from: int | None, loop, turn_index: int) -> None:
         final = turn.handle.final
         result: Any = None
         if isinstance(final, Finished) and (final.text or final.reason != "cancelled"):
@@ -120,7 +160,7 @@ class ChatService:
                               "cached_tokens": final.usage.cached_tokens},
                     "timings": {"ttft_s": final.ttft, "duration_s": final.duration,
                                 "tokens_per_second": final.tokens_per_second},
-                    "sources": [{"source": p.source, "score": round(p.score, 3), **p.meta} for p in turn.passages]}
+                    "sources": [p.citation() for p in turn.passages]}
             now = time.time()
             try:
                 result = self.store.append(user, turn.session.id, [
@@ -129,6 +169,9 @@ class ChatService:
             except Exception as exc:  # the session may have been deleted meanwhile, or the disk is full
                 log.warning("could not store the turn of session %s: %s", turn.session.id, exc)
                 result = exc
+            else:
+                if self.documents and final.text:
+                    self.documents.remember_turn(turn.session.id, turn_index, turn.user_text, final.text)
         loop.call_soon_threadsafe(_resolve, turn.saved, result)
 
     async def _loaded_backend(self, model: str):

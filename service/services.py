@@ -18,12 +18,15 @@ import torch
 
 from llm_pool import Catalog, EngineConfig, GenerationHandle, GenerationRequest, ModelPool, ShoalError
 from llm_pool.backends import BackendContext
+from memory.embeddings import Embedder
 from memory.store import SessionStore
+from parsing import ParseLimits
 
 from .chat import ChatService
+from .documents import DocumentService
 from .limits import RateLimiter
 from .metrics import Metrics
-from .settings import Settings
+from .settings import Settings, parse_size
 
 log = logging.getLogger("shoal")
 
@@ -36,6 +39,7 @@ class Services:
     store: SessionStore
     limiter: RateLimiter = field(default_factory=RateLimiter)
     metrics: Metrics | None = None
+    documents: DocumentService | None = None
     chat: ChatService | None = None
     session_secret: str = ""
 
@@ -43,7 +47,7 @@ class Services:
         if self.metrics is None:
             self.metrics = Metrics(self.pool)
         if self.chat is None:
-            self.chat = ChatService(self.store, self)
+            self.chat = ChatService(self.store, self, self.documents)
 
     async def submit(self, model: str | None, request: GenerationRequest, client: str) -> GenerationHandle:
         """Start a generation for `client`: rate limits, on-demand load, the model's queue."""
@@ -79,6 +83,8 @@ class Services:
 
     def close(self) -> None:
         self.pool.shutdown()
+        if self.documents:
+            self.documents.close()
         self.store.close()
 
 
@@ -88,8 +94,8 @@ def ensure_private_dir(path: Path) -> Path:
     return path
 
 
-def build_services(settings: Settings, pool: ModelPool | None = None) -> Services:
-    """`pool`: share an existing pool (tests run several apps over one loaded model)."""
+def build_services(settings: Settings, pool: ModelPool | None = None, embedder: Embedder | None = None) -> Services:
+    """`pool`, `embedder`: share loaded models (tests run several apps over one loaded model)."""
     data_dir = ensure_private_dir(settings.data_dir)
     if pool is None:
         catalog = Catalog.from_toml(settings.catalog, registry_path=data_dir / "registered-models.json")
@@ -102,8 +108,11 @@ def build_services(settings: Settings, pool: ModelPool | None = None) -> Service
                          default_model=settings.default_model, load_timeout=settings.load_timeout)
     limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
     store = SessionStore(data_dir / "sessions")
+    documents = DocumentService(store, data_dir, embedder or Embedder(), max_bytes=int(settings.max_upload_mb * 1e6),
+                                limits=ParseLimits(seconds=settings.parse_timeout,
+                                                   memory_bytes=parse_size(settings.parse_memory)))
     return Services(settings=settings, catalog=pool.catalog, pool=pool, store=store, limiter=limiter,
-                    session_secret=settings.session_secret or _stored_secret(data_dir))
+                    documents=documents, session_secret=settings.session_secret or _stored_secret(data_dir))
 
 
 def _stored_secret(data_dir: Path) -> str:

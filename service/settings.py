@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     rate_limit_tpm: float = Field(0, ge=0, description="Generated tokens per minute per client (0 = off).")
     cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (off when empty).")
     max_upload_mb: float = Field(25.0, gt=0, description="Largest file a user may upload, in MB.")
+    parse_timeout: float = Field(60.0, gt=0, description="Seconds one file may take to parse before it is stopped.")
+    parse_memory: str = Field("2GiB", description="Memory one file's parser may use before it is stopped.")
     share: bool = Field(False, description="Ask Gradio for a public share link.")
 
     @field_validator("api_keys", "cors_origins", "preload", mode="before")

