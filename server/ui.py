@@ -31,6 +31,7 @@ def create_ui(services: Services) -> gr.Blocks:
 
     with gr.Blocks(title="Shoal", fill_height=True) as demo:
         browser_id = gr.BrowserState(None, storage_key="shoal-user", secret=services.session_secret)
+        loaded = gr.HTML("", elem_id="ui-loaded", visible="hidden")  # set once this browser's user is known
         session_id = gr.State(None)
         edit_index = gr.State(None)
         with gr.Sidebar(open=True, elem_id="sidebar", width=290):
@@ -136,7 +137,8 @@ def create_ui(services: Services) -> gr.Blocks:
         settings = [model, system, *params, history_limit]
         view = [session_id, sessions, chatbot, title, reply_figures, *settings]
 
-        demo.load(handlers.start, [browser_id], [browser_id, *view], api_visibility="private")
+        demo.load(handlers.start, [browser_id], [browser_id, *view], api_visibility="private").then(
+            lambda: "loaded", None, [loaded], api_visibility="private", queue=False)
         sessions.input(handlers.open, [browser_id, sessions], view, api_visibility="private")
         new_chat.click(handlers.new, [browser_id, *settings], view, api_visibility="private")
         gr.on([w.input for w in settings], handlers.save_settings, [browser_id, session_id, *settings],

@@ -35,7 +35,7 @@ def open_page(browser, url: str, width: int = 1280) -> Page:
     page.set_default_timeout(60_000)
     page.goto(url)
     expect(page.locator("#chat-input textarea")).to_be_visible()
-    page.wait_for_timeout(500)  # the load event fills in this browser's sessions
+    expect(page.locator("#ui-loaded")).to_have_text("loaded")  # this browser's sessions are in
     return page
 
 

@@ -1,0 +1,45 @@
+"""Files and export/import in the browser: upload into a chat, watch it become ready, get an
+answer that shows its source; export a chat and import it back as a new one."""
+
+from __future__ import annotations
+
+import json
+
+from playwright.sync_api import expect
+
+from tests import files
+from tests.browser.test_sessions_ui import BOT, open_page, send, session_titles
+
+
+def test_upload_a_file_and_see_the_answer_cite_it(browser, live_server, artifacts, tmp_path):
+    pdf = tmp_path / "story.pdf"
+    pdf.write_bytes(files.pdf_bytes())
+    page = open_page(browser, live_server.url)
+    page.locator("#files-panel").click()
+    page.locator("#file-upload input[type='file']").set_input_files(str(pdf))
+    expect(page.locator("#files-table")).to_contain_text("story.pdf", timeout=30_000)
+    expect(page.locator("#files-table")).to_contain_text("ready", timeout=90_000)
+    send(page, "Who wrote down every storm in a notebook?")
+    expect(page.locator(BOT).last).to_contain_text("Sources: [1] story.pdf, page 2")
+    page.screenshot(path=str(artifacts / "files.png"), full_page=True)
+
+
+def test_export_then_import_a_chat(browser, live_server, artifacts, tmp_path):
+    page = open_page(browser, live_server.url)
+    send(page, "Say hello to the export test.")
+    page.locator("#manage-chat").click()
+    page.locator("#export").click()
+    links = page.locator("#exported a")
+    expect(links).to_have_count(2, timeout=30_000)
+    with page.expect_download() as download_info:
+        page.locator("#exported a[download$='.json']").first.click()
+    exported = tmp_path / "chat.json"
+    download_info.value.save_as(exported)
+    data = json.loads(exported.read_text())
+    assert data["format"] == "shoal-session/1" and data["messages"][0]["content"] == "Say hello to the export test."
+    before = len(session_titles(page))
+    with page.expect_file_chooser() as chooser:
+        page.locator("#import").click()
+    chooser.value.set_files(str(exported))
+    expect(page.locator("#session-list label")).to_have_count(before + 1, timeout=30_000)
+    expect(page.locator("#chatbot [data-testid='user']").first).to_contain_text("Say hello to the export test.")
