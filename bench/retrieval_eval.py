@@ -66,9 +66,8 @@ def main() -> None:
             for cutoff in hits_at:
                 hits_at[cutoff] += int(rank is not None and rank <= cutoff)
             reciprocal += 1 / rank if rank else 0.0
-            top = passages[0] if passages else None
-            rows.append(f"| {question} | {source} | {rank or '-'} | "
-                        f"{top.source if top else '-'} ({top.score:.2f}) |" if top else f"| {question} | {source} | - | - |")
+            top = f"{passages[0].source} ({passages[0].score:.2f})" if passages else "-"
+            rows.append(f"| {question} | {source} | {rank or '-'} | {top} |")
         service.close()
         store.close()
     n = len(QUESTIONS)

@@ -20,7 +20,7 @@ from llm_pool.errors import InvalidParamsError
 from llm_pool.stream import Failed
 
 from .context import admit
-from .streaming import SSE_HEADERS, Chunk, chunked, sse
+from .streaming import SSE_HEADERS, Chunk, chunked, result_or_disconnect, sse
 
 router = APIRouter(tags=["OpenAI-compatible"])
 
@@ -103,7 +103,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     model = handle.model
     if not body.stream:
-        final = await handle.aresult()
+        final = await result_or_disconnect(handle, request)
         return {"id": ident, "object": "chat.completion", "created": created, "model": model,
                 "system_fingerprint": model,
                 "choices": [{"index": 0, "finish_reason": final.reason, "logprobs": None,
@@ -146,7 +146,7 @@ async def completions(body: CompletionRequest, request: Request):
     ident, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), handle.model
     prefix = prompt if body.echo else ""
     if not body.stream:
-        final = await handle.aresult()
+        final = await result_or_disconnect(handle, request)
         return {"id": ident, "object": "text_completion", "created": created, "model": model,
                 "choices": [{"index": 0, "text": prefix + final.text, "finish_reason": final.reason,
                              "logprobs": None}],

@@ -18,7 +18,7 @@ from memory.store import StorageError
 from .auth import client_of, key_owner
 from .context import services_of
 from .openai_api import timings, usage_dict
-from .streaming import SSE_HEADERS, Chunk, chunked, sse
+from .streaming import SSE_HEADERS, Chunk, chunked, result_or_disconnect, sse
 
 router = APIRouter(tags=["sessions"])
 LOCAL_USER = "local"
@@ -140,7 +140,7 @@ async def send_message(session_id: str, body: NewMessage, request: Request):
     turn = await services.chat.send(user_of(request), session_id, body.content, client=client_of(request),
                                     params=body.params.values())
     if not body.stream:
-        final = await turn.handle.aresult()
+        final = await result_or_disconnect(turn.handle, request)
         _raise_if_failed(await turn.saved)
         return _assistant(final, turn)
 

@@ -44,6 +44,21 @@ async def chunked(handle: GenerationHandle, chunk_size: int = 1,
         handle.cancel()  # no-op when finished; stops generation when the client went away
 
 
+async def result_or_disconnect(handle: GenerationHandle, request) -> Finished:
+    """The whole result of a non-streamed request; if the client goes away first (while queued
+    or while generating), the generation is cancelled so its slot is freed at once."""
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        handle.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await handle.aresult()
+    finally:
+        watcher.cancel()
+
+
 def sse(data: dict | str) -> str:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     return f"data: {payload}\n\n"

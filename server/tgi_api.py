@@ -16,7 +16,7 @@ from llm_pool.stream import Failed
 
 from .context import admit
 from .errors import error_body
-from .streaming import SSE_HEADERS, Chunk, chunked, sse
+from .streaming import SSE_HEADERS, Chunk, chunked, result_or_disconnect, sse
 
 router = APIRouter(tags=["TGI-compatible"])
 
@@ -87,7 +87,7 @@ async def generate(body: TGIRequest, request: Request):
     if refused:
         return refused
     handle = await admit(request, body.model, GenerationRequest(body.parameters.to_params(), prompt=body.inputs))
-    final = await handle.aresult()
+    final = await result_or_disconnect(handle, request)
     text = (body.inputs if body.parameters.return_full_text else "") + final.text
     out: dict = {"generated_text": text}
     if body.parameters.details:

@@ -19,6 +19,7 @@ def test_completion_tab_continues_text_with_the_base_model(page, live_server, ar
 
 def test_chat_in_the_browser_streams_a_reply(page, live_server, artifacts):
     page.goto(live_server.url)
+    expect(page.locator("#ui-loaded")).to_have_text("loaded")
     box = page.locator("#chat-input textarea")
     box.fill("What is the capital of France?")
     box.press("Enter")

@@ -113,3 +113,135 @@ def test_websocket_needs_a_key_in_its_first_message(keyed_server):
     assert refused["error"]["type"] == "authentication_error" and code == 4401
     hello, _ = asyncio.run(attempt({"type": "auth", "api_key": "sk-test-1"}))
     assert hello["type"] == "hello"
+
+
+class FailsMidStreamBackend:
+    """A fake backend (for the SSE error framing, not for generation): two tokens, then an error."""
+
+    def __init__(self, spec, context):
+        from llm_pool.backends.base import Backend  # noqa: F401 - same interface, duck-typed
+        self.spec, self.context = spec, context
+
+    def prepare(self, progress):
+        pass
+
+    def estimate_bytes(self):
+        return 1
+
+    def load(self, progress):
+        pass
+
+    def unload(self):
+        pass
+
+    def memory_bytes(self):
+        return 1
+
+    def info(self):
+        return {}
+
+    def load_stats(self):
+        return {}
+
+    @property
+    def context_length(self):
+        return 1024
+
+    def count_tokens(self, text):
+        return len(text.split())
+
+    def submit(self, request):
+        import threading
+
+        from llm_pool.engine import GenerationError
+        from llm_pool.stream import GenerationHandle, TextDelta
+
+        handle = GenerationHandle(request, model=self.spec.key)
+
+        def produce():
+            handle.push(TextDelta("Hello", (1,), (0.0,)))
+            handle.push(TextDelta(" there", (2,), (0.0,)))
+            handle.fail(GenerationError("the device fell over"))
+
+        threading.Timer(0.05, produce).start()
+        return handle
+
+
+def test_a_stream_that_fails_after_it_began_ends_with_an_error_then_done(tmp_path, embedder):
+    spec = spec_from_dict({"name": "flaky", "version": "1", "source": "local", "location": "/nowhere"})
+    pool = ModelPool(Catalog([spec]), BackendContext(cache_dir=tmp_path), budget_bytes=10**9,
+                     backend_factory=FailsMidStreamBackend)
+    server = serve(build_services(make_settings(tmp_path / "d"), pool=pool, embedder=embedder), with_ui=False)
+    try:
+        lines = []
+        body = {"model": "flaky", "messages": QUESTION, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as response:
+            lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]"
+        error = json.loads(lines[-2][6:])
+        assert error["error"]["message"].endswith("the device fell over")
+        assert any('"Hello"' in line for line in lines)
+        with httpx.stream("POST", f"{server.url}/generate_stream", json={"inputs": "x", "model": "flaky"},
+                          timeout=30) as response:
+            tgi = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+        assert tgi[-1]["error"].endswith("the device fell over")
+    finally:
+        server.stop()
+        pool.shutdown()
+
+
+def test_queue_timeout_and_leaving_the_queue(tiny_model_dir, tmp_path, embedder):
+    spec = spec_from_dict({"name": "tiny", "version": "1", "source": "local", "location": str(tiny_model_dir)})
+    context = BackendContext(cache_dir=tmp_path / "m", device="cpu",
+                             engine=EngineConfig(max_batch_size=1, queue_size=4, queue_timeout=1.0,
+                                                 kv_cache_bytes=4 * 2**20))
+    pool = ModelPool(Catalog([spec]), context, budget_bytes=10**9)
+    pool.load("tiny")
+    server = serve(build_services(make_settings(tmp_path / "d"), pool=pool, embedder=embedder), with_ui=False)
+    body = {"model": "tiny", "prompt": "hello world", "max_tokens": 3000, "temperature": 0}
+    try:
+        async def scenario():
+            async with httpx.AsyncClient(timeout=120) as client:
+                holder = asyncio.create_task(client.post(f"{server.url}/v1/completions", json=body))
+                await asyncio.sleep(0.3)
+                waited = await client.post(f"{server.url}/v1/completions", json=body)  # waits 1 s, then gives up
+                leaver = asyncio.create_task(client.post(f"{server.url}/v1/completions", json=body))
+                await asyncio.sleep(0.3)
+                queued_while_waiting = pool.status("tiny")["queue"]["waiting"]
+                leaver.cancel()  # the client goes away while queued
+                await asyncio.sleep(0.5)
+                left = pool.status("tiny")["queue"]["waiting"]
+                await holder
+                return waited, queued_while_waiting, left
+
+        waited, queued, left = asyncio.run(scenario())
+        assert waited.status_code == 503 and waited.json()["error"]["code"] == "queue_timeout"
+        assert "waited" in waited.json()["error"]["message"] and waited.headers["retry-after"]
+        assert queued == 1 and left == 0
+    finally:
+        server.stop()
+        pool.shutdown()
+
+
+def test_token_rate_limit_and_cors(pool, tmp_path, embedder):
+    settings = make_settings(tmp_path, rate_limit_tpm=5, cors_origins=["https://notebook.example"])
+    server = serve(build_services(settings, pool=pool, embedder=embedder), with_ui=False)
+    try:
+        body = {"model": CHAT_MODEL, "messages": QUESTION, "max_tokens": 12, "temperature": 0}
+        first = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+        assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] > 5
+        second = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60)
+        assert second.status_code == 429 and "token" in second.json()["error"]["message"].lower()
+        allowed = httpx.options(f"{server.url}/v1/models", headers={
+            "Origin": "https://notebook.example", "Access-Control-Request-Method": "GET"})
+        assert allowed.headers.get("access-control-allow-origin") == "https://notebook.example"
+        other = httpx.options(f"{server.url}/v1/models", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
+        assert "access-control-allow-origin" not in other.headers
+    finally:
+        server.stop()
+
+
+def test_cors_is_off_by_default(live_server):
+    response = httpx.get(f"{live_server.url}/v1/models", headers={"Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in response.headers
