@@ -435,6 +435,7 @@ class ModelPool:
             "parameters": info.get("parameters"),
             "context_length": info.get("context_length") or spec.context_length,
             "queue": entry.backend.load_stats() if entry.backend else {},
+            "remote": spec.is_remote, "latency_ms": info.get("latency_ms"), "replicas": info.get("replicas"),
         }
 
     def status(self, ref: str | None) -> dict[str, Any]:

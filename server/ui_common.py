@@ -122,6 +122,10 @@ def model_table(services: Services) -> str:
         if state == "failed":
             state = f"failed: {html.escape(m['error'] or '')}"
         memory = f"{m['resident_bytes'] / 1e9:.2f} GB" if m["resident_bytes"] else "-"
+        if m.get("remote"):
+            healthy = sum(1 for r in m.get("replicas") or [] if r["healthy"])
+            latency = f", {m['latency_ms']:.0f} ms" if m.get("latency_ms") is not None else ""
+            memory = f"remote: {healthy}/{len(m.get('replicas') or [])} replicas up{latency}"
         rows.append(f"<tr><td><b>{html.escape(m['name'])}</b></td><td>{html.escape(m['version'])}</td>"
                     f"<td>{m['kind']}</td><td class='state-{m['state']}'>{state}</td><td>{memory}</td>"
                     f"<td>{'pinned' if m['pinned'] else ''}</td><td>{m['in_flight']}</td>"
@@ -143,6 +147,9 @@ def model_line(services: Services, name: str | None) -> str:
     state = m["state"]
     if state == "loading":
         return f"{_dot(state)} `{m['id']}` loading {int(m['progress'] * 100)}% ({m['stage']})"
+    if state == "ready" and m.get("remote"):
+        latency = f" · {m['latency_ms']:.0f} ms to first token" if m.get("latency_ms") is not None else ""
+        return f"{_dot(state)} `{m['id']}` ready · {m['device']}{latency}"
     if state == "ready":
         return f"{_dot(state)} `{m['id']}` ready · {m['resident_bytes'] / 1e9:.2f} GB · {m['device']}"
     if state == "failed":
