@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import threading
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,12 +28,43 @@ def main(argv: list[str] | None = None) -> None:
 
     from server.app import create_app
     from service import build_services
+    DrainingServer = _draining_server_class()
     services = build_services(settings)
     app = create_app(services)
     logging.getLogger("shoal").info("Shoal on http://%s:%s (data in %s)", settings.host, settings.port,
                                     settings.data_dir)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level=settings.log_level, timeout_graceful_shutdown=3),
+                            services, settings.drain_timeout)
+    server.run()
+    if server.drained is False:
+        sys.exit(1)
+
+
+def _draining_server_class():
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: answer new requests 503, let in-flight generations finish (up to
+        the drain timeout), then shut down and exit 0. A second signal exits at once."""
+
+        def __init__(self, config, services, drain_timeout: float):
+            super().__init__(config)
+            self.services, self.drain_timeout, self.drained = services, drain_timeout, None
+
+        def handle_exit(self, sig, frame) -> None:
+            if self.services.draining:
+                self.should_exit = True
+                return
+            logging.getLogger("shoal").info("draining: new requests get 503; waiting up to %.0f s for %d "
+                                            "in flight", self.drain_timeout, self.services.pool.in_flight())
+            threading.Thread(target=self._drain, daemon=True).start()
+
+        def _drain(self) -> None:
+            self.drained = self.services.drain(self.drain_timeout)
+            self.should_exit = True
+
+    return DrainingServer
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicLayer
 from .detok import TextAssembler
 from .errors import (
     ContextOverflowError,
+    InvalidParamsError,
     QueueFullError,
     QueueTimeoutError,
     ServiceUnavailableError,
@@ -132,6 +133,8 @@ class BatchEngine:
 
     def submit(self, handle: GenerationHandle, prompt_ids: list[int], params: GenerationParams,
                max_new_tokens: int) -> None:
+        if not prompt_ids:
+            raise InvalidParamsError("the prompt is empty once tokenized", param="prompt")
         if len(prompt_ids) + max_new_tokens > self.max_request_tokens:
             raise ContextOverflowError(len(prompt_ids), max_new_tokens, self.max_request_tokens)
         job = _Job(handle, list(prompt_ids), max_new_tokens,
@@ -166,6 +169,7 @@ class BatchEngine:
                     self._cond.wait()
                 if self._stopping and not self._rows and not self._waiting:
                     return
+            admitted: list[_Job] = []
             try:
                 with torch.inference_mode():
                     self._drop_cancelled()
@@ -177,14 +181,15 @@ class BatchEngine:
                     elif not admitted:
                         with self._cond:  # everything waiting is blocked: wait for a change
                             self._cond.wait(0.05)
-            except Exception as exc:  # a failed forward must not kill the engine
+            except Exception as exc:  # a failed forward must not kill the engine, nor hang a client
                 log.exception("engine %s: generation failed", self.name)
-                self._fail_all(GenerationError(f"generation failed in model '{self.name}': {exc}"))
+                self._fail_all(GenerationError(f"generation failed in model '{self.name}': {exc}"), admitted)
 
-    def _fail_all(self, error: ShoalError) -> None:
-        rows, self._rows = self._rows, []
+    def _fail_all(self, error: ShoalError, admitted: list[_Job]) -> None:
+        with self._cond:
+            rows, self._rows = self._rows, []
         self._cache = self._mask = None
-        for job in rows:
+        for job in {id(j): j for j in rows + admitted}.values():
             job.handle.fail(error)
 
     def _drop_cancelled(self) -> None:

@@ -455,6 +455,10 @@ class ModelPool:
         with self._cond:
             return sum(e.reserved for e in self._entries.values())
 
+    def in_flight(self) -> int:
+        with self._cond:
+            return sum(e.in_flight for e in self._entries.values())
+
     def ready_count(self) -> int:
         with self._cond:
             return sum(1 for e in self._entries.values() if e.state == READY)

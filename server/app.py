@@ -17,6 +17,7 @@ from service import Services
 from . import batch_api, files_api, models_api, openai_api, sessions_api, tgi_api, ws_api
 from .auth import COOKIE, APIKeyMiddleware, key_is_valid, login_page, parse_login_form
 from .errors import install_error_handlers
+from .guards import BodyLimitMiddleware, DrainMiddleware
 from .ui import ASSETS, create_ui, ui_css, ui_js
 
 log = logging.getLogger("shoal.http")
@@ -55,6 +56,8 @@ def create_app(services: Services, *, with_ui: bool = True, own_services: bool =
                            allow_headers=["*"], allow_credentials=False)
     if settings.api_keys:
         app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_upload_mb * 1e6) + 1_000_000)
+    app.add_middleware(DrainMiddleware, services=services)  # outermost: refuses first while draining
     return app
 
 

@@ -33,7 +33,8 @@ async def ready(request: Request):
     models = {m["name"]: {"state": m["state"], "version": m["version"], "progress": m["progress"],
                           "error": m["error"]} for m in pool.models()}
     default = pool.default_model
-    is_ready = default is not None and models.get(default.split("@")[0], {}).get("state") == "ready"
+    is_ready = default is not None and models.get(default.split("@")[0], {}).get("state") == "ready" \
+        and not services_of(request).draining
     from fastapi.responses import JSONResponse
     return JSONResponse({"status": "ready" if is_ready else "starting", "default_model": default,
                          "models": models}, status_code=200 if is_ready else 503)

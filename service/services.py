@@ -11,6 +11,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class Services:
     documents: DocumentService | None = None
     chat: ChatService | None = None
     session_secret: str = ""
+    draining: bool = False  # set on SIGTERM: new requests get 503 while in-flight ones finish
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -66,6 +68,14 @@ class Services:
         usage = getattr(final, "usage", None)
         if usage is not None:
             self.limiter.charge_tokens(client, usage.completion_tokens)
+
+    def drain(self, timeout: float) -> bool:
+        """Refuse new work and wait (up to `timeout`) for in-flight generations; True if all ended."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.pool.in_flight() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.pool.in_flight() == 0
 
     def preload(self) -> None:
         """Load the start-up models in the background; failures show in the model status."""

@@ -81,6 +81,7 @@ class Settings(BaseSettings):
     parse_timeout: float = Field(60.0, gt=0, description="Seconds one file may take to parse before it is stopped.")
     parse_memory: str = Field("2GiB", description="Memory one file's parser may use before it is stopped.")
     share: bool = Field(False, description="Ask Gradio for a public share link.")
+    drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds in-flight requests get to finish.")
 
     @field_validator("api_keys", "cors_origins", "preload", mode="before")
     @classmethod

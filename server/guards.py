@@ -1,0 +1,81 @@
+"""ASGI guards in front of every route: refuse new work while draining for shutdown, and refuse
+request bodies larger than the limit (413) before they are read into memory."""
+
+from __future__ import annotations
+
+import json
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+async def _answer(send: Send, status: int, message: str, code: str, retry_after: int | None = None) -> None:
+    body = json.dumps({"error": {"message": message, "type": "invalid_request_error" if status < 500
+                                 else "service_unavailable", "param": None, "code": code}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+    if retry_after:
+        headers.append((b"retry-after", str(retry_after).encode()))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class DrainMiddleware:
+    """While the server drains for a shutdown, new requests get 503 (in-flight ones go on)."""
+
+    def __init__(self, app: ASGIApp, services):
+        self.app = app
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and self.services.draining and scope["path"] != "/health":
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1012, "reason": "server is restarting"})
+                return
+            await _answer(send, 503, "The server is shutting down; retry on another instance or in a moment.",
+                          "shutting_down", retry_after=5)
+            return
+        await self.app(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """Bodies over `max_bytes` get 413, whether they announce their length or not."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await _answer(send, 413, f"the request body is larger than {self.max_bytes // 1_000_000} MB",
+                          "body_too_large")
+            return
+        seen = 0
+        state = {"app_started": False, "refused": False}
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request" and not state["refused"]:
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    state["refused"] = True
+                    if not state["app_started"]:
+                        await _answer(send, 413, f"the request body is larger than "
+                                      f"{self.max_bytes // 1_000_000} MB", "body_too_large")
+                    return {"type": "http.disconnect"}  # the app stops reading; what it says is dropped
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if state["refused"]:
+                return
+            state["app_started"] = state["app_started"] or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, guarded_send)
+        except Exception:
+            if not state["refused"]:
+                raise
