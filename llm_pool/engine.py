@@ -94,6 +94,7 @@ class BatchEngine:
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
         self._rows: list[_Job] = []
+        self._active = 0  # jobs taken from the queue and not finished (prefilling or in the batch)
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [batch, seq] 1 = real token, 0 = padding
         self._stopping = False
@@ -143,7 +144,7 @@ class BatchEngine:
             if self._stopping:
                 raise ServiceUnavailableError(f"model '{self.name}' is unloading", retry_after=1.0)
             capacity = self.config.max_batch_size + self.config.queue_size
-            if len(self._rows) + len(self._waiting) >= capacity:
+            if self._active + len(self._waiting) >= capacity:
                 raise QueueFullError(self.name, len(self._waiting), self._retry_after())
             self._waiting.append(job)
             self._cond.notify_all()
@@ -190,6 +191,7 @@ class BatchEngine:
             rows, self._rows = self._rows, []
         self._cache = self._mask = None
         for job in {id(j): j for j in rows + admitted}.values():
+            self._release_slot()
             job.handle.fail(error)
 
     def _drop_cancelled(self) -> None:
@@ -216,11 +218,12 @@ class BatchEngine:
         """Take waiting jobs, in order, while a slot and KV room are free."""
         admitted: list[_Job] = []
         with self._cond:
-            while self._waiting and len(self._rows) + len(admitted) < self.config.max_batch_size:
+            while self._waiting and self._active + len(admitted) < self.config.max_batch_size:
                 job = self._waiting[0]
                 if not self._fits(admitted + [job]):
                     break
                 admitted.append(self._waiting.popleft())
+            self._active += len(admitted)
         return admitted
 
     def _fits(self, newcomers: list[_Job]) -> bool:
@@ -326,7 +329,13 @@ class BatchEngine:
         job.handle.push(TextDelta(text, tuple(job.unreported), tuple(job.unreported_logprobs)))
         job.unreported, job.unreported_logprobs = [], []
 
+    def _release_slot(self) -> None:
+        with self._cond:
+            self._active -= 1
+
     def _finish(self, job: _Job, reason: str) -> None:
+        if job.started:
+            self._release_slot()
         tail = job.assembler.flush()
         if tail:
             self._emit(job, tail)

@@ -107,6 +107,16 @@ def live_server(services) -> Iterator[LiveServer]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def keyed_server(pool, embedder, tmp_path_factory):
+    """A server with API keys on (sk-test-1), sharing the session's loaded model."""
+    from service import build_services
+    server = serve(build_services(make_settings(tmp_path_factory.mktemp("keyed"), api_keys=["sk-test-1"]),
+                                  pool=pool, embedder=embedder))
+    yield server
+    server.stop()
+
+
 # --------------------------------------------------------------------------- tiny fake model
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:

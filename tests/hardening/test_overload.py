@@ -50,7 +50,7 @@ def test_three_times_overload_is_refused_fast_and_admitted_requests_finish(tiny_
     server = serve(build_services(make_settings(tmp_path / "d"), pool=pool, embedder=embedder), with_ui=False)
 
     async def burst():
-        body = {"model": "tiny", "prompt": "hello world", "max_tokens": 600, "temperature": 0}
+        body = {"model": "tiny", "prompt": "hello world", "max_tokens": 3000, "temperature": 0}
         async with httpx.AsyncClient(timeout=120) as client:
             async def one():
                 started = time.monotonic()

@@ -64,14 +64,6 @@ def test_rate_limit_answers_429_with_retry_after(pool, tmp_path):
         server.stop()
 
 
-@pytest.fixture(scope="module")
-def keyed_server(pool, tmp_path_factory):
-    server = serve(build_services(make_settings(tmp_path_factory.mktemp("keyed"), api_keys=["sk-test-1"]),
-                                  pool=pool))
-    yield server
-    server.stop()
-
-
 @pytest.mark.parametrize("method, path", [
     ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/generate"), ("POST", "/"),
     ("GET", "/metrics"), ("POST", "/v1/batch"), ("GET", "/gradio_api/info"), ("GET", "/openapi.json"),
