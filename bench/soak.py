@@ -24,5 +24,6 @@ if __name__ == "__main__":
     code = subprocess.call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                             "tests/hardening/test_durability.py::test_kill_minus_nine_during_chat_loses_no_acknowledged_turn"],
                            cwd=ROOT, env=env)
-    print(f"{iterations} kill -9 iterations: {'passed' if code == 0 else 'FAILED'} in {time.monotonic() - started:.0f} s")
+    outcome = "passed" if code == 0 else "FAILED"
+    print(f"{iterations} kill -9 iterations: {outcome} in {time.monotonic() - started:.0f} s")
     sys.exit(code)
