@@ -207,22 +207,25 @@ def naive_run(model, tokenizer, clients: int, max_tokens: int) -> tuple[list[Str
         ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
         with lock:
             streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-            worker = threading.Thread(
-                target=model.generate,
-                kwargs={**ids, "max_new_tokens": max_tokens, "do_sample": False, "streamer": streamer},
-            )
-            with torch.inference_mode():
-                worker.start()
-                last = time.perf_counter()
-                for piece in streamer:
-                    now = time.perf_counter()
-                    if streams[i].ttft is None:
-                        streams[i].ttft = now - started
-                    else:
-                        streams[i].gaps.append(now - last)
-                    last = now
-                    streams[i].tokens += 1 if piece else 0
-                worker.join()
+            output = {}
+
+            def generate() -> None:
+                with torch.inference_mode():
+                    output["ids"] = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False,
+                                                   streamer=streamer)
+
+            worker = threading.Thread(target=generate)
+            worker.start()
+            last = time.perf_counter()
+            for _piece in streamer:
+                now = time.perf_counter()
+                if streams[i].ttft is None:
+                    streams[i].ttft = now - started
+                else:
+                    streams[i].gaps.append(now - last)
+                last = now
+            worker.join()
+            streams[i].tokens = output["ids"].shape[1] - ids["input_ids"].shape[1]
 
     threads = [threading.Thread(target=serve, args=(i,)) for i in range(clients)]
     started = time.perf_counter()
@@ -247,6 +250,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--server-args", default="", help="extra flags for app.py, e.g. '--max-batch-size 32'")
+    parser.add_argument("--version", help="measure this version of the model (hot-swapped in first)")
     args = parser.parse_args()
     sweep = args.clients or ([1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32])
     max_tokens = args.tokens or (64 if args.quick else 128)
@@ -264,6 +268,8 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     results: list[Result] = []
     try:
+        if args.version:
+            httpx.post(f"{url}/v1/models/{MODEL}/swap", json={"version": args.version}, timeout=600).raise_for_status()
         asyncio.run(api_run(url, 2, 8))  # warm-up
         for clients in sweep:
             streams, wall = asyncio.run(api_run(url, clients, max_tokens))
@@ -278,6 +284,8 @@ def main() -> None:
 
     cache = ROOT / ".cache" / "test-models" if extra else data_dir / "models"
     pool = ModelPool(Catalog.from_toml(ROOT / "models.toml"), BackendContext(cache_dir=cache), 8 * 2**30)
+    if args.version:
+        pool.swap(MODEL, args.version)
     pool.load(MODEL)
     engine_run(pool, 2, 8)
     for clients in sorted({1, 16} & set(sweep) or {sweep[0]}):
