@@ -81,9 +81,12 @@ class SessionStore:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         # JSON (never pickle) for keys and values; synchronous=FULL so a written turn survives
-        # a crash of the process or of the machine.
+        # a crash of the process or of the machine. Every value stays inside SQLite
+        # (disk_min_file_size): diskcache keeps big values in side files that its nested
+        # transactions delete before the outer COMMIT and leave behind half-written on ENOSPC,
+        # so a crash or a full disk mid-turn could lose or leak a long history.
         self._db = diskcache.Cache(str(directory), disk=diskcache.JSONDisk, eviction_policy="none",
-                                   size_limit=2**62, sqlite_synchronous=2)
+                                   size_limit=2**62, sqlite_synchronous=2, disk_min_file_size=2**30)
 
     def close(self) -> None:
         self._db.close()

@@ -14,7 +14,7 @@ import time
 
 import httpx
 
-from memory.store import SessionStore, StoredMessage
+from memory.store import SessionStore, StorageError, StoredMessage
 from tests.conftest import ROOT
 from tests.hardening.conftest import AppProcess
 
@@ -100,3 +100,43 @@ def test_a_full_disk_gives_a_clear_error_and_no_half_written_session(tmp_path):
         assert store.get("u", session.id).message_count == 2
     finally:
         store.close()
+
+
+def _mount_small_tmpfs(path, size: str) -> bool:
+    if os.geteuid() != 0 or sys.platform != "linux":
+        return False
+    path.mkdir(parents=True, exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
+
+
+def test_a_really_full_filesystem_gives_a_clear_error_and_no_half_written_session(tmp_path):
+    """The same through a real ENOSPC: the store lives on a 4 MiB tmpfs that a turn overfills.
+    (Needs root and mount, as in CI here; elsewhere the write-size test above stands in.)"""
+    disk = tmp_path / "small-disk"
+    if not _mount_small_tmpfs(disk, "4m"):
+        import pytest
+        pytest.skip("cannot mount a tmpfs here (not root, or no CAP_SYS_ADMIN)")
+    try:
+        store = SessionStore(disk / "sessions")
+        session = store.create("u", title="precious")
+        long_reply = __import__("base64").b64encode(os.urandom(150_000)).decode()  # a long history
+        store.append("u", session.id, [StoredMessage("user", "a"), StoredMessage("assistant", long_reply)])
+        noise = __import__("base64").b64encode(os.urandom(3_000_000)).decode()  # does not compress
+        refused = None
+        try:
+            store.append("u", session.id, [StoredMessage("user", noise), StoredMessage("assistant", noise)])
+        except StorageError as exc:
+            refused = exc
+        assert refused is not None and refused.status == 503
+        assert "nothing was changed" in refused.message
+        # the store still works for small writes once space is back, and nothing half-written shows
+        store.close()
+        store = SessionStore(disk / "sessions")
+        assert store.check() == []
+        assert [m.content for m in store.messages("u", session.id)] == ["a", long_reply]
+        store.append("u", session.id, [StoredMessage("user", "c"), StoredMessage("assistant", "d")])
+        assert [m.content for m in store.messages("u", session.id)] == ["a", long_reply, "c", "d"]
+        store.close()
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
