@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ..cpu_linear import pack_linears, packed_bytes
 from ..engine import BatchEngine
 from ..errors import ContextOverflowError, InvalidParamsError, InvalidRequestError, ModelLoadError
 from ..sources import Prepared, prepare
@@ -68,6 +69,7 @@ class LocalBackend(Backend):
         self.engine: BatchEngine | None = None
         self._context_length = spec.context_length
         self._weights_bytes = 0
+        self._parameters = 0
         self._tok_lock = threading.Lock()
 
     # ------------------------------------------------------------------ lifecycle
@@ -110,8 +112,13 @@ class LocalBackend(Backend):
         self.tokenizer, self.model = tokenizer, model
         config = model.config.get_text_config()
         self._context_length = self.spec.context_length or getattr(config, "max_position_embeddings", 2048)
-        self._weights_bytes = sum(t.numel() * t.element_size()
-                                  for t in list(model.parameters()) + list(model.buffers()))
+        self._parameters = sum(p.numel() for p in model.parameters())
+        if self._device.type == "cpu" and not self.spec.quantization:
+            progress(0.9, "packing weights for the CPU")
+            packed = pack_linears(model)  # measured faster at every batch size: see cpu_linear.py
+            log.info("model %s: %d linear layers packed for oneDNN", self.spec.key, packed)
+        self._weights_bytes = packed_bytes(model) + sum(
+            t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         progress(0.95, "warming up")
         self.engine = BatchEngine(model, self._decode, name=self.spec.key, eos_ids=self._eos_ids(),
                                   context_length=self._context_length, config=self.context.engine)
@@ -190,7 +197,7 @@ class LocalBackend(Backend):
     def info(self) -> dict[str, Any]:
         params = self._prepared.parameters if self._prepared else None
         if self.model is not None:
-            params = sum(p.numel() for p in self.model.parameters())
+            params = self._parameters
         return {"device": str(self._device), "dtype": str(self._dtype).replace("torch.", ""),
                 "quantization": self.spec.quantization, "parameters": params,
                 "context_length": self.context_length if self.engine else self._context_length,

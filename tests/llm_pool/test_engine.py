@@ -113,3 +113,26 @@ def test_kv_cache_never_exceeds_its_cap(tiny_model_dir, tmp_path):
         assert engine.stats["peak_batch"] < 16  # the cap, not the batch size, held them back
     finally:
         small.shutdown()
+
+
+def test_weights_packed_for_the_cpu_answer_like_plain_transformers(pool):
+    """The engine runs SmolLM2 with linear weights prepacked for oneDNN (faster per step); its
+    greedy answers must be what plain transformers `generate` says for the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llm_pool.cpu_linear import PackedLinear, available
+
+    backend = pool.backend(CHAT_MODEL)
+    packed = [m for m in backend.model.modules() if isinstance(m, PackedLinear)]
+    if available():
+        assert len(packed) >= 7 * 30  # q, k, v, o, gate, up, down in each of the 30 layers
+    plain = AutoModelForCausalLM.from_pretrained(backend._prepared.location, dtype=torch.float32).eval()
+    for question in QUESTIONS[:2]:
+        req = request(question, max_new_tokens=20)
+        ids = backend.prompt_ids(req)
+        with torch.inference_mode():
+            out = plain.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)
+        expected = backend.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
+        engine_of(pool).prefix_cache.clear()
+        assert pool.submit(CHAT_MODEL, req).result(60).text == expected
