@@ -1,21 +1,23 @@
 """Word documents with python-docx: paragraphs and tables in order, under their headings.
 
 Before python-docx sees the file, the zip is checked: too much uncompressed data or an extreme
-compression ratio is a zip bomb, and XML parts that declare entities (the "billion laughs"
-attack) are refused.
+compression ratio is a zip bomb, and every XML part is read in full with defusedxml, so a part
+that declares a DTD or entities anywhere (the "billion laughs", external entities) is refused.
 """
 
 from __future__ import annotations
 
 import io
-import re
 import zipfile
+import zlib
+
+import defusedxml.ElementTree as safe_xml
+from defusedxml import DefusedXmlException
 
 from .base import Document, ParseError, Section
 
 MAX_UNCOMPRESSED = 200 * 2**20
 MAX_RATIO = 200
-_DECLARES = re.compile(rb"<!(DOCTYPE|ENTITY)", re.IGNORECASE)
 
 
 def check_zip(data: bytes) -> None:
@@ -37,9 +39,20 @@ def check_zip(data: bytes) -> None:
             raise ParseError("this zip is not a Word document (no word/document.xml)")
         for member in members:
             if member.filename.endswith((".xml", ".rels")):
-                with archive.open(member) as handle:
-                    if _DECLARES.search(handle.read(8192)):
-                        raise ParseError("the document declares XML entities (an XML entity bomb?); refused")
+                check_xml(archive, member)
+
+
+def check_xml(archive: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
+    try:
+        with archive.open(member) as handle:
+            for _, element in safe_xml.iterparse(handle, forbid_dtd=True, forbid_entities=True, forbid_external=True):
+                element.clear()
+    except DefusedXmlException:
+        raise ParseError("the document declares XML entities or a DTD (an XML entity bomb?); refused") from None
+    except safe_xml.ParseError:
+        raise ParseError(f"the .docx file is damaged ('{member.filename[:100]}' is not well-formed XML)") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError):
+        raise ParseError(f"the .docx file is damaged ('{member.filename[:100]}' cannot be unpacked)") from None
 
 
 def parse_docx(filename: str, data: bytes) -> Document:
