@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 
@@ -18,12 +19,14 @@ import threading
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-    if os.environ.get("SPACE_ID"):  # a Hugging Face Space routes to 0.0.0.0:7860
+    if os.environ.get("SPACE_ID"):  # a Hugging Face Space: public, routed to 0.0.0.0:7860
         os.environ.setdefault("SHOAL_HOST", "0.0.0.0")
+        os.environ.setdefault("SHOAL_TRUST_LOOPBACK", "false")  # the Space's proxy is not the owner
     from service import Settings
     settings = Settings.from_cli(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("uvicorn.access").addFilter(RedactSecrets())
     import uvicorn
 
     from server.app import create_app
@@ -33,12 +36,29 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(services)
     logging.getLogger("shoal").info("Shoal on http://%s:%s (data in %s)", settings.host, settings.port,
                                     settings.data_dir)
-    server = DrainingServer(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level=settings.log_level, timeout_graceful_shutdown=3),
-                            services, settings.drain_timeout)
+    # X-Forwarded-For is believed only from the proxies named in --forwarded-allow-ips (uvicorn
+    # would believe any local peer: behind the share tunnel, anyone could claim to be 127.0.0.1).
+    forwarded = settings.forwarded_allow_ips.strip()
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=3, proxy_headers=bool(forwarded),
+                            forwarded_allow_ips=forwarded or None,
+                            ws_max_size=int(settings.max_request_mb * 1e6))
+    server = DrainingServer(config, services, settings.drain_timeout)
     server.run()
     if server.drained is False:
         sys.exit(1)
+
+
+class RedactSecrets(logging.Filter):
+    """Access-log lines never carry a secret sent in a URL (keys there are refused anyway)."""
+
+    _SECRET = re.compile(r"((?:api_key|key|token|access_token|secret)=)[^&\s\"]+", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.args:
+            record.args = tuple(self._SECRET.sub(r"\1[redacted]", a) if isinstance(a, str) else a
+                                for a in record.args)
+        return True
 
 
 def _draining_server_class():

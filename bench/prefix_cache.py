@@ -44,7 +44,8 @@ def conversation(pool, turns: int, reuse: bool) -> list[tuple[int, int, float]]:
         if not reuse:
             engine.prefix_cache.clear()
         history.append(Message("user", question))
-        final = pool.submit("smollm2-135m", GenerationRequest(params, messages=list(history))).result(300)
+        final = pool.submit("smollm2-135m", GenerationRequest(params, messages=list(history),
+                                                               cache_scope="bench-user")).result(300)
         history.append(Message("assistant", final.text))
         out.append((final.usage.prompt_tokens, final.usage.cached_tokens, final.ttft))
     return out

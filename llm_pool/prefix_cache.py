@@ -5,6 +5,11 @@ cache keeps finished rows (token ids + per-layer keys/values), least recently us
 within a byte budget. `lookup` finds the entry sharing the longest common prefix with a new prompt
 and returns that many positions of KV (always leaving at least one prompt token to compute, since
 the model needs a last position to predict from).
+
+Entries belong to a scope (a user, or an explicit `cache_salt` group): a lookup only sees entries
+of its own scope, so one user's cached prefix never shortens another user's prefill, and neither
+`cached_tokens` nor time to first token tells anyone what someone else sent. A request without a
+scope neither stores nor reuses anything.
 """
 
 from __future__ import annotations
@@ -22,40 +27,44 @@ class PrefixCache:
         self.capacity = capacity_bytes
         self.bytes_per_token = bytes_per_token
         self.max_entries = max_entries
-        self._entries: OrderedDict[int, tuple[torch.Tensor, KV]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[str, torch.Tensor, KV]] = OrderedDict()
         self._next = 0
         self._lock = threading.Lock()
         self.bytes = 0
 
-    def store(self, ids: list[int], kv: KV) -> None:
+    def store(self, scope: str | None, ids: list[int], kv: KV) -> None:
         size = len(ids) * self.bytes_per_token
-        if size > self.capacity:
+        if scope is None or size > self.capacity:
             return
         key_ids = torch.tensor(ids, dtype=torch.long)
         with self._lock:
             # an entry that is a prefix of the new one is now redundant
-            for key, (old_ids, _) in list(self._entries.items()):
-                if len(old_ids) <= len(key_ids) and torch.equal(old_ids, key_ids[: len(old_ids)]):
+            for key, (old_scope, old_ids, _) in list(self._entries.items()):
+                if old_scope == scope and len(old_ids) <= len(key_ids) \
+                        and torch.equal(old_ids, key_ids[: len(old_ids)]):
                     self._drop(key)
             while self._entries and (self.bytes + size > self.capacity
                                      or len(self._entries) >= self.max_entries):
                 self._drop(next(iter(self._entries)))
-            self._entries[self._next] = (key_ids, kv)
+            self._entries[self._next] = (scope, key_ids, kv)
             self._next += 1
             self.bytes += size
 
     def _drop(self, key: int) -> None:
-        ids, _ = self._entries.pop(key)
+        _, ids, _ = self._entries.pop(key)
         self.bytes -= len(ids) * self.bytes_per_token
 
-    def lookup(self, prompt_ids: list[int], min_tokens: int) -> tuple[int, KV] | None:
-        """(length, kv cropped to length) of the best shared prefix, or None if under min_tokens."""
-        if not self._entries or len(prompt_ids) <= min_tokens:
+    def lookup(self, scope: str | None, prompt_ids: list[int], min_tokens: int) -> tuple[int, KV] | None:
+        """(length, kv cropped to length) of the best prefix shared with an entry of the same
+        scope, or None if under min_tokens."""
+        if scope is None or not self._entries or len(prompt_ids) <= min_tokens:
             return None
         prompt = torch.tensor(prompt_ids, dtype=torch.long)
         best_key, best_len = None, 0
         with self._lock:
-            for key, (ids, _) in self._entries.items():
+            for key, (entry_scope, ids, _) in self._entries.items():
+                if entry_scope != scope:
+                    continue
                 n = min(len(ids), len(prompt) - 1)
                 same = (ids[:n] == prompt[:n]).long()
                 length = int(same.cumprod(0).sum()) if n else 0
@@ -64,7 +73,7 @@ class PrefixCache:
             if best_key is None or best_len < min_tokens:
                 return None
             self._entries.move_to_end(best_key)
-            _, kv = self._entries[best_key]
+            _, _, kv = self._entries[best_key]
         return best_len, [(k[:, :, :best_len], v[:, :, :best_len]) for k, v in kv]
 
     def clear(self) -> None:

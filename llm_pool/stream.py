@@ -39,6 +39,9 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: f"gen-{next(_ids)}")
     queue_timeout: float | None = None
     cache_key: str | None = None  # e.g. a session id: hints that a later turn will reuse the prefix
+    # Whose cached prefixes this request may reuse and add to: a user id, or an explicit
+    # cache_salt group. None: nothing is shared with anyone (anonymous callers).
+    cache_scope: str | None = None
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from service import Services
 
 from . import batch_api, files_api, models_api, openai_api, sessions_api, tgi_api, ws_api
-from .auth import COOKIE, APIKeyMiddleware, key_is_valid, login_page, parse_login_form
+from .auth import COOKIE, IdentityMiddleware, login_page, parse_login_form
 from .errors import install_error_handlers
 from .guards import BodyLimitMiddleware, DrainMiddleware
 from .ui import ASSETS, create_ui, ui_css, ui_js
@@ -51,13 +51,15 @@ def create_app(services: Services, *, with_ui: bool = True, own_services: bool =
         gr.mount_gradio_app(app, demo, path="", css=ui_css(), favicon_path=str(ASSETS / "logo.svg"),
                             footer_links=["api", "settings"], show_error=True, allowed_paths=[],
                             max_file_size=int(settings.max_upload_mb * 1e6), js=ui_js())
+    # Middleware runs outermost last-added first: drain, body limit, CORS (answers preflights, and
+    # puts its headers on 401s too), then who the caller is.
+    app.add_middleware(IdentityMiddleware, identity=services.identity)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=False)
-    if settings.api_keys:
-        app.add_middleware(APIKeyMiddleware, keys=settings.api_keys)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_upload_mb * 1e6) + 1_000_000)
-    app.add_middleware(DrainMiddleware, services=services)  # outermost: refuses first while draining
+    app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_request_mb * 1e6),
+                       upload_bytes=int(settings.max_upload_mb * 1e6) + 1_000_000)
+    app.add_middleware(DrainMiddleware, services=services)
     return app
 
 
@@ -86,8 +88,9 @@ def _add_service_routes(app: FastAPI, services: Services) -> None:
     @app.post("/login", include_in_schema=False)
     async def login(request: Request):
         key = parse_login_form(await request.body())
-        if not key_is_valid(key, services.settings.api_keys):
+        if not services.identity.key_is_valid(key):
             return HTMLResponse(login_page("That key is not valid."), status_code=401)
         response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, key, httponly=True, samesite="lax", max_age=30 * 24 * 3600)
+        response.set_cookie(COOKIE, services.identity.login_cookie(key), httponly=True, samesite="lax",
+                            secure=request.url.scheme == "https", max_age=30 * 24 * 3600)
         return response

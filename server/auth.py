@@ -1,83 +1,110 @@
-"""Optional API keys for every transport, and who the caller is.
+"""The caller of every request, decided once (by `service.identity`) and checked where it matters.
 
-When keys are configured, every HTTP route except `/health*` (and the login page) needs one, as
-`Authorization: Bearer <key>`, `x-api-key: <key>`, an `api_key` query parameter, or the cookie the
-login page sets for browsers. A WebSocket may also send the key in its first message (the socket
-handler checks that). Without keys, nothing is checked and callers are told apart by IP.
+`IdentityMiddleware` puts a `Caller` on every HTTP request and WebSocket. When API keys are set,
+it refuses what carries no valid key, except the open paths (exactly `/health`, `/health/ready`,
+`/login`) and `/v1/ws` (the socket may send its key in its first
+message). Keys come in `Authorization: Bearer <key>`, `x-api-key: <key>`, or the signed cookie the
+login page sets (it names the key's owner and never holds the key). CORS preflights are answered
+by the CORS middleware outside this one. Keys in the URL are not
+accepted: URLs end up in access logs. Routes state who may call them with the dependencies
+`user_caller` (a user with stored data) and `admin_caller` (changes to the model pool).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import html
 import json
 from urllib.parse import parse_qs
 
+from fastapi import Request
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-COOKIE = "shoal_key"
-OPEN_PATHS = ("/health", "/login")
+from llm_pool.errors import AuthenticationError, PermissionDeniedError
+from service.identity import Caller, Identity
+
+COOKIE = "shoal_session"
+OPEN_PATHS = frozenset({"/health", "/health/ready", "/login"})
+SOCKET_PATHS = frozenset({"/v1/ws"})  # sockets that authenticate in their first message
 
 
 def key_from(conn: HTTPConnection) -> str | None:
     auth = conn.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return (conn.headers.get("x-api-key") or conn.query_params.get("api_key")
-            or conn.cookies.get(COOKIE) or None)
+        return auth[7:].strip() or None
+    return conn.headers.get("x-api-key") or None
 
 
-def key_is_valid(key: str | None, keys: list[str]) -> bool:
-    if not key:
-        return False
-    return any(hmac.compare_digest(key.encode(), k.encode()) for k in keys)
+def peer_of(conn: HTTPConnection) -> str | None:
+    return conn.client.host if conn.client else None
 
 
-def key_owner(key: str) -> str:
-    """A stable, non-secret id for the holder of a key."""
-    return "key-" + hashlib.sha256(key.encode()).hexdigest()[:16]
+def identify(conn: HTTPConnection, identity: Identity) -> Caller:
+    return identity.caller(key=key_from(conn), cookie=conn.cookies.get(COOKIE), host=peer_of(conn))
 
 
-def client_of(conn: HTTPConnection) -> str:
-    """Who to rate-limit: the API key's owner, else the peer's IP address."""
-    key = conn.scope.get("state", {}).get("api_key")
-    if key:
-        return key_owner(key)
-    return "ip-" + (conn.client.host if conn.client else "unknown")
+def caller_of(conn: HTTPConnection) -> Caller:
+    state = conn.scope.setdefault("state", {})
+    if "caller" not in state:
+        state["caller"] = identify(conn, conn.app.state.services.identity)
+    return state["caller"]
 
 
-class APIKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: list[str]):
+def user_caller(request: Request) -> Caller:
+    """Dependency: a caller with stored sessions and files (401 for anonymous callers)."""
+    caller = caller_of(request)
+    if caller.user is None:
+        raise AuthenticationError(request.app.state.services.identity.user_refusal(), code="api_key_required")
+    return caller
+
+
+def admin_caller(request: Request) -> Caller:
+    """Dependency: a caller who may change the model pool (403 otherwise)."""
+    caller = caller_of(request)
+    if not caller.admin:
+        raise PermissionDeniedError(request.app.state.services.identity.admin_refusal(), code="admin_required")
+    return caller
+
+
+class IdentityMiddleware:
+    def __init__(self, app: ASGIApp, identity: Identity):
         self.app = app
-        self.keys = list(keys)
+        self.identity = identity
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] not in ("http", "websocket") or not self.keys:
+        if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         conn = HTTPConnection(scope)
-        key = key_from(conn)
-        if key_is_valid(key, self.keys):
-            scope.setdefault("state", {})["api_key"] = key
+        caller = identify(conn, self.identity)
+        scope.setdefault("state", {})["caller"] = caller
+        if not self.identity.keys_required or caller.how == "key":
             await self.app(scope, receive, send)
             return
         path = scope["path"]
-        if path.startswith(OPEN_PATHS) or scope["type"] == "websocket":
-            await self.app(scope, receive, send)  # open, or the socket asks in its first message
+        if scope["type"] == "websocket":
+            if path in SOCKET_PATHS:
+                await self.app(scope, receive, send)
+            else:
+                await send({"type": "websocket.close", "code": 4401, "reason": "an API key is required"})
+            return
+        if path in OPEN_PATHS:
+            await self.app(scope, receive, send)
             return
         accepts_html = "text/html" in conn.headers.get("accept", "")
         if scope["method"] == "GET" and accepts_html and path in ("/", ""):
             await _redirect(send, "/login")
             return
-        await _unauthorized(send)
+        in_url = "api_key" in conn.query_params
+        await _unauthorized(send, in_url)
 
 
-async def _unauthorized(send: Send) -> None:
-    body = json.dumps({"error": {"message": "An API key is required: send 'Authorization: Bearer <key>' "
-                                            "or 'x-api-key: <key>'.", "type": "authentication_error",
-                                 "param": None, "code": "invalid_api_key"}}).encode()
+async def _unauthorized(send: Send, key_in_url: bool) -> None:
+    message = "An API key is required: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
+    if key_in_url:
+        message += " Keys in the URL are not accepted (URLs are written to logs)."
+    body = json.dumps({"error": {"message": message, "type": "authentication_error", "param": None,
+                                 "code": "invalid_api_key"}}).encode()
     await send({"type": "http.response.start", "status": 401,
                 "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
     await send({"type": "http.response.body", "body": body})

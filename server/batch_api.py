@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, model_validator
 from llm_pool import GenerationParams, GenerationRequest
 from llm_pool.errors import InvalidParamsError, ShoalError
 
-from .auth import client_of
+from .auth import caller_of
 from .context import services_of
 from .openai_api import ChatMessageIn, timings, usage_dict
 
@@ -61,7 +61,7 @@ class BatchRequest(BaseModel):
 @router.post("/v1/batch", summary="Run many prompts; results in order, failures in place")
 async def batch(body: BatchRequest, request: Request) -> dict:
     services = services_of(request)
-    client = client_of(request)
+    caller = caller_of(request)
     defaults = body.params.merged(GenerationParams())
     gate = asyncio.Semaphore(body.concurrency)
 
@@ -75,7 +75,7 @@ async def batch(body: BatchRequest, request: Request) -> dict:
                     if not item.prompt:
                         raise InvalidParamsError("prompt must not be empty", param=f"items.{index}.prompt")
                     gen = GenerationRequest(params, prompt=item.prompt)
-                handle = await services.submit(item.model or body.model, gen, client)
+                handle = await services.submit(item.model or body.model, gen, caller)
                 try:
                     final = await handle.aresult()
                 except asyncio.CancelledError:

@@ -7,13 +7,16 @@ from fastapi import Request
 from llm_pool import GenerationHandle, GenerationRequest
 from service import Services
 
-from .auth import client_of
+from .auth import caller_of
 
 
 def services_of(request: Request) -> Services:
     return request.app.state.services
 
 
-async def admit(request: Request, model: str | None, gen: GenerationRequest) -> GenerationHandle:
-    """Start a generation for this caller: rate limits, on-demand load, bounded queue."""
-    return await services_of(request).submit(model, gen, client_of(request))
+async def admit(request: Request, model: str | None, gen: GenerationRequest,
+                cache_salt: str | None = None) -> GenerationHandle:
+    """Start a generation for this caller: rate limits, on-demand load, bounded queue; cached
+    prefixes shared only with the same user, or with the same `cache_salt`."""
+    caller = caller_of(request).with_cache_salt(cache_salt)
+    return await services_of(request).submit(model, gen, caller)

@@ -4,6 +4,7 @@ request bodies larger than the limit (413) before they are read into memory."""
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -36,21 +37,27 @@ class DrainMiddleware:
         await self.app(scope, receive, send)
 
 
-class BodyLimitMiddleware:
-    """Bodies over `max_bytes` get 413, whether they announce their length or not."""
+UPLOAD_PATHS = re.compile(r"^(/gradio_api/upload|/v1/sessions/[^/]+/files)$")
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+
+class BodyLimitMiddleware:
+    """Bodies over the limit get 413, whether they announce their length or not: `upload_bytes`
+    for file uploads, `max_bytes` for everything else (JSON requests, the UI's events)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int):
         self.app = app
-        self.max_bytes = max_bytes
+        self.json_bytes = max_bytes
+        self.upload_bytes = upload_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.upload_bytes if UPLOAD_PATHS.match(scope["path"]) else self.json_bytes
+        too_large = f"the request body is larger than the {limit / 1e6:g} MB limit"
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await _answer(send, 413, f"the request body is larger than {self.max_bytes // 1_000_000} MB",
-                          "body_too_large")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _answer(send, 413, too_large, "body_too_large")
             return
         seen = 0
         state = {"app_started": False, "refused": False}
@@ -60,11 +67,10 @@ class BodyLimitMiddleware:
             message = await receive()
             if message["type"] == "http.request" and not state["refused"]:
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     state["refused"] = True
                     if not state["app_started"]:
-                        await _answer(send, 413, f"the request body is larger than "
-                                      f"{self.max_bytes // 1_000_000} MB", "body_too_large")
+                        await _answer(send, 413, too_large, "body_too_large")
                     return {"type": "http.disconnect"}  # the app stops reading; what it says is dropped
             return message
 

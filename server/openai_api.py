@@ -64,6 +64,9 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
+    cache_salt: str | None = Field(None, max_length=256, description="Share cached prompt prefixes only "
+                                   "with requests that send the same salt (vLLM's field). Without it, "
+                                   "only with your own requests (your API key, or your browser).")
     chunk_size: int = Field(1, ge=1, le=256, description="Shoal extension: tokens per streamed event.")
     stream_delay_ms: int = Field(0, ge=0, le=10_000, description="Shoal extension: pause between events.")
 
@@ -99,7 +102,7 @@ def usage_dict(finished: Finished) -> dict:
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     gen = GenerationRequest(body.params(body.max_completion_tokens),
                             messages=[m.to_message() for m in body.messages])
-    handle = await admit(request, body.model, gen)
+    handle = await admit(request, body.model, gen, body.cache_salt)
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     model = handle.model
     if not body.stream:
@@ -142,7 +145,7 @@ async def completions(body: CompletionRequest, request: Request):
                                      param="prompt")
         prompt = prompt[0]
     gen = GenerationRequest(body.params(), prompt=prompt)
-    handle = await admit(request, body.model, gen)
+    handle = await admit(request, body.model, gen, body.cache_salt)
     ident, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), handle.model
     prefix = prompt if body.echo else ""
     if not body.stream:

@@ -1,32 +1,29 @@
 """REST routes for chat sessions, so notebooks can use them: create, list, read, change, delete,
-and send a message (answered whole, or streamed as server-sent events). The user is the API
-key's owner, or the one local user when keys are off."""
+and send a message (answered whole, or streamed as server-sent events). Owner: a user (the API
+key's owner; with keys off, the machine's owner on loopback); anyone else gets 401. Handlers that
+touch the store are plain functions, which FastAPI runs off the event loop."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from llm_pool import Finished, ShoalError
 from llm_pool.stream import Failed
 from memory.store import StorageError
+from service.identity import Caller
 
-from .auth import client_of, key_owner
+from .auth import user_caller
 from .context import services_of
 from .openai_api import timings, usage_dict
 from .streaming import SSE_HEADERS, Chunk, chunked, result_or_disconnect, sse
 
 router = APIRouter(tags=["sessions"])
-LOCAL_USER = "local"
-
-
-def user_of(request: Request) -> str:
-    key = request.scope.get("state", {}).get("api_key")
-    return key_owner(key) if key else LOCAL_USER
+User = Depends(user_caller)
 
 
 class SessionParams(BaseModel):
@@ -73,7 +70,7 @@ class SessionChanges(BaseModel):
 class NewMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    content: str = Field(min_length=1, max_length=200_000)
+    content: str = Field(min_length=1, description="At most --max-message-chars characters (else 413).")
     stream: bool = False
     params: SessionParams = Field(default_factory=SessionParams, description="For this message only.")
     chunk_size: int = Field(1, ge=1, le=256)
@@ -87,23 +84,23 @@ def _policy(policy: ContextPolicy | None) -> dict | None:
 
 
 @router.post("/v1/sessions", status_code=201, summary="Create a chat session")
-async def create_session(body: NewSession, request: Request) -> dict:
+def create_session(body: NewSession, request: Request, caller: Caller = User) -> dict:
     chat = services_of(request).chat
-    session = chat.create(user_of(request), title=body.title, model=body.model,
+    session = chat.create(caller.user, title=body.title, model=body.model,
                           system_prompt=body.system_prompt, params=body.params.values(),
                           context_policy=_policy(body.context_policy))
     return session.public()
 
 
 @router.get("/v1/sessions", summary="Your sessions, most recently used first")
-async def list_sessions(request: Request) -> dict:
+def list_sessions(request: Request, caller: Caller = User) -> dict:
     store = services_of(request).store
-    return {"object": "list", "data": [s.public() for s in store.list(user_of(request))]}
+    return {"object": "list", "data": [s.public() for s in store.list(caller.user)]}
 
 
 @router.get("/v1/sessions/{session_id}", summary="A session with its messages")
-async def get_session(session_id: str, request: Request) -> dict:
-    store, user = services_of(request).store, user_of(request)
+def get_session(session_id: str, request: Request, caller: Caller = User) -> dict:
+    store, user = services_of(request).store, caller.user
     session = store.get(user, session_id)
     messages = [{"role": m.role, "content": m.content, "created": m.created, **m.meta}
                 for m in store.messages(user, session_id)]
@@ -111,34 +108,33 @@ async def get_session(session_id: str, request: Request) -> dict:
 
 
 @router.patch("/v1/sessions/{session_id}", summary="Rename, or change model, prompt, parameters")
-async def change_session(session_id: str, body: SessionChanges, request: Request) -> dict:
+def change_session(session_id: str, body: SessionChanges, request: Request, caller: Caller = User) -> dict:
     chat = services_of(request).chat
     changes = {"title": body.title, "model": body.model, "system_prompt": body.system_prompt,
                "params": body.params.values() if body.params else None,
                "context_policy": _policy(body.context_policy)}
-    return chat.update(user_of(request), session_id, **changes).public()
+    return chat.update(caller.user, session_id, **changes).public()
 
 
 @router.delete("/v1/sessions/{session_id}", summary="Delete a session, its files and memory")
-async def delete_session(session_id: str, request: Request) -> dict:
-    services_of(request).chat.delete(user_of(request), session_id)
+def delete_session(session_id: str, request: Request, caller: Caller = User) -> dict:
+    services_of(request).chat.delete(caller.user, session_id)
     return {"id": session_id, "deleted": True}
 
 
 @router.delete("/v1/sessions", summary="Delete sessions unused for some days (or all)")
-async def delete_old_sessions(request: Request,
-                              older_than_days: float = Query(ge=0, le=100_000,
-                                                             description="0 deletes every session")) -> dict:
-    gone = services_of(request).chat.delete_many(user_of(request),
+def delete_old_sessions(request: Request, caller: Caller = User,
+                        older_than_days: float = Query(ge=0, le=100_000,
+                                                       description="0 deletes every session")) -> dict:
+    gone = services_of(request).chat.delete_many(caller.user,
                                                   older_than=time.time() - older_than_days * 86400 + 1e-6)
     return {"deleted": gone}
 
 
 @router.post("/v1/sessions/{session_id}/messages", summary="Send a message; get the reply (or SSE)")
-async def send_message(session_id: str, body: NewMessage, request: Request):
+async def send_message(session_id: str, body: NewMessage, request: Request, caller: Caller = User):
     services = services_of(request)
-    turn = await services.chat.send(user_of(request), session_id, body.content, client=client_of(request),
-                                    params=body.params.values())
+    turn = await services.chat.send(caller, session_id, body.content, params=body.params.values())
     if not body.stream:
         final = await result_or_disconnect(turn.handle, request)
         _raise_if_failed(await turn.saved)

@@ -30,7 +30,9 @@ def create_ui(services: Services) -> gr.Blocks:
     handlers = ChatHandlers(services, default_chat)
 
     with gr.Blocks(title="Shoal", fill_height=True) as demo:
-        browser_id = gr.BrowserState(None, storage_key="shoal-user", secret=services.session_secret)
+        # The browser keeps a server-signed id; BrowserState's own secret reaches the browser, so
+        # it is a derived value and the signature is what makes the id trustworthy.
+        browser_id = gr.BrowserState(None, storage_key="shoal-user", secret=services.browser_state_secret)
         loaded = gr.HTML("", elem_id="ui-loaded", visible="hidden")  # set once this browser's user is known
         session_id = gr.State(None)
         edit_index = gr.State(None)
@@ -121,7 +123,7 @@ def create_ui(services: Services) -> gr.Blocks:
 
         with gr.Tab("Models", id="models"):
             table = gr.HTML(model_table(services), elem_id="model-table")
-            with gr.Row():
+            with gr.Row(visible=False, elem_id="model-controls") as model_controls:  # admins only
                 pick = gr.Dropdown(all_models, value=all_models[0] if all_models else None, label="Model", scale=3)
                 load_btn = gr.Button("Load", scale=1, elem_id="load-model")
                 unload_btn = gr.Button("Unload", scale=1, elem_id="unload-model")
@@ -137,7 +139,7 @@ def create_ui(services: Services) -> gr.Blocks:
         settings = [model, system, *params, history_limit]
         view = [session_id, sessions, chatbot, title, reply_figures, *settings]
 
-        demo.load(handlers.start, [browser_id], [browser_id, *view], api_visibility="private").then(
+        demo.load(handlers.start, [browser_id], [browser_id, *view, model_controls], api_visibility="private").then(
             lambda: "loaded", None, [loaded], api_visibility="private", queue=False)
         sessions.input(handlers.open, [browser_id, sessions], view, api_visibility="private")
         new_chat.click(handlers.new, [browser_id, *settings], view, api_visibility="private")

@@ -1,7 +1,8 @@
 """Named Gradio endpoints for `gradio_client`: chat in a session, sessions, models.
 
-The user is the API key's owner, or the one local user when keys are off (the same user the REST
-API serves), so a notebook sees the sessions it made through either door.
+Owners as for the REST routes: sessions are a user's (the API key's owner; with keys off, the
+machine's owner on loopback), so a notebook sees the sessions it made through either door; loading
+and unloading models is an admin's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from llm_pool import ShoalError, TextDelta
 from llm_pool.stream import Failed
 from service import Services
 
-from .ui_common import api_user, client_id
+from .ui_common import admin_check, api_caller
 
 
 def register(services: Services) -> None:
@@ -28,35 +29,37 @@ def register(services: Services) -> None:
 
     def list_sessions(request: gr.Request) -> list[dict]:
         """Your chat sessions, most recently used first."""
-        return [s.public() for s in store.list(api_user(services, request))]
+        return [s.public() for s in store.list(api_caller(services, request).user)]
 
     def create_session(title: str = "New chat", model: str | None = None, system_prompt: str = "",
                        request: gr.Request = None) -> dict:
         """Start a session; returns it with its id."""
-        user = api_user(services, request)
+        user = api_caller(services, request).user
         return guard(lambda: chat.create(user, title=title, model=model or None,
                                          system_prompt=system_prompt).public())
 
     def rename_session(session_id: str, title: str, request: gr.Request) -> dict:
         """Give a session a new title."""
-        return guard(lambda: store.update(api_user(services, request), session_id, title=title).public())
+        user = api_caller(services, request).user
+        return guard(lambda: store.update(user, session_id, title=title).public())
 
     def delete_session(session_id: str, request: gr.Request) -> str:
         """Delete a session and everything in it."""
-        guard(lambda: chat.delete(api_user(services, request), session_id))
+        user = api_caller(services, request).user
+        guard(lambda: chat.delete(user, session_id))
         return session_id
 
     def session_messages(session_id: str, request: gr.Request) -> list[dict]:
         """A session's messages, oldest first."""
-        user = api_user(services, request)
+        user = api_caller(services, request).user
         return guard(lambda: [{"role": m.role, "content": m.content, "meta": m.meta}
                               for m in store.messages(user, session_id)])
 
     async def chat_turn(session_id: str, message: str, request: gr.Request) -> AsyncIterator[str]:
         """Send a message in a session; yields the reply as it grows (the last value is all of it)."""
-        user = api_user(services, request)
+        caller = api_caller(services, request)
         try:
-            turn = await chat.send(user, session_id, message, client=client_id(request))
+            turn = await chat.send(caller, session_id, message)
         except ShoalError as exc:
             raise gr.Error(exc.message) from None
         text = ""
@@ -77,12 +80,14 @@ def register(services: Services) -> None:
         return [{k: m[k] for k in ("name", "version", "kind", "state", "progress", "error", "resident_bytes",
                                    "pinned", "in_flight")} for m in pool.models()]
 
-    def load_model(name: str) -> dict:
-        """Load a model now (waits until it is ready)."""
+    def load_model(name: str, request: gr.Request) -> dict:
+        """Load a model now (waits until it is ready). Admins only."""
+        admin_check(services, request)
         return guard(lambda: _short(pool.load(name)))
 
-    def unload_model(name: str) -> dict:
-        """Unload a model once its requests have finished."""
+    def unload_model(name: str, request: gr.Request) -> dict:
+        """Unload a model once its requests have finished. Admins only."""
+        admin_check(services, request)
         return guard(lambda: _short(pool.unload(name)))
 
     for func, name in ((list_sessions, "list_sessions"), (create_session, "create_session"),

@@ -4,10 +4,10 @@ a browser only ever sees its own sessions."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +19,16 @@ from memory.store import Session
 from service import Services
 
 from .ui_common import (
+    admin_check,
     chat_view,
-    client_id,
     figures,
     files_table,
     model_line,
     model_table,
     params_from,
+    request_caller,
     stored_figures,
+    ui_caller,
     ui_user,
 )
 
@@ -114,11 +116,15 @@ class ChatHandlers:
 
     # ------------------------------------------------------------------ sessions
     def start(self, browser_id: str | None, request: gr.Request):
-        if not browser_id:
-            browser_id = uuid.uuid4().hex
-        user = ui_user(self.services, browser_id, request)
-        sessions = self.store.list(user)
-        return [browser_id, *self._view(user, sessions[0] if sessions else None)]
+        """A browser without a valid signed id (new, forged or altered) gets a new one: a new user.
+        The Models tab's controls are shown to admins only."""
+        identity = self.services.identity
+        if identity.browser_id(browser_id) is None:
+            browser_id = identity.new_browser_token()
+        caller = ui_caller(self.services, browser_id, request)
+        sessions = self.store.list(caller.user)
+        return [browser_id, *self._view(caller.user, sessions[0] if sessions else None),
+                gr.Row(visible=caller.admin)]
 
     def open(self, browser_id, session_id, request: gr.Request):
         user = ui_user(self.services, browser_id, request)
@@ -256,7 +262,8 @@ class ChatHandlers:
         history_limit,
         request: gr.Request,
     ):
-        user = ui_user(self.services, browser_id, request)
+        caller = ui_caller(self.services, browser_id, request)
+        user = caller.user
         text = (text or "").strip()
         if not text:
             raise gr.Error("Write a message first.")
@@ -270,18 +277,19 @@ class ChatHandlers:
                 session_id = self.chat.create(user, **values).id
         except ShoalError as exc:
             raise _error(exc) from None
-        async for update in self._run(user, session_id, text, edit_index, request):
+        async for update in self._run(caller, session_id, text, edit_index):
             yield update
 
     async def regenerate(self, browser_id, session_id, request: gr.Request):
-        user = ui_user(self.services, browser_id, request)
+        caller = ui_caller(self.services, browser_id, request)
+        user = caller.user
         if not session_id:
             raise gr.Error("Open a chat first.")
         try:
             index, text = self.chat.last_user_index(user, session_id)
         except ShoalError as exc:
             raise _error(exc) from None
-        async for update in self._run(user, session_id, text, index, request):
+        async for update in self._run(caller, session_id, text, index):
             yield update
 
     def edit_last(self, browser_id, session_id, request: gr.Request):
@@ -294,17 +302,16 @@ class ChatHandlers:
             raise _error(exc) from None
         return text, index, "Editing your last message: send to replace it and its answer."
 
-    async def _run(self, user, session_id, text, replace_from, request):
-        history = self.store.messages(user, session_id)
+    async def _run(self, caller, session_id, text, replace_from):
+        user = caller.user
+        history = await asyncio.to_thread(self.store.messages, user, session_id)
         if replace_from is not None:
             history = history[:replace_from]
         view = chat_view(history) + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         radio = self._radio(user, session_id)
         yield view, "", "", radio, session_id, None, ""
         try:
-            turn = await self.chat.send(
-                user, session_id, text, client=client_id(request), replace_from=replace_from
-            )
+            turn = await self.chat.send(caller, session_id, text, replace_from=replace_from)
         except ShoalError as exc:
             raise _error(exc) from None
         note = ""
@@ -320,8 +327,9 @@ class ChatHandlers:
         finally:
             turn.handle.cancel()
         await turn.saved
+        stored = await asyncio.to_thread(self.store.messages, user, session_id)
         yield (
-            chat_view(self.store.messages(user, session_id)),
+            chat_view(stored),
             "",
             note,
             self._radio(user, session_id),
@@ -393,7 +401,7 @@ class ChatHandlers:
                 temperature=temperature, max_new_tokens=int(max_tokens or 128)
             )
             handle = await self.services.submit(
-                model, GenerationRequest(params, prompt=text), client_id(request)
+                model, GenerationRequest(params, prompt=text), request_caller(self.services, request)
             )
         except ShoalError as exc:
             raise _error(exc) from None
@@ -413,7 +421,8 @@ class ChatHandlers:
     def model_action(self, action: str):
         pool = self.services.pool
 
-        def run(name):
+        def run(name, request: gr.Request):
+            admin_check(self.services, request)
             try:
                 getattr(pool, action)(name)
             except ShoalError as exc:

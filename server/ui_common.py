@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import html
-import re
 from typing import Any
 
 import gradio as gr
@@ -11,48 +10,51 @@ import gradio as gr
 from llm_pool import Finished, GenerationParams
 from memory.store import StoredMessage
 from service import Services
+from service.identity import Caller
 
-from .auth import COOKIE, key_is_valid, key_owner
-
-_BROWSER_ID = re.compile(r"^[0-9a-f]{32}$")
-LOCAL_USER = "local"
+from .auth import COOKIE
 
 
-def request_key(request: gr.Request | None) -> str | None:
+def request_caller(services: Services, request: gr.Request | None) -> Caller:
+    """The caller of a Gradio event, decided as for every HTTP request: a valid key (header or
+    signed cookie), else the trusted local owner, else anonymous."""
     if request is None or not request.headers:
-        return None
+        return services.identity.caller(key=None, cookie=None, host=None)
     auth = request.headers.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return request.headers.get("x-api-key") or (request.cookies or {}).get(COOKIE)
+    key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
+    host = request.client.host if request.client else None
+    return services.identity.caller(key=key or None, cookie=(request.cookies or {}).get(COOKIE), host=host)
 
 
-def ui_user(services: Services, browser_id: str | None, request: gr.Request | None) -> str:
-    """With API keys: the key's owner. Without: this browser's own id (from gr.BrowserState)."""
-    key = request_key(request)
-    if services.settings.api_keys:
-        if not key_is_valid(key, services.settings.api_keys):
-            raise gr.Error("Sign in with an API key first.")
-        return key_owner(key)
-    if browser_id and _BROWSER_ID.match(browser_id):
-        return "browser-" + browser_id
-    raise gr.Error("This browser has no user id yet; reload the page.")
+def ui_caller(services: Services, browser_token: str | None, request: gr.Request | None) -> Caller:
+    """The web UI's user: the key's owner when signed in with a key, else this browser's
+    server-signed id. A forged or altered id is refused (the page then gets a new one)."""
+    base = request_caller(services, request)
+    if services.identity.keys_required and base.how != "key":
+        raise gr.Error("Sign in with an API key first.")
+    caller = services.identity.browser_caller(base, browser_token)
+    if caller is None:
+        raise gr.Error("This browser has no valid user id; reload the page.")
+    return caller
 
 
-def api_user(services: Services, request: gr.Request | None) -> str:
-    """For gradio_client calls: the API key's owner, or the one local user when keys are off."""
-    key = request_key(request)
-    if services.settings.api_keys and key_is_valid(key, services.settings.api_keys):
-        return key_owner(key)
-    return LOCAL_USER
+def ui_user(services: Services, browser_token: str | None, request: gr.Request | None) -> str:
+    return ui_caller(services, browser_token, request).user
 
 
-def client_id(request: gr.Request | None) -> str:
-    key = request_key(request)
-    if key:
-        return key_owner(key)
-    host = request.client.host if request is not None and request.client else "unknown"
-    return "ip-" + host
+def api_caller(services: Services, request: gr.Request | None) -> Caller:
+    """For gradio_client calls about stored sessions: a user, as for the REST session routes."""
+    caller = request_caller(services, request)
+    if caller.user is None:
+        raise gr.Error(services.identity.user_refusal())
+    return caller
+
+
+def admin_check(services: Services, request: gr.Request | None) -> Caller:
+    caller = request_caller(services, request)
+    if not caller.admin:
+        raise gr.Error(services.identity.admin_refusal())
+    return caller
 
 
 def text_of(content: Any) -> str:

@@ -4,7 +4,8 @@ Client -> server (JSON text frames):
   {"type": "auth", "api_key": "..."}                    first, when keys are on (or use a header/query)
   {"type": "generate", "id": "r1", "model": "...",      start a generation; "messages" for chat,
    "messages": [...] | "prompt": "...",                 "prompt" for completion; "params" override the
-   "params": {...}, "chunk_size": 1, "stream_delay_ms": 0}   socket's defaults for this request only
+   "params": {...}, "chunk_size": 1, "stream_delay_ms": 0,   socket's defaults for this request only;
+   "cache_salt": "..."}                                 share cached prefixes only with this salt
   {"type": "cancel", "id": "r1"}                        stop that generation now
   {"type": "set_params", "params": {...}}               new defaults for the next generations (steer)
   {"type": "ping"}
@@ -29,7 +30,7 @@ from llm_pool import Finished, GenerationParams, GenerationRequest, Message
 from llm_pool.errors import AuthenticationError, InvalidParamsError, ShoalError
 from llm_pool.stream import Failed
 
-from .auth import client_of, key_from, key_is_valid
+from .auth import caller_of, peer_of
 from .openai_api import timings, usage_dict
 from .streaming import Chunk, chunked
 
@@ -51,28 +52,27 @@ class _Socket:
         self.params = GenerationParams()
         self.tasks: dict[str, asyncio.Task] = {}
         self.send_lock = asyncio.Lock()
-        self.client = client_of(ws)
+        self.caller = caller_of(ws)
 
     async def send(self, message: dict) -> None:
         async with self.send_lock:
             await self.ws.send_text(json.dumps(message, ensure_ascii=False))
 
     async def authenticate(self) -> bool:
-        keys = self.services.settings.api_keys
-        if not keys or self.ws.scope.get("state", {}).get("api_key"):
+        identity = self.services.identity
+        if not identity.keys_required or self.caller.how == "key":
             return True
         try:
             first = json.loads(await asyncio.wait_for(self.ws.receive_text(), timeout=10))
         except (TimeoutError, json.JSONDecodeError, WebSocketDisconnect):
             first = {}
         key = first.get("api_key") if isinstance(first, dict) and first.get("type") == "auth" else None
-        if not key_is_valid(key or key_from(self.ws), keys):
+        if not identity.key_is_valid(key):
             await self.send(_error(AuthenticationError("An API key is required: send "
                                                        '{"type": "auth", "api_key": "..."} first.')))
             await self.ws.close(code=4401)
             return False
-        self.ws.scope.setdefault("state", {})["api_key"] = key
-        self.client = client_of(self.ws)
+        self.caller = identity.caller(key=key, cookie=None, host=peer_of(self.ws))
         return True
 
     async def handle(self, raw: str) -> None:
@@ -116,7 +116,11 @@ class _Socket:
             request = _request(message, self.params.updated(**_params_dict(message.get("params"))))
             chunk_size = _bounded_int(message.get("chunk_size", 1), "chunk_size", 1, 256)
             delay = _bounded_int(message.get("stream_delay_ms", 0), "stream_delay_ms", 0, 10_000)
-            handle = await self.services.submit(message.get("model"), request, self.client)
+            salt = message.get("cache_salt")
+            if salt is not None and (not isinstance(salt, str) or len(salt) > 256):
+                raise InvalidParamsError("cache_salt must be a string of at most 256 characters",
+                                         param="cache_salt")
+            handle = await self.services.submit(message.get("model"), request, self.caller.with_cache_salt(salt))
         except ShoalError as exc:
             await self.send(_error(exc, ident))
             return

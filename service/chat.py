@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_pool import Finished, GenerationHandle, GenerationParams, GenerationRequest, Message
-from llm_pool.errors import InvalidParamsError, InvalidRequestError
+from llm_pool.errors import InvalidParamsError, InvalidRequestError, PayloadTooLargeError
 from memory.context import Passage, build_context
 from memory.store import Session, SessionStore, StoredMessage
 
 from .documents import DocumentsNotReadyError
+from .identity import Caller
 
 log = logging.getLogger("shoal.chat")
-MAX_MESSAGE_CHARS = 200_000
 
 
 @dataclass
@@ -93,14 +93,36 @@ class ChatService:
         return dict(policy)
 
     # ------------------------------------------------------------------ turns
-    async def send(self, user: str, session_id: str, text: str, *, client: str,
-                   params: dict | None = None, replace_from: int | None = None) -> Turn:
-        """Start a turn. `replace_from`: index of the history message the new turn replaces
-        (regenerate / edit); the reply is stored in its place."""
+    async def send(self, caller: Caller, session_id: str, text: str, *, params: dict | None = None,
+                   replace_from: int | None = None) -> Turn:
+        """Start a turn for `caller` (a user). `replace_from`: index of the history message the new
+        turn replaces (regenerate / edit); the reply is stored in its place. Reading the store,
+        counting tokens and retrieval run off the event loop."""
+        user = caller.user
+        if user is None:
+            raise InvalidRequestError("a chat session needs a user", param="session_id")
         if not isinstance(text, str) or not text.strip():
             raise InvalidParamsError("content must not be empty", param="content")
-        if len(text) > MAX_MESSAGE_CHARS:
-            raise InvalidParamsError(f"content is longer than {MAX_MESSAGE_CHARS} characters", param="content")
+        limit = self.services.settings.max_message_chars
+        if len(text) > limit:
+            raise PayloadTooLargeError(f"content has {len(text)} characters; the limit is {limit} "
+                                       "(--max-message-chars)", param="content", code="message_too_large")
+        loop = asyncio.get_running_loop()
+        session, history, model = await loop.run_in_executor(None, self._opening, user, session_id, replace_from)
+        gen_params = GenerationParams.validated(**{**session.params, **(params or {})})
+        await self._wait_for_files(user, session_id)
+        backend = await self._loaded_backend(model)
+        context = await loop.run_in_executor(None, self._context, user, session, history, text, gen_params,
+                                             backend)
+        request = GenerationRequest(gen_params, messages=context.messages, cache_key=session_id)
+        handle = await self.services.submit(model, request, caller)
+        turn = Turn(handle, session, text, context.passages, context.history_dropped)
+        turn.saved = loop.create_future()
+        turn_index = len(history)
+        handle.on_done(lambda h: self._save(user, turn, replace_from, loop, turn_index))
+        return turn
+
+    def _opening(self, user: str, session_id: str, replace_from: int | None):
         session = self.store.get(user, session_id)
         model = session.model or self.services.pool.default_model
         if self.services.pool.spec(model).kind != "chat":
@@ -109,9 +131,10 @@ class ChatService:
         history = self.store.messages(user, session_id)
         if replace_from is not None:
             history = history[:replace_from]
-        gen_params = GenerationParams.validated(**{**session.params, **(params or {})})
-        await self._wait_for_files(user, session_id)
-        backend = await self._loaded_backend(model)
+        return session, history, model
+
+    def _context(self, user: str, session: Session, history: list[StoredMessage], text: str,
+                 gen_params: GenerationParams, backend):
         reply_room = gen_params.max_new_tokens or min(512, backend.context_length // 4)
         messages = [Message(m.role, m.content) for m in history]
 
@@ -123,27 +146,20 @@ class ChatService:
 
         context = build(())
         if self.documents:  # turns still in the window need no recalling
-            passages = await asyncio.get_running_loop().run_in_executor(
-                None, lambda: self.documents.retrieve(user, session_id, text,
-                                                      exclude_turns_from=len(messages) - context.history_used))
+            passages = self.documents.retrieve(user, session.id, text,
+                                               exclude_turns_from=len(messages) - context.history_used)
             if passages:
                 context = build(passages)
-        request = GenerationRequest(gen_params, messages=context.messages, cache_key=session_id)
-        handle = await self.services.submit(model, request, client)
-        turn = Turn(handle, session, text, context.passages, context.history_dropped)
-        loop = asyncio.get_running_loop()
-        turn.saved = loop.create_future()
-        turn_index = len(history)
-        handle.on_done(lambda h: self._save(user, turn, replace_from, loop, turn_index))
-        return turn
+        return context
 
     async def _wait_for_files(self, user: str, session_id: str) -> None:
         """Files still being read would make an answer from nothing: wait a little, then say so."""
         if not self.documents:
             return
         deadline = time.monotonic() + self.wait_for_files
+        loop = asyncio.get_running_loop()
         while True:
-            pending = self.documents.pending(user, session_id)
+            pending = await loop.run_in_executor(None, self.documents.pending, user, session_id)
             if not pending:
                 return
             if time.monotonic() >= deadline:

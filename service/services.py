@@ -7,6 +7,7 @@ alike.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -19,12 +20,15 @@ import torch
 
 from llm_pool import Catalog, EngineConfig, GenerationHandle, GenerationRequest, ModelPool, ShoalError
 from llm_pool.backends import BackendContext
+from llm_pool.errors import PayloadTooLargeError
+from llm_pool.policy import SourcePolicy
 from memory.embeddings import Embedder
 from memory.store import SessionStore
 from parsing import ParseLimits
 
 from .chat import ChatService
 from .documents import DocumentService
+from .identity import Caller, Identity
 from .limits import RateLimiter
 from .metrics import Metrics
 from .settings import Settings, parse_size
@@ -42,18 +46,33 @@ class Services:
     metrics: Metrics | None = None
     documents: DocumentService | None = None
     chat: ChatService | None = None
-    session_secret: str = ""
+    session_secret: str = ""  # never leaves the server (signs browser ids and login cookies)
+    identity: Identity | None = None
     draining: bool = False  # set on SIGTERM: new requests get 503 while in-flight ones finish
 
     def __post_init__(self) -> None:
+        if self.identity is None:
+            self.identity = Identity(api_keys=self.settings.api_keys, admin_keys=self.settings.admin_keys,
+                                     secret=self.session_secret or secrets.token_hex(32),
+                                     trust_loopback=self.settings.loopback_trusted)
         if self.metrics is None:
             self.metrics = Metrics(self.pool)
         if self.chat is None:
             self.chat = ChatService(self.store, self, self.documents)
 
-    async def submit(self, model: str | None, request: GenerationRequest, client: str) -> GenerationHandle:
-        """Start a generation for `client`: rate limits, on-demand load, the model's queue."""
+    @property
+    def browser_state_secret(self) -> str:
+        """For gr.BrowserState, which sends its secret to the browser: derived, so it tells nothing
+        about `session_secret`. The browser id inside is signed with the real secret."""
+        return hashlib.sha256(b"shoal-browser-state:" + self.session_secret.encode()).hexdigest()
+
+    async def submit(self, model: str | None, request: GenerationRequest, caller: Caller) -> GenerationHandle:
+        """Start a generation for `caller`: rate limits, on-demand load, the model's queue. Its
+        cached prefixes are shared only within the caller's cache scope."""
+        client = caller.rate_key
+        request.cache_scope = caller.cache_scope
         try:
+            self._check_size(request)
             self.limiter.admit(client)
             handle = await self.pool.asubmit(model, request)
         except ShoalError as exc:
@@ -61,6 +80,15 @@ class Services:
             raise
         handle.on_done(lambda h: self._finished(h, client))
         return handle
+
+    def _check_size(self, request: GenerationRequest) -> None:
+        limit = self.settings.max_message_chars
+        texts = [("prompt", request.prompt or "")] + [
+            (f"messages.{i}.content", m.content) for i, m in enumerate(request.messages or ())]
+        for param, text in texts:
+            if len(text) > limit:
+                raise PayloadTooLargeError(f"{param} has {len(text)} characters; the limit is {limit} "
+                                           "(--max-message-chars)", param=param, code="message_too_large")
 
     def _finished(self, handle: GenerationHandle, client: str) -> None:
         self.metrics.observe(handle)
@@ -113,7 +141,10 @@ def build_services(settings: Settings, pool: ModelPool | None = None, embedder: 
                      if settings.device != "cpu" and torch.cuda.is_available() else None)
         engine = EngineConfig(max_batch_size=settings.max_batch_size, queue_size=settings.queue_size,
                               queue_timeout=settings.queue_timeout, kv_cache_bytes=settings.kv_cache_bytes())
-        context = BackendContext(cache_dir=settings.models_dir, device=settings.device, engine=engine)
+        policy = SourcePolicy.for_catalog(catalog.builtin, settings.model_roots, settings.models_dir,
+                                          settings.allow_private_remotes)
+        context = BackendContext(cache_dir=settings.models_dir, device=settings.device, engine=engine,
+                                 policy=policy)
         pool = ModelPool(catalog, context, settings.memory_budget_bytes(gpu_total),
                          default_model=settings.default_model, load_timeout=settings.load_timeout)
     limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)

@@ -7,12 +7,14 @@ environment: the composition root (`app.py`) builds a `Settings` once and passes
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+from typing import Annotated
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+from pydantic_settings import BaseSettings, CliApp, NoDecode, SettingsConfigDict
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,13 +60,34 @@ class Settings(BaseSettings):
         "caches, e.g. 6GB; 'auto' = half the machine's memory (90% of VRAM on a GPU).")
     default_model: str | None = Field(
         None, description="Model used when a request names none (default: the catalog's first).")
-    preload: list[str] | None = Field(
+    preload: Annotated[list[str] | None, NoDecode] = Field(
         None, description="Models to load at start-up (default: the default model). Use "
         "--preload '[]' to load nothing until asked.")
     device: str = Field("auto", description="auto, cpu or cuda[:N]; overrides 'auto' in the catalog.")
-    api_keys: list[str] = Field(
-        default_factory=list, description="API keys; when set, every route but /health* needs one. Env: a JSON list "
-        "or comma-separated.")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="API keys; when set, every route but /health, /health/ready and "
+        "/login needs one. Comma-separated (or a JSON list).")
+    admin_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Admin keys: register, load, unload, pin, swap and roll back models. "
+        "They are API keys too. Without any, admin actions are allowed only from loopback (see "
+        "--trust-loopback). Comma-separated (or a JSON list).")
+    trust_loopback: bool = Field(
+        True, description="With no admin keys, treat clients on 127.0.0.1/::1 as the machine's owner (admin "
+        "actions; with no API keys, the REST sessions too). Turned off on a Space and with --share, whose "
+        "tunnel connects from loopback; turn it off behind a reverse proxy on this machine.")
+    forwarded_allow_ips: str = Field(
+        "", description="Proxies whose X-Forwarded-For is believed for the client address (uvicorn's "
+        "setting; '*' for any). Empty: the TCP peer is the client.")
+    model_roots: Annotated[list[Path] | None, NoDecode] = Field(
+        None, description="Folders that models registered through the API may be read from (gguf and local "
+        "sources). Default: the model cache and the installed model packages. Comma-separated.")
+    allow_private_remotes: bool = Field(
+        False, description="Let remote models registered through the API point at loopback, link-local or "
+        "cloud-metadata addresses (refused by default).")
+    max_request_mb: float = Field(
+        4.0, gt=0, description="Largest request body outside file uploads, in MB (larger: 413 at once).")
+    max_message_chars: int = Field(
+        200_000, ge=1, description="Longest content of one chat message or prompt, in characters (413).")
     session_secret: str | None = Field(
         None, description="Secret that signs the browser's user id (default: generated once and "
         "kept in DATA_DIR).")
@@ -76,18 +99,26 @@ class Settings(BaseSettings):
     kv_cache_budget: str = Field("512MiB", description="KV-cache bytes per loaded model (counted in the budget).")
     rate_limit_rpm: float = Field(0, ge=0, description="Requests per minute per client (0 = off).")
     rate_limit_tpm: float = Field(0, ge=0, description="Generated tokens per minute per client (0 = off).")
-    cors_origins: list[str] = Field(default_factory=list, description="Origins allowed by CORS (off when empty).")
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Origins allowed by CORS (off when empty).")
     max_upload_mb: float = Field(25.0, gt=0, description="Largest file a user may upload, in MB.")
     parse_timeout: float = Field(60.0, gt=0, description="Seconds one file may take to parse before it is stopped.")
     parse_memory: str = Field("2GiB", description="Memory one file's parser may use before it is stopped.")
     share: bool = Field(False, description="Ask Gradio for a public share link.")
     drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds in-flight requests get to finish.")
 
-    @field_validator("api_keys", "cors_origins", "preload", mode="before")
+    @field_validator("api_keys", "admin_keys", "cors_origins", "preload", "model_roots", mode="before")
     @classmethod
     def _split_commas(cls, value):
-        if isinstance(value, str) and not value.strip().startswith("["):
-            return [item.strip() for item in value.split(",") if item.strip()]
+        """Env values and flags arrive as text: 'k1,k2' or a JSON list."""
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError:
+                    raise ValueError("not a JSON list; use comma-separated values or [\"a\", \"b\"]") from None
+            return [item.strip() for item in text.split(",") if item.strip()]
         return value
 
     @field_validator("memory_budget", "kv_cache_budget")
@@ -111,6 +142,10 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.model_cache_dir or self.data_dir / "models"
+
+    @property
+    def loopback_trusted(self) -> bool:
+        return self.trust_loopback and not self.share
 
     def memory_budget_bytes(self, gpu_total: int | None = None) -> int:
         if self.memory_budget != "auto":

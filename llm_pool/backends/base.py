@@ -10,6 +10,7 @@ from typing import Any
 
 from ..catalog import ModelSpec
 from ..engine import EngineConfig
+from ..policy import SourcePolicy
 from ..stream import GenerationHandle, GenerationRequest
 
 Progress = Callable[[float, str], None]
@@ -20,6 +21,7 @@ class BackendContext:
     cache_dir: Path
     device: str = "auto"  # overrides specs that say "auto"
     engine: EngineConfig = field(default_factory=EngineConfig)
+    policy: SourcePolicy | None = None  # checks specs that came from callers; None trusts every spec
 
 
 class Backend(ABC):

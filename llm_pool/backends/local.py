@@ -76,7 +76,7 @@ class LocalBackend(Backend):
     def prepare(self, progress: Progress) -> None:
         if self.spec.quantization:
             quantization_config(self.spec.quantization, self._device, self._dtype)  # fail early
-        self._prepared = prepare(self.spec, self.context.cache_dir, progress)
+        self._prepared = prepare(self.spec, self.context.cache_dir, progress, self.context.policy)
 
     def estimate_bytes(self) -> int:
         params = self._prepared.parameters if self._prepared else None
@@ -101,8 +101,10 @@ class LocalBackend(Backend):
             model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
             if not self.spec.quantization:
                 model = model.to(self._device)
-        except Exception as exc:
-            raise ModelLoadError(f"model '{self.spec.key}': loading weights failed: {exc}") from exc
+        except Exception as exc:  # the message may quote the files: only the server log gets it
+            log.warning("model %s: loading weights failed: %s", self.spec.key, exc)
+            raise ModelLoadError(f"model '{self.spec.key}': loading weights failed ({type(exc).__name__}; "
+                                 "details in the server log)") from exc
         model.eval()
         if self.spec.chat_template:
             tokenizer.chat_template = self.spec.chat_template

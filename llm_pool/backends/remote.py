@@ -77,6 +77,10 @@ class RemoteBackend(Backend):
 
     # ------------------------------------------------------------------ lifecycle
     def prepare(self, progress: Progress) -> None:
+        policy = self.context.policy
+        if policy is not None and not policy.is_trusted(self.spec):  # DNS may have changed since registering
+            for url in (self.spec.location, *self.spec.replicas):
+                policy.check_url(url, "location", ModelLoadError)
         progress(0.2, "contacting replicas")
         results = [self._check_sync(replica) for replica in self.replicas]
         if not any(results):

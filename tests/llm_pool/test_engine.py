@@ -74,14 +74,18 @@ def test_cancelling_one_request_leaves_the_others_streaming(pool):
 
 def test_next_turn_reuses_the_prefix_cache_and_answers_the_same(pool):
     engine = engine_of(pool)
-    first = pool.submit(CHAT_MODEL, request(QUESTIONS[0])).result(60)
+    opening = request(QUESTIONS[0])
+    opening.cache_scope = "user-a"
+    first = pool.submit(CHAT_MODEL, opening).result(60)
     turn = [Message("user", QUESTIONS[0]), Message("assistant", first.text),
             Message("user", "And what is the capital of Germany?")]
     params = GenerationParams.validated(temperature=0, max_new_tokens=24)
-    cached = pool.submit(CHAT_MODEL, GenerationRequest(params, messages=turn)).result(60)
+    cached = pool.submit(CHAT_MODEL, GenerationRequest(params, messages=turn, cache_scope="user-a")).result(60)
     assert cached.usage.cached_tokens >= 30  # the first turn's prompt was not recomputed
+    other = pool.submit(CHAT_MODEL, GenerationRequest(params, messages=turn, cache_scope="user-b")).result(60)
+    assert other.usage.cached_tokens == 0  # another user's prefix is never reused
     engine.prefix_cache.clear()
-    fresh = pool.submit(CHAT_MODEL, GenerationRequest(params, messages=turn)).result(60)
+    fresh = pool.submit(CHAT_MODEL, GenerationRequest(params, messages=turn, cache_scope="user-a")).result(60)
     assert fresh.usage.cached_tokens == 0
     assert cached.text == fresh.text
 

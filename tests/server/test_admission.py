@@ -79,14 +79,16 @@ def test_keys_are_accepted_in_the_usual_places(keyed_server):
     url = f"{keyed_server.url}/v1/models"
     assert httpx.get(url, headers={"Authorization": "Bearer sk-test-1"}).status_code == 200
     assert httpx.get(url, headers={"x-api-key": "sk-test-1"}).status_code == 200
-    assert httpx.get(url, params={"api_key": "sk-test-1"}).status_code == 200
+    in_url = httpx.get(url, params={"api_key": "sk-test-1"})  # URLs are logged: refused, and it says so
+    assert in_url.status_code == 401 and "URL" in in_url.json()["error"]["message"]
     assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert httpx.get(f"{keyed_server.url}/health").status_code == 200
     assert httpx.get(f"{keyed_server.url}/health/ready").status_code == 200
     page = httpx.get(keyed_server.url, headers={"accept": "text/html"})
     assert page.status_code == 303 and page.headers["location"] == "/login"
     login = httpx.post(f"{keyed_server.url}/login", data={"api_key": "sk-test-1"})
-    assert login.status_code == 303 and "shoal_key" in login.cookies
+    assert login.status_code == 303 and "shoal_session" in login.cookies
+    assert "sk-test-1" not in login.headers["set-cookie"]  # the cookie names the key's owner, signed
     assert httpx.get(keyed_server.url, cookies=login.cookies).status_code == 200
 
 

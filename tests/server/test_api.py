@@ -211,20 +211,25 @@ def test_chat_with_a_completion_model_is_a_clear_400(live_server):
     assert response.status_code == 400 and "completion model" in response.json()["error"]["message"]
 
 
-def test_model_that_fails_to_load_is_a_503_with_the_reason(live_server, tmp_path):
+def test_model_that_fails_to_load_is_a_503_with_the_reason(live_server):
+    inside_roots = live_server_models_dir(live_server) / "nothing-here"  # registrations read only there
     register = httpx.post(f"{live_server.url}/v1/models", json={
-        "name": "ghost", "version": "1", "source": "local", "location": str(tmp_path / "nothing-here")})
+        "name": "ghost", "version": "1", "source": "local", "location": str(inside_roots)})
     assert register.status_code == 201 and register.json()["state"] == "unloaded"
     response = httpx.post(f"{live_server.url}/v1/completions", json={"model": "ghost", "prompt": "hi"}, timeout=60)
     assert response.status_code == 503 and "config.json" in response.json()["error"]["message"]
     status = httpx.get(f"{live_server.url}/v1/models/ghost").json()
     assert status["state"] == "failed" and "config.json" in status["error"]
     duplicate = httpx.post(f"{live_server.url}/v1/models", json={
-        "name": "ghost", "version": "1", "source": "local", "location": "/x"})
+        "name": "ghost", "version": "1", "source": "local", "location": str(inside_roots)})
     assert duplicate.status_code == 409
     bad_source = httpx.post(f"{live_server.url}/v1/models", json={
         "name": "ghost", "version": "2", "source": "ftp", "location": "/x"})
     assert bad_source.status_code == 422 and "source" in bad_source.json()["error"]["message"]
+
+
+def live_server_models_dir(server):
+    return server.server.config.app.state.services.settings.models_dir
 
 
 @pytest.mark.parametrize("body, field", [
