@@ -204,6 +204,10 @@ class Catalog:
         os.chmod(tmp, 0o600)
         os.replace(tmp, self._registry_path)
 
+    @property
+    def registry_path(self) -> Path | None:
+        return self._registry_path
+
     def names(self) -> list[str]:
         with self._lock:
             return list(self._specs)
