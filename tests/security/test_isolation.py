@@ -1,0 +1,52 @@
+"""Nothing one user sends can be inferred by another through the shared prefix cache: reuse is
+scoped to the user (or an explicit cache_salt group), so `cached_tokens` and the time to first
+token say nothing about anyone else's prompts."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+
+from tests.security.conftest import ADMIN, ALICE, BOB, bearer
+
+STORY = "Please remember it and then tell me a very short story about a fish who lives in a lake."
+
+
+def cached(server, text: str, headers: dict | None = None, **extra) -> int:
+    response = httpx.post(f"{server.url}/v1/chat/completions", headers=headers or {}, timeout=120, json={
+        "messages": [{"role": "user", "content": text}], "max_tokens": 4, "temperature": 0, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+
+def test_another_users_probes_get_nothing_from_the_cache(keyed_server_2):
+    """The finding, replayed: after one user sent a PIN, another user's probes of its digits got
+    cached_tokens 29 / 33 / 31, leaking the digits one by one."""
+    tag = uuid.uuid4().hex[:6]  # a prompt no earlier test sent
+    secret = f"[{tag}] My bank PIN is 4921. {STORY}"
+    cached(keyed_server_2, secret, bearer(ALICE))
+    # Each guess as another user's first look (later guesses of one user reuse that user's own
+    # earlier probes, which tells them only what they sent themselves).
+    probes = [cached(keyed_server_2, f"[{tag}] My bank PIN is {guess}. {STORY}", bearer(key))
+              for guess, key in (("4921", BOB), ("1111", ADMIN))]
+    assert probes == [0, 0]
+    assert cached(keyed_server_2, secret, bearer(ALICE)) > 20  # the owner's own next request still reuses it
+
+
+def test_anonymous_callers_share_nothing_unless_they_agree_on_a_salt(public_server):
+    tag = uuid.uuid4().hex[:6]
+    text = f"[{tag}] My bank PIN is 4921. {STORY}"
+    assert cached(public_server, text) == 0
+    assert cached(public_server, text) == 0  # strangers with keys off are never the same user
+    salt = uuid.uuid4().hex
+    assert cached(public_server, text, cache_salt=salt) == 0
+    assert cached(public_server, text, cache_salt=salt) > 20  # an explicit shared salt is a shared cache
+    assert cached(public_server, text, cache_salt=salt + "x") == 0
+
+
+def test_key_holders_do_not_share_a_cache_with_strangers_either(keyed_server_2):
+    tag = uuid.uuid4().hex[:6]
+    text = f"[{tag}] Our launch code is 7-7-3. {STORY}"
+    cached(keyed_server_2, text, bearer(ALICE))
+    assert cached(keyed_server_2, text, bearer(BOB), cache_salt="guess") == 0
