@@ -43,9 +43,11 @@ class RowSampler:
             picked = logits[self._seen]
             penalty = params.repetition_penalty
             logits[self._seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
-        if params.greedy:
+        if params.greedy or params.temperature < 1e-4:  # float32 cannot divide by less: it is the argmax
             return int(torch.argmax(logits))
-        logits = logits / params.temperature
+        # shifted so the best logit is 0 before dividing: a tiny temperature makes the others -inf
+        # (the argmax), never inf - inf = nan (which failed every row sharing the batch)
+        logits = (logits.float() - logits.max()) / params.temperature
         if params.top_k and params.top_k < logits.numel():
             kth = torch.topk(logits, params.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))

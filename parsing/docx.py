@@ -64,7 +64,7 @@ def parse_docx(filename: str, data: bytes) -> Document:
     try:
         document = docx.Document(io.BytesIO(data))
     except Exception as exc:
-        raise ParseError(f"the .docx file is damaged ({type(exc).__name__}: {str(exc)[:200]})") from None
+        raise ParseError(f"the .docx file is damaged ({type(exc).__name__})") from None
     sections: list[Section] = []
     heading, lines = None, []
 
