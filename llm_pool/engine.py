@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from . import faults
 from .detok import TextAssembler
 from .errors import (
     ContextOverflowError,
@@ -65,6 +66,8 @@ class _Job:
     cached: int = 0  # prompt tokens served from the prefix cache
     unreported: list[int] = field(default_factory=list)  # tokens not yet covered by a TextDelta
     unreported_logprobs: list[float] = field(default_factory=list)
+    holds_slot: bool = False  # admitted: counted in the engine's _active until released
+    finished: bool = False  # its handle got its last event from the engine
 
     @property
     def remaining(self) -> int:
@@ -94,7 +97,8 @@ class BatchEngine:
         self._cond = threading.Condition()
         self._waiting: deque[_Job] = deque()
         self._rows: list[_Job] = []
-        self._active = 0  # jobs taken from the queue and not finished (prefilling or in the batch)
+        self._active = 0  # jobs holding a slot: taken from the queue and not finished
+        self._owned: dict[int, _Job] = {}  # those jobs: whatever happens, each one is finished or failed
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # [batch, seq] 1 = real token, 0 = padding
         self._stopping = False
@@ -110,8 +114,10 @@ class BatchEngine:
     # ---------------------------------------------------------------- public API (any thread)
     @property
     def max_request_tokens(self) -> int:
-        """Longest prompt + new tokens one request may have: the context or the KV budget."""
-        return min(self.context_length, self.batch_kv_bytes // self.bytes_per_token)
+        """Longest prompt + new tokens one request may have: the context, or what the KV budget
+        holds for one request alone (with the one spare position the batch buffers reserve), so
+        every request admitted to the queue can run."""
+        return min(self.context_length, self.batch_kv_bytes // self.bytes_per_token - 1)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"engine-{self.name}", daemon=True)
@@ -125,10 +131,13 @@ class BatchEngine:
         if self._thread:
             self._thread.join(timeout)
         with self._cond:
-            left = list(self._waiting) + list(self._rows)
+            left = list(self._waiting) + list(self._owned.values())
             self._waiting.clear()
         for job in left:
-            job.handle.fail(ServiceUnavailableError(f"model '{self.name}' was unloaded"))
+            self._end(job, failure=ServiceUnavailableError(f"model '{self.name}' was unloaded"))
+        if self._thread and self._thread.is_alive():  # a step still runs: it frees its buffers on exit
+            log.warning("engine %s: still busy %.0f s after stop; its buffers go when it ends", self.name, timeout)
+            return
         self._cache = self._mask = None
         self.prefix_cache.clear()
 
@@ -169,8 +178,8 @@ class BatchEngine:
                 while not self._rows and not self._waiting and not self._stopping:
                     self._cond.wait()
                 if self._stopping and not self._rows and not self._waiting:
+                    self._cache = self._mask = None
                     return
-            admitted: list[_Job] = []
             try:
                 with torch.inference_mode():
                     self._drop_cancelled()
@@ -184,15 +193,17 @@ class BatchEngine:
                             self._cond.wait(0.05)
             except Exception as exc:  # a failed forward must not kill the engine, nor hang a client
                 log.exception("engine %s: generation failed", self.name)
-                self._fail_all(GenerationError(f"generation failed in model '{self.name}': {exc}"), admitted)
+                self._fail_all(GenerationError(f"generation failed in model '{self.name}': {exc}"))
 
-    def _fail_all(self, error: ShoalError, admitted: list[_Job]) -> None:
+    def _fail_all(self, error: ShoalError) -> None:
+        """After an error anywhere in a step: every job the engine holds ends with the error
+        (each slot released once), the batch starts empty, the queue goes on."""
         with self._cond:
-            rows, self._rows = self._rows, []
+            self._rows = []
+            jobs = list(self._owned.values())
         self._cache = self._mask = None
-        for job in {id(j): j for j in rows + admitted}.values():
-            self._release_slot()
-            job.handle.fail(error)
+        for job in jobs:
+            self._end(job, failure=error)
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
@@ -210,7 +221,7 @@ class BatchEngine:
             if job.handle.cancelled:
                 self._finish(job, "cancelled")
             else:
-                job.handle.fail(QueueTimeoutError(self.name, now - job.submitted))
+                self._end(job, failure=QueueTimeoutError(self.name, now - job.submitted))
         gone = [i for i, job in enumerate(self._rows) if job.handle.cancelled]
         self._remove_rows(gone, dict.fromkeys(gone, "cancelled"))
 
@@ -222,7 +233,10 @@ class BatchEngine:
                 job = self._waiting[0]
                 if not self._fits(admitted + [job]):
                     break
-                admitted.append(self._waiting.popleft())
+                job = self._waiting.popleft()
+                job.holds_slot = True
+                self._owned[id(job)] = job
+                admitted.append(job)
             self._active += len(admitted)
         return admitted
 
@@ -253,6 +267,7 @@ class BatchEngine:
             self._prefill_group(fresh, None, 0)
 
     def _prefill_group(self, jobs: list[_Job], past: KV | None, past_len: int) -> None:
+        faults.check("engine.prefill")
         self.stats["prefills"] += 1
         suffixes = [job.prompt_ids[past_len:] for job in jobs]
         width = max(len(s) for s in suffixes)
@@ -287,6 +302,7 @@ class BatchEngine:
 
     # ---------------------------------------------------------------- decode
     def _step(self) -> None:
+        faults.check("engine.step")
         rows = self._rows
         ids = torch.tensor([[job.next_token] for job in rows], device=self.device)
         positions = torch.tensor([[job.position] for job in rows], device=self.device)
@@ -330,16 +346,29 @@ class BatchEngine:
         job.handle.push(TextDelta(text, tuple(job.unreported), tuple(job.unreported_logprobs)))
         job.unreported, job.unreported_logprobs = [], []
 
-    def _release_slot(self) -> None:
+    def _end(self, job: _Job, failure: ShoalError | None = None) -> bool:
+        """Mark a job done once: release its slot, forget it. False if it was already done."""
         with self._cond:
-            self._active -= 1
+            if job.finished:
+                return False
+            job.finished = True
+            self._owned.pop(id(job), None)
+            if job.holds_slot:
+                job.holds_slot = False
+                self._active -= 1
+        if failure is not None:
+            job.handle.fail(failure)
+        return True
 
     def _finish(self, job: _Job, reason: str) -> None:
-        if job.started:
-            self._release_slot()
-        tail = job.assembler.flush()
-        if tail:
-            self._emit(job, tail)
+        if not self._end(job):
+            return
+        try:
+            tail = job.assembler.flush()
+            if tail:
+                self._emit(job, tail)
+        except Exception:  # the text so far still ends the stream
+            log.exception("engine %s: flushing the last text failed", self.name)
         now = time.monotonic()
         handle = job.handle
         ttft = handle.first_token_at - handle.created if handle.first_token_at else None
@@ -381,16 +410,18 @@ class BatchEngine:
             self._remember_prefix(i)
         gone = set(indices)
         keep = [i for i in range(len(self._rows)) if i not in gone]
-        with self._cond:
-            self._rows = [self._rows[i] for i in keep]
-        if keep:
+        rows = [self._rows[i] for i in keep]
+        faults.check("engine.remove_rows")
+        cache = mask = None
+        if keep:  # built before anything changes: if this fails, _fail_all ends every job
             mask = self._mask[keep]
             first = int((mask.sum(0) > 0).nonzero()[0])  # drop columns of padding in every row
-            self._mask = mask[:, first:]
-            self._cache = _cache_from([(k[keep, :, first:], v[keep, :, first:]) for k, v in _layers(self._cache)],
-                                      self._capacity(self._mask.shape[1], self._rows))
-        else:
-            self._cache = self._mask = None
+            mask = mask[:, first:]
+            cache = _cache_from([(k[keep, :, first:], v[keep, :, first:]) for k, v in _layers(self._cache)],
+                                self._capacity(mask.shape[1], rows))
+        with self._cond:
+            self._rows = rows
+        self._cache, self._mask = cache, mask
         for index, job in zip(indices, leaving):
             self._finish(job, reasons[index])
 

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import faults
 from .backends import Backend, BackendContext, create_backend
 from .catalog import Catalog, ModelSpec
 from .errors import ConflictError, InsufficientMemoryError, ModelLoadError, ShoalError
@@ -219,6 +220,7 @@ class ModelPool:
             backend.prepare(progress)
             self._make_room(entry, backend.estimate_bytes(), time.monotonic() + memory_wait)
             backend.load(progress)
+            faults.check("pool.load")
         except Exception as exc:
             error = exc if isinstance(exc, ShoalError) else ModelLoadError(
                 f"model '{entry.spec.key}' failed to load: {exc}")

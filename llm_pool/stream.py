@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -21,6 +22,7 @@ from .errors import ShoalError
 from .params import GenerationParams
 
 _ids = itertools.count(1)
+log = logging.getLogger("shoal.stream")
 
 
 @dataclass(frozen=True)
@@ -134,7 +136,7 @@ class GenerationHandle:
             except RuntimeError:  # the consumer's loop is closed; nobody is listening
                 pass
         for callback in callbacks:
-            callback(self)
+            _run_callback(callback, self)
 
     def fail(self, error: ShoalError) -> None:
         self.push(Failed(error))
@@ -157,7 +159,7 @@ class GenerationHandle:
             if not self._done:
                 self._on_done.append(callback)
                 return
-        callback(self)
+        _run_callback(callback, self)
 
     # consumer side ---------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -218,3 +220,12 @@ class GenerationHandle:
                 final = event
         assert final is not None
         return final
+
+
+def _run_callback(callback: Callable[[GenerationHandle], None], handle: GenerationHandle) -> None:
+    """A raising callback is logged; it never reaches the producer (an engine step of every
+    other request). Callbacks must be quick: slow work belongs in a thread of their own."""
+    try:
+        callback(handle)
+    except Exception:
+        log.exception("a completion callback of %s failed", handle.id)

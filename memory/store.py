@@ -19,6 +19,7 @@ from typing import Any
 
 import diskcache
 
+from llm_pool import faults
 from llm_pool.errors import InvalidParamsError, NotFoundError, ServiceUnavailableError
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -95,7 +96,10 @@ class SessionStore:
     def _write(self, func):
         try:
             with self._db.transact():
+                faults.check("store.write")
                 return func()
+        except faults.InjectedFault as exc:
+            raise StorageError(f"could not save ({exc}); nothing was changed", retry_after=5.0) from exc
         except sqlite3.OperationalError as exc:
             raise StorageError(f"could not save: {exc}; nothing was changed", retry_after=5.0) from exc
         except OSError as exc:

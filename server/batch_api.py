@@ -23,6 +23,13 @@ router = APIRouter(tags=["batch"])
 MAX_ITEMS = 256
 
 
+class ClientGoneError(ShoalError):
+    """Nobody reads this answer: the client left and its batch was stopped."""
+
+    status = 499
+    type = "client_closed_request"
+
+
 class BatchParams(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=32768)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -87,10 +94,21 @@ async def batch(body: BatchRequest, request: Request) -> dict:
                     "finish_reason": final.reason, "usage": usage_dict(final), "timings": timings(final)}
 
     tasks = [asyncio.create_task(run(i, item)) for i, item in enumerate(body.items)]
+    everything = asyncio.gather(*tasks)
+
+    async def watch() -> None:  # a client that leaves stops its batch: queued and running items
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        everything.cancel()
+
+    watcher = asyncio.create_task(watch())
     try:
-        results = await asyncio.gather(*tasks)
+        results = await everything
+    except asyncio.CancelledError:
+        raise ClientGoneError("the client disconnected; the batch was stopped") from None
     finally:
-        for task in tasks:  # the client left: stop what is still running
+        watcher.cancel()
+        for task in tasks:
             task.cancel()
     return {"object": "batch", "results": results,
             "succeeded": sum(1 for r in results if r["ok"]), "failed": sum(1 for r in results if not r["ok"])}

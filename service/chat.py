@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ class ChatService:
         self.services = services
         self.documents = documents  # DocumentService: files and memory of earlier turns
         self.wait_for_files = wait_for_files
+        self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-save")  # in order
 
     def delete(self, user: str, session_id: str) -> None:
         """Delete a session with its files and memory."""
@@ -119,7 +121,8 @@ class ChatService:
         turn = Turn(handle, session, text, context.passages, context.history_dropped)
         turn.saved = loop.create_future()
         turn_index = len(history)
-        handle.on_done(lambda h: self._save(user, turn, replace_from, loop, turn_index))
+        # stored in a thread of its own: an fsync'd transaction must not stall the engine's step
+        handle.on_done(lambda h: self._saver.submit(self._save, user, turn, replace_from, loop, turn_index))
         return turn
 
     def _opening(self, user: str, session_id: str, replace_from: int | None):
@@ -167,28 +170,33 @@ class ChatService:
             await asyncio.sleep(0.25)
 
     def _save(self, user: str, turn: Turn, replace_from: int | None, loop, turn_index: int) -> None:
-        final = turn.handle.final
+        """Store the turn (user message and reply in one transaction); always resolve `turn.saved`
+        with the stored session, None (nothing to store) or the exception."""
         result: Any = None
-        if isinstance(final, Finished) and (final.text or final.reason != "cancelled"):
-            meta = {"model": final.model, "finish_reason": final.reason,
-                    "usage": {"prompt_tokens": final.usage.prompt_tokens,
-                              "completion_tokens": final.usage.completion_tokens,
-                              "cached_tokens": final.usage.cached_tokens},
-                    "timings": {"ttft_s": final.ttft, "duration_s": final.duration,
-                                "tokens_per_second": final.tokens_per_second},
-                    "sources": [p.citation() for p in turn.passages]}
-            now = time.time()
-            try:
+        try:
+            final = turn.handle.final
+            if isinstance(final, Finished) and (final.text or final.reason != "cancelled"):
+                meta = {"model": final.model, "finish_reason": final.reason,
+                        "usage": {"prompt_tokens": final.usage.prompt_tokens,
+                                  "completion_tokens": final.usage.completion_tokens,
+                                  "cached_tokens": final.usage.cached_tokens},
+                        "timings": {"ttft_s": final.ttft, "duration_s": final.duration,
+                                    "tokens_per_second": final.tokens_per_second},
+                        "sources": [p.citation() for p in turn.passages]}
+                now = time.time()
                 result = self.store.append(user, turn.session.id, [
                     StoredMessage("user", turn.user_text, now),
                     StoredMessage("assistant", final.text, now, meta)], truncate_to=replace_from)
-            except Exception as exc:  # the session may have been deleted meanwhile, or the disk is full
-                log.warning("could not store the turn of session %s: %s", turn.session.id, exc)
-                result = exc
-            else:
                 if self.documents and final.text:
                     self.documents.remember_turn(turn.session.id, turn_index, turn.user_text, final.text)
-        loop.call_soon_threadsafe(_resolve, turn.saved, result)
+        except Exception as exc:  # the session may have been deleted meanwhile, or the disk is full
+            log.warning("could not store the turn of session %s: %s", turn.session.id, exc)
+            result = exc
+        finally:
+            try:
+                loop.call_soon_threadsafe(_resolve, turn.saved, result)
+            except RuntimeError:  # the caller's loop is gone: nobody waits for it
+                pass
 
     async def _loaded_backend(self, model: str):
         pool = self.services.pool

@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import pytest
 import websockets
 
 from memory.store import SessionStore
@@ -84,6 +85,17 @@ def test_disconnects_on_every_transport_stop_generation_and_leak_nothing(live_se
         "model": CHAT_MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
         "max_tokens": 30, "temperature": 0}).json()
     assert "Paris" in fresh["choices"][0]["message"]["content"]
+
+
+def test_a_batch_stops_when_its_client_leaves(live_server, pool):
+    """The finding: /v1/batch went on generating every item after its client had gone."""
+    body = {"model": CHAT_MODEL, "items": [{"messages": LONG}] * 6, "params": {"max_tokens": 1500},
+            "concurrency": 4}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s and closes the connection
+        httpx.post(f"{live_server.url}/v1/batch", json=body, timeout=httpx.Timeout(60, read=2.0))
+    assert wait_idle(pool, 5) < 1.5
+    engine = pool.backend(CHAT_MODEL).engine
+    assert engine.load()["running"] == 0 and engine.load()["waiting"] == 0
 
 
 def test_sigterm_drains_in_flight_refuses_new_and_exits_cleanly(tiny_catalog, tmp_path):
