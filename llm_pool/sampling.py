@@ -39,10 +39,11 @@ class RowSampler:
         """logits: [vocab] float tensor of one row."""
         params = self.params
         if self._seen is not None and self._seen.numel():
-            logits = logits.clone()
+            logits = logits.float().clone()
             picked = logits[self._seen]
             penalty = params.repetition_penalty
-            logits[self._seen] = torch.where(picked > 0, picked / penalty, picked * penalty)
+            penalized = torch.where(picked > 0, picked / penalty, picked * penalty)
+            logits[self._seen] = penalized.clamp(-1e30, 1e30)  # a tiny penalty must not make inf
         if params.greedy or params.temperature < 1e-4:  # float32 cannot divide by less: it is the argmax
             return int(torch.argmax(logits))
         # shifted so the best logit is 0 before dividing: a tiny temperature makes the others -inf
@@ -58,6 +59,8 @@ class RowSampler:
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
         probs = torch.softmax(logits.float(), dim=-1)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:  # never fail the batch
+            return int(torch.argmax(torch.nan_to_num(logits, nan=float("-inf"))))
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 

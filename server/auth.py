@@ -28,11 +28,12 @@ OPEN_PATHS = frozenset({"/health", "/health/ready", "/login"})
 SOCKET_PATHS = frozenset({"/v1/ws"})  # sockets that authenticate in their first message
 
 
-def key_from(conn: HTTPConnection) -> str | None:
-    auth = conn.headers.get("authorization", "")
+def key_from(headers) -> str | None:
+    """The key a request carries in its headers (`Authorization: Bearer` or `x-api-key`)."""
+    auth = headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip() or None
-    return conn.headers.get("x-api-key") or None
+    return headers.get("x-api-key") or None
 
 
 def peer_of(conn: HTTPConnection) -> str | None:
@@ -40,7 +41,7 @@ def peer_of(conn: HTTPConnection) -> str | None:
 
 
 def identify(conn: HTTPConnection, identity: Identity) -> Caller:
-    return identity.caller(key=key_from(conn), cookie=conn.cookies.get(COOKIE), host=peer_of(conn))
+    return identity.caller(key=key_from(conn.headers), cookie=conn.cookies.get(COOKIE), host=peer_of(conn))
 
 
 def caller_of(conn: HTTPConnection) -> Caller:

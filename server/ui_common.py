@@ -12,7 +12,7 @@ from memory.store import StoredMessage
 from service import Services
 from service.identity import Caller
 
-from .auth import COOKIE
+from .auth import COOKIE, key_from
 
 
 def request_caller(services: Services, request: gr.Request | None) -> Caller:
@@ -20,10 +20,9 @@ def request_caller(services: Services, request: gr.Request | None) -> Caller:
     signed cookie), else the trusted local owner, else anonymous."""
     if request is None or not request.headers:
         return services.identity.caller(key=None, cookie=None, host=None)
-    auth = request.headers.get("authorization", "")
-    key = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
     host = request.client.host if request.client else None
-    return services.identity.caller(key=key or None, cookie=(request.cookies or {}).get(COOKIE), host=host)
+    return services.identity.caller(key=key_from(request.headers), cookie=(request.cookies or {}).get(COOKIE),
+                                    host=host)
 
 
 def ui_caller(services: Services, browser_token: str | None, request: gr.Request | None) -> Caller:

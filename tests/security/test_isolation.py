@@ -63,6 +63,8 @@ def test_one_users_extreme_sampling_values_do_not_fail_anyone_elses_stream(pool)
 
     neighbour = pool.submit("smollm2-135m", request(temperature=0.8, seed=3))
     extreme = [pool.submit("smollm2-135m", request(temperature=t, top_p=0.5, seed=1)) for t in (1e-30, 1e-300)]
+    penalty = pool.submit("smollm2-135m", request(temperature=0.7, repetition_penalty=1e-300, top_p=1e-300))
     greedy = pool.submit("smollm2-135m", request(temperature=0)).result(120)
     assert neighbour.result(120).reason in ("stop", "length")
     assert [h.result(120).text for h in extreme] == [greedy.text, greedy.text]
+    assert penalty.result(120).reason in ("stop", "length")
