@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
+import os
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import faults
@@ -43,7 +47,8 @@ class _Entry:
     backend: Backend | None = None
     in_flight: int = 0
     pinned: bool = False
-    draining: bool = False  # takes no new requests: about to be evicted or unloaded
+    drains: int = 0  # loads waiting for this busy model to go idle so they can evict it
+    unload_requested: bool = False  # unload() waits for it to go idle, then unloads it
     last_used: float = 0.0
     loaded_at: float | None = None
     load_seconds: float | None = None
@@ -56,6 +61,11 @@ class _Entry:
     def raise_failure(self) -> None:
         error = copy.copy(self.failure) if self.failure else None
         raise error or ModelLoadError(f"model '{self.spec.key}' failed to load")
+
+    @property
+    def draining(self) -> bool:
+        """Takes no new requests: about to be evicted or unloaded."""
+        return self.drains > 0 or self.unload_requested
 
     @property
     def serving(self) -> bool:
@@ -72,7 +82,9 @@ def _gb(n: int) -> str:
 class ModelPool:
     def __init__(self, catalog: Catalog, context: BackendContext, budget_bytes: int, *,
                  default_model: str | None = None, load_timeout: float = 300.0,
-                 backend_factory=create_backend):
+                 backend_factory=create_backend, state_path: Path | None = None):
+        """`state_path`: where the operator's choices (active versions, pins) are kept, so a
+        restart serves what was swapped to and keeps what was pinned."""
         self.catalog = catalog
         self.context = context
         self.budget = budget_bytes
@@ -82,12 +94,14 @@ class ModelPool:
         self._entries: dict[str, _Entry] = {}
         self._alias: dict[str, str] = {}
         self._previous: dict[str, str] = {}
-        self._protected: set[str] = set()
+        self._protected: Counter[str] = Counter()  # versions a swap in progress must keep (per swap)
+        self._state_path = state_path
         self._waiters = ThreadPoolExecutor(max_workers=64, thread_name_prefix="pool-wait")
         names = catalog.names()
         if default_model:
             catalog.get(*_split(default_model))  # raises ModelNotFoundError for a bad default
         self.default_model = default_model or (names[0] if names else None)
+        self._restore_state()
 
     # ------------------------------------------------------------------ names and versions
     def _entry_for(self, spec: ModelSpec) -> _Entry:
@@ -256,15 +270,15 @@ class ModelPool:
                         return
                     if plan == "evict":
                         for victim in victims:
-                            victim.state, victim.draining = UNLOADING, False
+                            victim.state = UNLOADING
                         self._cond.notify_all()
                     else:
                         remaining = deadline - time.monotonic()
                         if remaining <= 0:
                             raise InsufficientMemoryError(self._no_room(entry, need, busy=victims))
                         for victim in victims:
-                            if not victim.draining:
-                                victim.draining = True
+                            if victim not in drained:
+                                victim.drains += 1
                                 drained.append(victim)
                         self._cond.wait(min(remaining, 1.0))
                         continue
@@ -272,9 +286,9 @@ class ModelPool:
                     log.info("evicting %s (idle, least recently used) for %s", victim.spec.key, entry.spec.key)
                     self._unload_backend(victim)
         finally:
-            with self._cond:
+            with self._cond:  # only what this load asked for: an unload() in progress stays
                 for victim in drained:
-                    victim.draining = False
+                    victim.drains = max(0, victim.drains - 1)
                 self._cond.notify_all()
 
     def _plan(self, entry: _Entry, need: int) -> tuple[str, list[_Entry]]:
@@ -283,11 +297,11 @@ class ModelPool:
         over = used + need - self.budget
         if over <= 0:
             return "fit", []
-        movable = [e for e in others if e.state == READY and not e.pinned
-                   and e.spec.key not in self._protected]
+        movable = [e for e in others if e.state == READY and not e.pinned and not e.unload_requested
+                   and self._protected[e.spec.key] == 0]
         idle = sorted((e for e in movable if e.in_flight == 0), key=lambda e: e.last_used)
         busy = sorted((e for e in movable if e.in_flight > 0), key=lambda e: e.last_used)
-        leaving = sum(e.reserved for e in others if e.state == UNLOADING)
+        leaving = sum(e.reserved for e in others if e.state == UNLOADING or e.unload_requested)
         if leaving + sum(e.reserved for e in idle + busy) < over:
             raise InsufficientMemoryError(self._no_room(entry, need))
         victims, freed = [], leaving
@@ -322,7 +336,7 @@ class ModelPool:
             _quietly(backend.unload)
         with self._cond:
             entry.state, entry.backend, entry.reserved = UNLOADED, None, 0
-            entry.progress, entry.stage, entry.draining = 0.0, "", False
+            entry.progress, entry.stage, entry.unload_requested = 0.0, "", False
             self._cond.notify_all()
 
     # ------------------------------------------------------------------ management
@@ -334,11 +348,11 @@ class ModelPool:
                 raise ConflictError(f"model '{entry.spec.key}' is pinned; unpin it first")
             if entry.state == LOADING:
                 raise ConflictError(f"model '{entry.spec.key}' is loading; unload it when it is ready")
-            if entry.state != READY:
+            if entry.state != READY or entry.unload_requested:
                 return self.describe(entry, locked=True)
-            entry.draining = True
+            entry.unload_requested = True
             if not self._cond.wait_for(lambda: entry.in_flight == 0, timeout):
-                entry.draining = False
+                entry.unload_requested = False
                 self._cond.notify_all()
                 raise ConflictError(f"model '{entry.spec.key}' is still serving {entry.in_flight} "
                                     f"requests after {timeout:.0f} s; try again later")
@@ -349,19 +363,22 @@ class ModelPool:
     def pin(self, ref: str | None) -> dict[str, Any]:
         entry = self.resolve(ref)
         with self._cond:
-            entry.pinned = True
+            was, entry.pinned = entry.pinned, True
         try:
-            return self.load(ref)
+            status = self.load(ref)
         except ShoalError:
             with self._cond:
-                entry.pinned = False
+                entry.pinned = was  # a failed pin leaves an earlier pin in place
             raise
+        self._save_state()
+        return status
 
     def unpin(self, ref: str | None) -> dict[str, Any]:
         entry = self.resolve(ref)
         with self._cond:
             entry.pinned = False
             self._cond.notify_all()
+        self._save_state()
         return self.describe(entry)
 
     def swap(self, name: str, version: str, timeout: float | None = None) -> dict[str, Any]:
@@ -371,7 +388,7 @@ class ModelPool:
             old = self._entry_for(self.catalog.get(name, self._active_version(name)))
             if old is target:
                 return self.describe(target, locked=True)
-            self._protected.add(old.spec.key)
+            self._protected[old.spec.key] += 1
         try:
             self._wait_ready(target, self.load_timeout if timeout is None else timeout,
                              memory_wait=self.load_timeout if timeout is None else timeout)
@@ -380,9 +397,12 @@ class ModelPool:
                 self._alias[name] = version
                 self._cond.notify_all()
             log.info("model %s now points to version %s (was %s)", name, version, old.spec.version)
+            self._save_state()
         finally:
             with self._cond:
-                self._protected.discard(old.spec.key)
+                self._protected[old.spec.key] -= 1
+                if self._protected[old.spec.key] <= 0:
+                    del self._protected[old.spec.key]
         threading.Thread(target=self._retire, args=(old,), daemon=True).start()
         return self.describe(target)
 
@@ -402,6 +422,42 @@ class ModelPool:
                 return
             old.state = UNLOADING
         self._unload_backend(old)
+
+    # ------------------------------------------------------------------ the operator's choices
+    def pinned_models(self) -> list[str]:
+        with self._cond:
+            return [key for key, entry in self._entries.items() if entry.pinned]
+
+    def _save_state(self) -> None:
+        if self._state_path is None:
+            return
+        with self._cond:
+            state = {"active": dict(self._alias), "previous": dict(self._previous),
+                     "pinned": [key for key, entry in self._entries.items() if entry.pinned]}
+        tmp = self._state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2))
+        os.replace(tmp, self._state_path)
+
+    def _restore_state(self) -> None:
+        if self._state_path is None or not self._state_path.exists():
+            return
+        try:
+            state = json.loads(self._state_path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("ignoring the pool state in %s: %s", self._state_path, exc)
+            return
+        known = {spec.key for spec in self.catalog.all()}
+        for name, version in (state.get("active") or {}).items():
+            if f"{name}@{version}" in known:
+                self._alias[name] = version
+            else:
+                log.warning("model %s: version %s is no longer in the catalog; serving its default", name, version)
+        for name, version in (state.get("previous") or {}).items():
+            if f"{name}@{version}" in known:
+                self._previous[name] = version
+        for key in state.get("pinned") or []:
+            if key in known:
+                self._entry_for(self.catalog.get(*key.split("@", 1))).pinned = True
 
     def _entry_for_locked(self, spec: ModelSpec) -> _Entry:
         with self._cond:

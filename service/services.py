@@ -110,6 +110,7 @@ class Services:
         names = self.settings.preload
         if names is None:
             names = [self.pool.default_model] if self.pool.default_model else []
+        names = list(dict.fromkeys([*names, *self.pool.pinned_models()]))  # pins survive restarts
         for name in names:
             threading.Thread(target=self._preload_one, args=(name,), daemon=True).start()
 
@@ -146,7 +147,8 @@ def build_services(settings: Settings, pool: ModelPool | None = None, embedder: 
         context = BackendContext(cache_dir=settings.models_dir, device=settings.device, engine=engine,
                                  policy=policy)
         pool = ModelPool(catalog, context, settings.memory_budget_bytes(gpu_total),
-                         default_model=settings.default_model, load_timeout=settings.load_timeout)
+                         default_model=settings.default_model, load_timeout=settings.load_timeout,
+                         state_path=data_dir / "pool-state.json")
     limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
     store = SessionStore(data_dir / "sessions")
     documents = DocumentService(store, data_dir, embedder or Embedder(), max_bytes=int(settings.max_upload_mb * 1e6),
