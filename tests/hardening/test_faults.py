@@ -150,3 +150,23 @@ def test_hostile_uploads_are_stopped_while_other_sessions_chat(live_server):
         time.sleep(0.2)
     assert [r["status"] for r in records] == ["failed"] * 4
     assert all(r["reason"] for r in records)
+
+
+def test_a_store_write_that_fails_loses_nothing_and_the_next_turn_works(live_server, pool):
+    """The turn is stored in a thread of its own (not inside the engine's step); when that write
+    fails the client gets a clear 503, the session keeps what it had, and the next turn is stored."""
+    from llm_pool import faults
+    url = live_server.url
+    sid = httpx.post(f"{url}/v1/sessions", json={"model": CHAT_MODEL, "params": {"max_new_tokens": 8}}).json()["id"]
+    faults.arm("store.write", times=1)
+    try:
+        failed = httpx.post(f"{url}/v1/sessions/{sid}/messages", json={"content": "Hi there"}, timeout=120)
+    finally:
+        faults.disarm_all()
+    assert failed.status_code == 503 and "could not save" in failed.json()["error"]["message"]
+    assert httpx.get(f"{url}/v1/sessions/{sid}").json()["messages"] == []
+    ok = httpx.post(f"{url}/v1/sessions/{sid}/messages", json={"content": "Hello again"}, timeout=120)
+    assert ok.status_code == 200
+    stored = httpx.get(f"{url}/v1/sessions/{sid}").json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant"] and stored[0]["content"] == "Hello again"
+    assert wait_idle(pool, 3) < 1.0
