@@ -222,7 +222,7 @@ class BatchEngine:
                 self._finish(job, "cancelled")
             else:
                 self._end(job, failure=QueueTimeoutError(self.name, now - job.submitted))
-        gone = [i for i, job in enumerate(self._rows) if job.handle.cancelled]
+        gone = [i for i, job in enumerate(self._rows) if job.handle.cancelled or job.finished]
         self._remove_rows(gone, dict.fromkeys(gone, "cancelled"))
 
     def _admit(self) -> list[_Job]:

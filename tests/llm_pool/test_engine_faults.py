@@ -153,3 +153,27 @@ def test_a_request_as_long_as_the_kv_budget_allows_is_served(tiny_model_dir, tmp
         assert isinstance(behind.result(60), Finished)
     finally:
         pool.shutdown()
+
+
+def test_stop_that_times_out_leaves_the_running_step_its_buffers(tiny_pool):
+    """The finding: stop() freed the batch's buffers after its join timed out, while a step could
+    still be using them. Now the step keeps them and frees them when the thread ends; every
+    request still ends."""
+    engine = engine_of(tiny_pool)
+    original = engine._step
+    in_step = threading.Event()
+
+    def slow_step():
+        in_step.set()
+        time.sleep(0.5)
+        original()
+
+    engine._step = slow_step
+    handles = [ask(tiny_pool, max_new=50) for _ in range(2)]
+    assert in_step.wait(10)
+    engine.stop(timeout=0.05)
+    assert engine._thread.is_alive() and engine._cache is not None  # not pulled from under the step
+    for handle in handles:
+        assert final_of(handle) is not None
+    engine._thread.join(10)
+    assert not engine._thread.is_alive() and engine._cache is None and engine._active == 0
