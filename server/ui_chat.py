@@ -270,11 +270,11 @@ class ChatHandlers:
         values = self._settings(
             model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
         )
-        try:
+        try:  # store writes run in a thread: this handler runs on the event loop
             if session_id:
-                self.chat.update(user, session_id, **values)
+                await asyncio.to_thread(self.chat.update, user, session_id, **values)
             else:
-                session_id = self.chat.create(user, **values).id
+                session_id = (await asyncio.to_thread(lambda: self.chat.create(user, **values))).id
         except ShoalError as exc:
             raise _error(exc) from None
         async for update in self._run(caller, session_id, text, edit_index):
@@ -286,7 +286,7 @@ class ChatHandlers:
         if not session_id:
             raise gr.Error("Open a chat first.")
         try:
-            index, text = self.chat.last_user_index(user, session_id)
+            index, text = await asyncio.to_thread(self.chat.last_user_index, user, session_id)
         except ShoalError as exc:
             raise _error(exc) from None
         async for update in self._run(caller, session_id, text, index):
@@ -308,7 +308,7 @@ class ChatHandlers:
         if replace_from is not None:
             history = history[:replace_from]
         view = chat_view(history) + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
-        radio = self._radio(user, session_id)
+        radio = await asyncio.to_thread(self._radio, user, session_id)
         yield view, "", "", radio, session_id, None, ""
         try:
             turn = await self.chat.send(caller, session_id, text, replace_from=replace_from)
@@ -332,7 +332,7 @@ class ChatHandlers:
             chat_view(stored),
             "",
             note,
-            self._radio(user, session_id),
+            await asyncio.to_thread(self._radio, user, session_id),
             session_id,
             None,
             "",
