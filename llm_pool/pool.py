@@ -96,6 +96,7 @@ class ModelPool:
         self._previous: dict[str, str] = {}
         self._protected: Counter[str] = Counter()  # versions a swap in progress must keep (per swap)
         self._state_path = state_path
+        self._closed = False  # shut down: loads still on their way stop before building a model
         self._waiters = ThreadPoolExecutor(max_workers=64, thread_name_prefix="pool-wait")
         names = catalog.names()
         if default_model:
@@ -233,6 +234,8 @@ class ModelPool:
             backend = self._factory(entry.spec, self.context)
             backend.prepare(progress)
             self._make_room(entry, backend.estimate_bytes(), time.monotonic() + memory_wait)
+            if self._closed:
+                raise ModelLoadError(f"model '{entry.spec.key}': the pool is shutting down")
             backend.load(progress)
             faults.check("pool.load")
         except Exception as exc:
@@ -244,6 +247,12 @@ class ModelPool:
             with self._cond:
                 entry.state, entry.error, entry.stage, entry.failure = FAILED, error.message, "", error
                 entry.reserved, entry.backend = 0, None
+                self._cond.notify_all()
+            return
+        if self._closed:  # shut down while this model was being built: nobody will unload it later
+            _quietly(backend.unload)
+            with self._cond:
+                entry.state, entry.reserved = UNLOADED, 0
                 self._cond.notify_all()
             return
         with self._cond:
@@ -274,6 +283,8 @@ class ModelPool:
                         self._cond.notify_all()
                     else:
                         remaining = deadline - time.monotonic()
+                        if self._closed:
+                            raise ModelLoadError(f"model '{entry.spec.key}': the pool is shutting down")
                         if remaining <= 0:
                             raise InsufficientMemoryError(self._no_room(entry, need, busy=victims))
                         for victim in victims:
@@ -465,6 +476,8 @@ class ModelPool:
 
     def shutdown(self) -> None:
         with self._cond:
+            self._closed = True
+            self._cond.notify_all()
             entries = [e for e in self._entries.values() if e.backend is not None]
             for entry in entries:
                 entry.state = UNLOADING

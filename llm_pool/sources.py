@@ -23,6 +23,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,14 @@ Progress = Callable[[float, str], None]
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+# transformers builds a model under process-wide switches (weights on the meta device, init
+# functions turned off) that are not per thread: two models built at once in one process can come
+# out with tensors left on the meta device ("Cannot copy out of meta tensor", seen when a load ran
+# beside another). Every model construction in Shoal (LLMs, GGUF conversion, the embedder) holds
+# this lock; on 2 cores nothing is lost, since each load uses all of them anyway.
+constructing = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -193,9 +202,10 @@ def _converted(spec: ModelSpec, gguf_path: Path, cache_dir: Path, progress: Prog
     progress(0.1, "reading GGUF tokenizer")
     folder, name = str(gguf_path.parent), gguf_path.name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        progress(0.3, "dequantizing GGUF weights")
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        with constructing:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+            progress(0.3, "dequantizing GGUF weights")
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     except Exception as exc:
         log.warning("reading GGUF %s failed: %s", gguf_path, exc)
         raise ModelLoadError(f"model '{spec.key}': could not read the GGUF file ({type(exc).__name__}; "

@@ -27,8 +27,11 @@ class Embedder:
     def _load(self):
         if self._model is None:
             from sentence_transformers import SentenceTransformer
-            self._model = SentenceTransformer(str(self.model_path or bundled_model_path()), device="cpu",
-                                              local_files_only=True)
+
+            from llm_pool.sources import constructing
+            with constructing:  # never beside an LLM being built (see llm_pool.sources)
+                self._model = SentenceTransformer(str(self.model_path or bundled_model_path()), device="cpu",
+                                                  local_files_only=True)
         return self._model
 
     def embed(self, texts: list[str]) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 from ..cpu_linear import pack_linears, packed_bytes
 from ..engine import BatchEngine
 from ..errors import ContextOverflowError, InvalidParamsError, InvalidRequestError, ModelLoadError
-from ..sources import Prepared, prepare
+from ..sources import Prepared, constructing, prepare
 from ..stream import GenerationHandle, GenerationRequest
 from .base import Backend, Progress
 
@@ -97,8 +97,9 @@ class LocalBackend(Backend):
                                                                 self._dtype)
             kwargs["device_map"] = {"": self._device.index or 0}
         try:
-            tokenizer = AutoTokenizer.from_pretrained(location)
-            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+            with constructing:  # one model built at a time per process (see sources.constructing)
+                tokenizer = AutoTokenizer.from_pretrained(location)
+                model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
             if not self.spec.quantization:
                 model = model.to(self._device)
         except Exception as exc:  # the message may quote the files: only the server log gets it

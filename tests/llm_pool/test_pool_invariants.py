@@ -193,3 +193,40 @@ def _quietly(func, *args):
         func(*args)
     except ShoalError:
         pass
+
+
+def test_two_models_built_at_the_same_time_both_load(tiny_model_dir, tmp_path):
+    """Found in CI: transformers builds a model under process-wide switches, and a model built
+    beside another came out with tensors on the meta device ("Cannot copy out of meta tensor").
+    Loads in one process are now built one at a time; here two threads load and unload two models
+    over and over, and every load succeeds."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tied = tmp_path / "tied"  # tied embeddings: lm_head is not in the checkpoint, as in Gemma
+    shutil.copytree(tiny_model_dir, tied)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=70, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                                 eos_token_id=1, pad_token_id=0, bos_token_id=3)).save_pretrained(tied)
+    pool = build(tied, tmp_path, models_that_fit=4)
+    errors: list[Exception] = []
+
+    def churn(name):
+        for _ in range(12):
+            try:
+                pool.load(name, timeout=60)
+                pool.unload(name, timeout=30)
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                errors.append(exc)
+
+    try:
+        threads = [threading.Thread(target=churn, args=(n,)) for n in ("b", "c")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors[:3]
+    finally:
+        pool.shutdown()
