@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
 
 from llm_pool import Catalog  # noqa: E402
 from llm_pool.cpu_linear import pack_linears  # noqa: E402
-from llm_pool.engine import _cache_from, _layers  # noqa: E402
+from llm_pool.kv import cache_from, layers  # noqa: E402
 from llm_pool.sources import prepare  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +37,7 @@ def step_times(model, batch: int, prompt: int = 200, steps: int = 25) -> tuple[l
     mask = torch.ones(batch, prompt, dtype=torch.long)
     out = model(input_ids=ids, attention_mask=mask, past_key_values=DynamicCache(), use_cache=True,
                 logits_to_keep=1)
-    cache = _cache_from(_layers(out.past_key_values), prompt + steps + 5)
+    cache = cache_from(layers(out.past_key_values), prompt + steps + 5)
     token, position, tokens, times = out.logits[:, -1].argmax(-1, keepdim=True), prompt, [], []
     for _ in range(steps + 2):
         started = time.perf_counter()
@@ -65,8 +65,8 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     plain = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
     packed = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
-    layers = pack_linears(packed)
-    print(f"{args.model} {args.dtype}: {layers} linear layers packed; {torch.get_num_threads()} threads\n")
+    packed_count = pack_linears(packed)
+    print(f"{args.model} {args.dtype}: {packed_count} linear layers packed; {torch.get_num_threads()} threads\n")
     print("| batch | plain Linear ms/step | packed ms/step | ratio packed/plain | same greedy tokens |")
     print("|---|---|---|---|---|")
     with torch.inference_mode():

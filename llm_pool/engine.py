@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from . import faults
 from .detok import TextAssembler
@@ -36,14 +35,13 @@ from .errors import (
     ServiceUnavailableError,
     ShoalError,
 )
+from .kv import KV, cache_from, layers, pad_left
 from .params import GenerationParams
 from .prefix_cache import PrefixCache
 from .sampling import RowSampler, choose_tokens
 from .stream import Finished, GenerationHandle, TextDelta, Usage
 
 log = logging.getLogger("shoal.engine")
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [batch, heads, seq, dim]
 
 
 class GenerationError(ShoalError):
@@ -278,7 +276,7 @@ class BatchEngine:
             mask[i, past_len + width - len(suffix):] = 1
         mask[:, :past_len] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, past_len:]
-        cache = _cache_from(past, past_len + width + 1) if past is not None else DynamicCache()
+        cache = cache_from(past, past_len + width + 1) if past is not None else DynamicCache()
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
@@ -292,7 +290,7 @@ class BatchEngine:
             else:
                 keep.append(i)
         if keep:
-            kv = [(k[keep], v[keep]) for k, v in _layers(out.past_key_values)]
+            kv = [(k[keep], v[keep]) for k, v in layers(out.past_key_values)]
             self._merge(kv, mask[keep], [jobs[i] for i in keep])
         for job, reason in finished:
             self._finish(job, reason)
@@ -387,17 +385,17 @@ class BatchEngine:
 
     def _merge(self, kv: KV, mask: torch.Tensor, jobs: list[_Job]) -> None:
         if self._cache is None or not self._rows:
-            self._cache, self._mask = _cache_from(kv, self._capacity(mask.shape[1], jobs)), mask
+            self._cache, self._mask = cache_from(kv, self._capacity(mask.shape[1], jobs)), mask
         else:
             have, new = self._mask.shape[1], mask.shape[1]
-            old = _layers(self._cache)
+            old = layers(self._cache)
             if new < have:
-                kv, mask = _pad_left(kv, have - new), F.pad(mask, (have - new, 0))
+                kv, mask = pad_left(kv, have - new), F.pad(mask, (have - new, 0))
             elif new > have:
-                old, self._mask = _pad_left(old, new - have), F.pad(self._mask, (new - have, 0))
+                old, self._mask = pad_left(old, new - have), F.pad(self._mask, (new - have, 0))
             merged = [(torch.cat([k0, k1]), torch.cat([v0, v1])) for (k0, v0), (k1, v1) in zip(old, kv)]
             self._mask = torch.cat([self._mask, mask])
-            self._cache = _cache_from(merged, self._capacity(self._mask.shape[1], self._rows + jobs))
+            self._cache = cache_from(merged, self._capacity(self._mask.shape[1], self._rows + jobs))
         self._rows.extend(jobs)
         self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._rows))
 
@@ -417,7 +415,7 @@ class BatchEngine:
             mask = self._mask[keep]
             first = int((mask.sum(0) > 0).nonzero()[0])  # drop columns of padding in every row
             mask = mask[:, first:]
-            cache = _cache_from([(k[keep, :, first:], v[keep, :, first:]) for k, v in _layers(self._cache)],
+            cache = cache_from([(k[keep, :, first:], v[keep, :, first:]) for k, v in layers(self._cache)],
                                 self._capacity(mask.shape[1], rows))
         with self._cond:
             self._rows = rows
@@ -435,7 +433,7 @@ class BatchEngine:
             return
         self.prefix_cache.store(job.handle.request.cache_scope, ids,
                                 [(k[row:row + 1, :, real], v[row:row + 1, :, real])
-                                 for k, v in _layers(self._cache)])
+                                 for k, v in layers(self._cache)])
 
     def _kv_bytes(self) -> int:
         cache = self._cache
@@ -449,56 +447,4 @@ class BatchEngine:
             self.model(input_ids=torch.tensor([[self._pad_id()]], device=self.device),
                        past_key_values=cache, use_cache=True, logits_to_keep=1)
             return max(1, sum(k.numel() * k.element_size() + v.numel() * v.element_size()
-                              for k, v in _layers(cache)))
-
-
-def _layers(cache: DynamicCache) -> KV:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
-class _BufferLayer(DynamicLayer):
-    """One layer's KV in buffers sized for the batch's whole future, written in place each step
-    (transformers' DynamicLayer concatenates, copying the whole cache on every token: a quarter
-    of a 16-row step on this CPU)."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
-        super().__init__()
-        batch, heads, length, dim = keys.shape
-        capacity = max(capacity, length + 1)
-        self._k = keys.new_empty((batch, heads, capacity, dim))
-        self._v = values.new_empty((batch, values.shape[1], capacity, values.shape[-1]))
-        self._k[:, :, :length] = keys
-        self._v[:, :, :length] = values
-        self._length = length
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self._expose()
-
-    @property
-    def reserved_bytes(self) -> int:
-        return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
-
-    def _expose(self) -> None:
-        self.keys = self._k[:, :, :self._length]
-        self.values = self._v[:, :, :self._length]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        end = self._length + key_states.shape[-2]
-        if end > self._k.shape[2]:  # not reserved for: grow (never expected; kept for safety)
-            grown = _BufferLayer(self.keys, self.values, 2 * end)
-            self._k, self._v = grown._k, grown._v
-        self._k[:, :, self._length:end] = key_states
-        self._v[:, :, self._length:end] = value_states
-        self._length = end
-        self._expose()
-        return self.keys, self.values
-
-
-def _cache_from(kv: KV, capacity: int = 0) -> DynamicCache:
-    cache = DynamicCache()
-    for keys, values in kv:
-        cache.layers.append(_BufferLayer(keys, values, capacity))
-    return cache
-
-
-def _pad_left(kv: KV, amount: int) -> KV:
-    return [(F.pad(k, (0, 0, amount, 0)), F.pad(v, (0, 0, amount, 0))) for k, v in kv]
+                              for k, v in layers(cache)))

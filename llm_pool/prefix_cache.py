@@ -19,7 +19,7 @@ from collections import OrderedDict
 
 import torch
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]
+from .kv import KV
 
 
 class PrefixCache:
