@@ -139,7 +139,8 @@ def create_ui(services: Services) -> gr.Blocks:
         settings = [model, system, *params, history_limit]
         view = [session_id, sessions, chatbot, title, reply_figures, *settings]
 
-        demo.load(handlers.start, [browser_id], [browser_id, *view, model_controls], api_visibility="private").then(
+        demo.load(handlers.start, [browser_id], [browser_id, *view, model_controls, status, table],
+                  api_visibility="private").then(
             lambda: "loaded", None, [loaded], api_visibility="private", queue=False)
         sessions.input(handlers.open, [browser_id, sessions], view, api_visibility="private")
         new_chat.click(handlers.new, [browser_id, *settings], view, api_visibility="private")

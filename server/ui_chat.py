@@ -117,14 +117,17 @@ class ChatHandlers:
     # ------------------------------------------------------------------ sessions
     def start(self, browser_id: str | None, request: gr.Request):
         """A browser without a valid signed id (new, forged or altered) gets a new one: a new user.
-        The Models tab's controls are shown to admins only."""
+        The Models tab's controls are shown to admins only; the model's line and the pool's table
+        show the state as it is now."""
         identity = self.services.identity
         if identity.browser_id(browser_id) is None:
             browser_id = identity.new_browser_token()
         caller = ui_caller(self.services, browser_id, request)
         sessions = self.store.list(caller.user)
-        return [browser_id, *self._view(caller.user, sessions[0] if sessions else None),
-                gr.Row(visible=caller.admin)]
+        view = self._view(caller.user, sessions[0] if sessions else None)
+        # the model's state now, not as it was when the page was built (before it had loaded)
+        return [browser_id, *view, gr.Row(visible=caller.admin), model_line(self.services, view[5]),
+                model_table(self.services)]
 
     def open(self, browser_id, session_id, request: gr.Request):
         user = ui_user(self.services, browser_id, request)

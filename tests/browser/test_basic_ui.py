@@ -36,3 +36,22 @@ def test_chat_in_the_browser_streams_a_reply(page, live_server, artifacts):
     assert len(reply.inner_text().strip()) > 0
     assert box.input_value() == ""  # Enter sent the message and cleared the box
     page.screenshot(path=str(artifacts / "chat.png"), full_page=True)
+
+
+def test_a_page_opened_after_a_model_loaded_shows_it_ready_at_once(page, pool, embedder, tmp_path_factory):
+    """The finding: a page opened after the model became ready still said "unloaded" (the page
+    carried the state from when the UI was built) until a timer caught up."""
+    from service import build_services
+    from tests.conftest import BASE_MODEL, make_settings, serve
+    pool.unload(BASE_MODEL)
+    server = serve(build_services(make_settings(tmp_path_factory.mktemp("late")), pool=pool, embedder=embedder))
+    try:
+        pool.load(BASE_MODEL)
+        page.goto(server.url)
+        expect(page.locator("#ui-loaded")).to_have_text("loaded")
+        page.get_by_role("tab", name="Models").click()
+        row = page.locator("#model-table tr", has_text=BASE_MODEL)
+        assert row.locator(".state-ready").count() == 1, row.inner_text()  # at once, not after a tick
+    finally:
+        server.stop()
+        pool.unload(BASE_MODEL)
