@@ -432,5 +432,5 @@ class ChatHandlers:
                 raise _error(exc) from None
             return f"{action.capitalize()}: **{name}** done.", model_table(self.services)
 
-        run.__name__ = f"{action}_model"
+        run.__name__ = f"ui_{action}_model"  # the gradio_client endpoints own the plain names
         return run

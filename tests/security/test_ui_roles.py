@@ -4,6 +4,7 @@ button is not a permission)."""
 from __future__ import annotations
 
 import httpx
+import pytest
 from playwright.sync_api import expect
 
 from tests.security.conftest import gradio_call
@@ -38,3 +39,13 @@ def test_the_hidden_model_actions_refuse_strangers_anyway(public_server):
     message = gradio_call(public_server.url, index, ["smollm2-135m"])
     assert not message["success"]
     assert "admin" in str(message["output"].get("error", "")).lower()
+
+
+def test_gradio_client_model_endpoints_are_for_admins(public_server, local_server):
+    from gradio_client import Client
+    stranger = Client(public_server.url, verbose=False)
+    with pytest.raises(Exception, match="(?i)admin"):
+        stranger.predict("smollm2-135m", api_name="/unload_model")
+    assert httpx.get(f"{public_server.url}/v1/models/smollm2-135m").json()["state"] == "ready"
+    owner = Client(local_server.url, verbose=False)
+    assert owner.predict("smollm2-135m", api_name="/load_model")["state"] == "ready"
