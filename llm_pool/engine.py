@@ -29,6 +29,7 @@ from . import faults
 from .detok import TextAssembler
 from .errors import (
     ContextOverflowError,
+    GenerationError,
     InvalidParamsError,
     QueueFullError,
     QueueTimeoutError,
@@ -42,11 +43,6 @@ from .sampling import RowSampler, choose_tokens
 from .stream import Finished, GenerationHandle, TextDelta, Usage
 
 log = logging.getLogger("shoal.engine")
-
-
-class GenerationError(ShoalError):
-    status = 500
-    type = "server_error"
 
 
 @dataclass(eq=False)

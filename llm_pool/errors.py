@@ -133,5 +133,19 @@ class PayloadTooLargeError(ShoalError):
     type = "invalid_request_error"
 
 
+class GenerationError(ShoalError):
+    """A generation that failed on the serving side (the engine's forward pass fell over)."""
+
+    status = 500
+    type = "server_error"
+
+
+class UpstreamError(ShoalError):
+    """A remote replica failed after its stream had begun, so the request could not move elsewhere."""
+
+    status = 502
+    type = "upstream_error"
+
+
 class GenerationCancelled(Exception):
     """Raised inside a consumer when its generation was cancelled (not a client error)."""

@@ -1,5 +1,8 @@
-"""Models served elsewhere: OpenAI-protocol servers (vLLM, llama.cpp, Ollama, `transformers serve`,
-another Shoal) through `openai`, and TGI-protocol servers through `huggingface_hub`.
+"""Models served elsewhere: the replica logic of every remote backend, whatever its protocol.
+
+The wire protocol is an adapter (`protocols.ProtocolAdapter`) picked once by the spec's source:
+OpenAI-protocol servers (vLLM, llama.cpp, Ollama, `transformers serve`, another Shoal) through
+`openai_protocol.py`, TGI-protocol servers through `tgi_protocol.py`. This module owns the rest.
 
 A remote model may have several replicas. Each request goes to the healthy replica with the fewest
 requests outstanding; a replica that fails a health check or a request is taken out and checked
@@ -20,16 +23,16 @@ from typing import Any
 
 import httpx
 
-from ..errors import ModelLoadError, ServiceUnavailableError, ShoalError
+from ..errors import ModelLoadError, ServiceUnavailableError, ShoalError, UpstreamError
 from ..stream import Finished, GenerationHandle, GenerationRequest, TextDelta, Usage
 from .base import Backend, Progress
+from .openai_protocol import OpenAIProtocol
+from .protocols import ProtocolAdapter, describe
+from .tgi_protocol import TGIProtocol
 
 log = logging.getLogger("shoal.remote")
 
-
-class UpstreamError(ShoalError):
-    status = 502
-    type = "upstream_error"
+PROTOCOLS: dict[str, type[ProtocolAdapter]] = {"openai": OpenAIProtocol, "tgi": TGIProtocol}
 
 
 class _NoTokenYet(Exception):
@@ -71,6 +74,13 @@ class RemoteBackend(Backend):
         self.api_key = options.get("api_key") or "unused"
         self.upstream_model = spec.remote_model or spec.name
         self.replicas = [Replica(url.rstrip("/")) for url in (spec.location, *spec.replicas)]
+        self.protocol = PROTOCOLS[spec.source](
+            upstream_model=self.upstream_model,
+            api_key=self.api_key,
+            timeout=self.timeout,
+            connect_timeout=self.connect_timeout,
+            max_connections=self.max_connections,
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._health_task: asyncio.Future | None = None
@@ -113,27 +123,8 @@ class RemoteBackend(Backend):
         self._loop = None
 
     async def _open_clients(self) -> None:
-        timeout = httpx.Timeout(self.timeout, connect=self.connect_timeout)
-        limits = httpx.Limits(max_connections=self.max_connections)
         for replica in self.replicas:
-            if self.spec.source == "openai":
-                from openai import AsyncOpenAI
-
-                replica.client = AsyncOpenAI(
-                    base_url=replica.url,
-                    api_key=self.api_key,
-                    max_retries=0,
-                    timeout=timeout,
-                    http_client=httpx.AsyncClient(timeout=timeout, limits=limits),
-                )
-            else:
-                from huggingface_hub import AsyncInferenceClient
-
-                replica.client = AsyncInferenceClient(
-                    base_url=replica.url,
-                    timeout=self.timeout,
-                    api_key=None if self.api_key == "unused" else self.api_key,
-                )
+            replica.client = await self.protocol.open_client(replica.url)
 
     async def _close_clients(self) -> None:
         for replica in self.replicas:
@@ -145,14 +136,11 @@ class RemoteBackend(Backend):
                     pass
 
     # ------------------------------------------------------------------ health
-    def _health_url(self, replica: Replica) -> str:
-        return f"{replica.url}/models" if self.spec.source == "openai" else f"{replica.url}/health"
-
     def _check_sync(self, replica: Replica) -> bool:
         try:
             started = time.monotonic()
             response = httpx.get(
-                self._health_url(replica),
+                self.protocol.health_url(replica.url),
                 timeout=self.connect_timeout + 2,
                 headers={"Authorization": f"Bearer {self.api_key}"},
             )
@@ -160,7 +148,7 @@ class RemoteBackend(Backend):
             replica.healthy, replica.last_error = True, None
             replica.latency = replica.latency or time.monotonic() - started
         except Exception as exc:
-            replica.healthy, replica.last_error = False, _describe(exc)
+            replica.healthy, replica.last_error = False, describe(exc)
         replica.checked = time.monotonic()
         return replica.healthy
 
@@ -171,7 +159,7 @@ class RemoteBackend(Backend):
                 for replica in self.replicas:
                     try:
                         response = await client.get(
-                            self._health_url(replica), headers={"Authorization": f"Bearer {self.api_key}"}
+                            self.protocol.health_url(replica.url), headers={"Authorization": f"Bearer {self.api_key}"}
                         )
                         response.raise_for_status()
                         if not replica.healthy:
@@ -183,9 +171,9 @@ class RemoteBackend(Backend):
                                 "replica %s of %s failed its health check: %s",
                                 replica.url,
                                 self.spec.key,
-                                _describe(exc),
+                                describe(exc),
                             )
-                        replica.healthy, replica.last_error = False, _describe(exc)
+                        replica.healthy, replica.last_error = False, describe(exc)
                     replica.checked = time.monotonic()
 
     def _pick(self, tried: set[str]) -> Replica | None:
@@ -223,7 +211,7 @@ class RemoteBackend(Backend):
             except _NoTokenYet as exc:
                 last_error = exc.__cause__ or exc
                 replica.healthy, replica.failures = False, replica.failures + 1
-                replica.last_error = _describe(last_error)
+                replica.last_error = describe(last_error)
                 log.warning(
                     "replica %s failed before the first token (%s); retrying elsewhere",
                     replica.url,
@@ -234,15 +222,15 @@ class RemoteBackend(Backend):
                 return
             except Exception as exc:  # after the first token: the stream ends with an error
                 replica.failures += 1
-                replica.last_error = _describe(exc)
-                handle.fail(UpstreamError(f"replica {replica.url} failed mid-stream: {_describe(exc)}"))
+                replica.last_error = describe(exc)
+                handle.fail(UpstreamError(f"replica {replica.url} failed mid-stream: {describe(exc)}"))
                 return
             finally:
                 replica.outstanding -= 1
         handle.fail(
             ServiceUnavailableError(
                 f"no replica of '{self.spec.name}' could serve the request"
-                + (f" (last error: {_describe(last_error)})" if last_error else ""),
+                + (f" (last error: {describe(last_error)})" if last_error else ""),
                 retry_after=2.0,
             )
         )
@@ -254,7 +242,7 @@ class RemoteBackend(Backend):
         first = True
         finish = "stop"
         try:
-            async for piece, done_reason, piece_usage in self._pieces(replica, request):
+            async for piece, done_reason, piece_usage in self.protocol.pieces(replica.client, request):
                 if handle.cancelled:
                     finish = "cancelled"
                     break
@@ -290,99 +278,6 @@ class RemoteBackend(Backend):
             )
         )
 
-    async def _pieces(self, replica: Replica, request: GenerationRequest):
-        """(text, finish_reason or None, (prompt_tokens, completion_tokens) or None) per upstream event."""
-        params = request.params
-        if self.spec.source == "openai":
-            common: dict[str, Any] = {
-                "model": self.upstream_model,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-                "temperature": params.temperature,
-                "top_p": params.top_p,
-            }
-            if params.max_new_tokens:
-                common["max_tokens"] = params.max_new_tokens
-            if params.seed is not None:
-                common["seed"] = params.seed
-            if params.stop:
-                common["stop"] = list(params.stop)
-            extra = {
-                k: v
-                for k, v in (("top_k", params.top_k), ("repetition_penalty", params.repetition_penalty))
-                if v not in (0, 1.0)
-            }
-            if extra:
-                common["extra_body"] = extra
-            try:
-                if request.messages is not None:
-                    stream = await replica.client.chat.completions.create(
-                        messages=[{"role": m.role, "content": m.content} for m in request.messages], **common
-                    )
-                else:
-                    stream = await replica.client.completions.create(prompt=request.prompt, **common)
-            except Exception as exc:
-                raise _translate(exc) from exc
-            try:
-                async for chunk in stream:
-                    usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens) if chunk.usage else None
-                    if not chunk.choices:
-                        yield "", None, usage
-                        continue
-                    choice = chunk.choices[0]
-                    piece = choice.delta.content if request.messages is not None else choice.text
-                    yield piece or "", choice.finish_reason, usage
-            finally:
-                await stream.close()
-            return
-        client = replica.client
-        sampling = params.temperature > 0
-        kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens or 512, "stream": True}
-        if sampling:
-            kwargs.update(
-                do_sample=True,
-                temperature=params.temperature,
-                top_p=params.top_p if params.top_p < 1 else None,
-                top_k=params.top_k or None,
-            )
-        if params.repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = params.repetition_penalty
-        if params.seed is not None:
-            kwargs["seed"] = params.seed
-        if params.stop:
-            kwargs["stop"] = list(params.stop)
-        if request.messages is not None:
-            try:
-                stream = await client.chat_completion(
-                    [{"role": m.role, "content": m.content} for m in request.messages],
-                    max_tokens=kwargs["max_new_tokens"],
-                    temperature=params.temperature if sampling else 0.0,
-                    seed=params.seed,
-                    stop=list(params.stop) or None,
-                    stream=True,
-                )
-            except Exception as exc:
-                raise _translate(exc) from exc
-            async for chunk in stream:
-                choice = chunk.choices[0] if chunk.choices else None
-                yield (
-                    (choice.delta.content or "") if choice else "",
-                    choice.finish_reason if choice else None,
-                    None,
-                )
-            return
-        try:
-            stream = await client.text_generation(request.prompt, details=True, **kwargs)
-        except Exception as exc:
-            raise _translate(exc) from exc
-        async for event in stream:
-            details = event.details
-            reason = None
-            if details is not None:
-                reason = {"length": "length"}.get(details.finish_reason, "stop")
-            usage = (0, details.generated_tokens) if details is not None else None
-            yield event.token.text if not event.token.special else "", reason, usage
-
     # ------------------------------------------------------------------ status
     @property
     def context_length(self) -> int:
@@ -405,21 +300,3 @@ class RemoteBackend(Backend):
             "waiting": 0,
             "replicas": [r.public() for r in self.replicas],
         }
-
-
-def _describe(exc: BaseException | None) -> str:
-    if exc is None:
-        return "unknown error"
-    return f"{type(exc).__name__}: {str(exc)[:200]}" if str(exc) else type(exc).__name__
-
-
-def _translate(exc: Exception) -> Exception:
-    """Upstream 4xx answers are the request's fault: pass them on as they are; the rest may retry."""
-    status = getattr(exc, "status_code", None) or getattr(getattr(exc, "response", None), "status_code", None)
-    if status and 400 <= status < 500 and status not in (408, 429):
-        from ..errors import InvalidRequestError
-
-        error = InvalidRequestError(f"the upstream server refused the request ({status}): {_describe(exc)}")
-        error.status = status if status in (400, 404, 413, 422) else 400
-        return error
-    return exc

@@ -147,7 +147,7 @@ class FailsMidStreamBackend:
     def submit(self, request):
         import threading
 
-        from llm_pool.engine import GenerationError
+        from llm_pool.errors import GenerationError
         from llm_pool.stream import GenerationHandle, TextDelta
 
         handle = GenerationHandle(request, model=self.spec.key)
