@@ -24,6 +24,7 @@ REMOTE_SOURCES = ("openai", "tgi")
 KINDS = ("chat", "completion")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "bnb-4bit", "bnb-8bit")
+ENGINES = ("auto", "transformers", "llama.cpp")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PACKAGE_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?$")  # a PyPI distribution name
 HUB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(?:/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
@@ -53,6 +54,8 @@ class ModelSpec:
     replicas: tuple[str, ...] = ()  # remote: extra base URLs serving the same model
     remote_model: str | None = None  # remote: the model name the upstream server knows
     options: dict[str, Any] = field(default_factory=dict)  # remote: timeouts, limits, api_key_env
+    # auto: llama.cpp for a GGUF on a CPU, transformers for folders, Hub models and on CUDA
+    engine: str = "auto"
 
     @property
     def key(self) -> str:
@@ -101,6 +104,16 @@ def _validate(spec: ModelSpec) -> None:
         raise bad("kind", "must be 'chat' or 'completion'")
     if spec.dtype not in DTYPES:
         raise bad("dtype", f"must be one of {', '.join(DTYPES)}")
+    if spec.engine not in ENGINES:
+        raise bad("engine", f"must be one of {', '.join(ENGINES)}")
+    if spec.engine == "llama.cpp":
+        if spec.source not in ("pypi", "gguf", "hub") or (spec.source == "hub" and not spec.file):
+            raise bad("engine", "llama.cpp runs GGUF files: a pypi, gguf or hub source with a .gguf file")
+        if spec.dtype != "auto" or spec.quantization or spec.device.startswith("cuda"):
+            raise bad("engine", "dtype, quantization and cuda devices are transformers settings; "
+                                "llama.cpp runs the GGUF as it is, on the CPU")
+    if spec.engine != "auto" and spec.source in REMOTE_SOURCES:
+        raise bad("engine", "a remote source runs on its server's engine; leave engine out")
     if spec.quantization not in QUANTIZATIONS:
         raise bad("quantization", "must be bnb-4bit, bnb-8bit or absent")
     if not re.match(r"^(auto|cpu|cuda(:\d+)?)$", spec.device):

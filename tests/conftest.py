@@ -24,8 +24,12 @@ import pytest  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 MODEL_CACHE = Path(os.environ.get("SHOAL_TEST_MODEL_CACHE", ROOT / ".cache" / "test-models"))
 ARTIFACTS = ROOT / "test-artifacts"
-CHAT_MODEL = "smollm2-135m"
+CHAT_MODEL = "smollm2-135m"  # its default version: llama.cpp on a CPU
 BASE_MODEL = "gemma3-270m"
+LLAMA_CHAT = "smollm2-135m@instruct-q4_1"
+TRANSFORMERS_CHAT = "smollm2-135m@instruct-transformers"
+CHAT_ENGINES = [LLAMA_CHAT, TRANSFORMERS_CHAT]  # behaviour tests of generation run on both engines
+BASE_ENGINES = ["gemma3-270m@base-q4_k_m", "gemma3-270m@base-transformers"]
 
 
 def free_port() -> int:

@@ -2,8 +2,9 @@
 
 A backend is built from a `ModelSpec`, prepared (files found, converted, checked: the slow part that
 needs no memory budget), loaded (weights resident, engine running), asked to `submit` requests and
-finally unloaded. `LocalBackend` runs transformers in this process; remote backends (OpenAI or
-TGI protocol servers) attach to servers elsewhere. Tests may add fakes through `register_backend`,
+finally unloaded. `LocalBackend` runs transformers in this process, `LlamaCppBackend` a
+GGUF in a private llama.cpp server process (chosen per spec by `engine_for`); remote backends
+(OpenAI or TGI protocol servers) attach to servers elsewhere. Tests may add fakes through `register_backend`,
 the same door the real ones use.
 """
 
@@ -11,10 +12,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..catalog import ModelSpec
+from ..catalog import ENGINES, ModelSpec
 from .base import Backend, BackendContext
 
 _FACTORIES: dict[str, Callable[[ModelSpec, BackendContext], Backend]] = {}
+
+
+def engine_for(spec: ModelSpec, device: str = "auto") -> str:
+    """Which engine runs `spec`: its catalog `engine`, or for "auto" llama.cpp for a GGUF on a
+    CPU (when llama.cpp is built here or can be), transformers for the rest and on CUDA."""
+    if spec.is_remote:
+        return "remote"
+    if spec.engine != "auto":
+        return spec.engine
+    from .. import llamacpp_build
+    gguf = spec.source in ("pypi", "gguf") or (spec.source == "hub" and bool(spec.file))
+    wanted = spec.device if spec.device != "auto" else device
+    if not gguf or spec.dtype != "auto" or spec.quantization or wanted.startswith("cuda"):
+        return "transformers"
+    if wanted == "auto":
+        import torch
+        if torch.cuda.is_available():
+            return "transformers"
+    return "llama.cpp" if llamacpp_build.usable() else "transformers"
 
 
 def register_backend(source: str, factory: Callable[[ModelSpec, BackendContext], Backend]) -> None:
@@ -24,7 +44,11 @@ def register_backend(source: str, factory: Callable[[ModelSpec, BackendContext],
 def create_backend(spec: ModelSpec, context: BackendContext) -> Backend:
     if spec.source not in _FACTORIES:
         _register_defaults()
-    return _FACTORIES[spec.source](spec, context)
+    factory = _FACTORIES[spec.source]
+    if getattr(factory, "engine_name", None) == "transformers" and engine_for(spec, context.device) == "llama.cpp":
+        from .llamacpp import LlamaCppBackend
+        return LlamaCppBackend(spec, context)
+    return factory(spec, context)
 
 
 def _register_defaults() -> None:
@@ -39,4 +63,4 @@ def _register_defaults() -> None:
         _FACTORIES.setdefault(source, RemoteBackend)
 
 
-__all__ = ["Backend", "BackendContext", "create_backend", "register_backend"]
+__all__ = ["ENGINES", "Backend", "BackendContext", "create_backend", "engine_for", "register_backend"]

@@ -53,6 +53,10 @@ class Backend(ABC):
     def memory_bytes(self) -> int:
         """Memory counted against the pool's budget while loaded."""
 
+    def alive(self) -> bool:
+        """False once a loaded engine stopped on its own; the pool then loads it again."""
+        return True
+
     def count_tokens(self, text: str) -> int:
         """Tokens `text` takes for this model (estimate where the tokenizer is remote)."""
         return max(1, len(text) // 4)

@@ -59,6 +59,8 @@ def quantization_config(kind: str, device: torch.device, compute_dtype: torch.dt
 
 
 class LocalBackend(Backend):
+    engine_name = "transformers"
+
     def __init__(self, spec, context):
         super().__init__(spec, context)
         self._prepared: Prepared | None = None
@@ -201,8 +203,9 @@ class LocalBackend(Backend):
         params = self._prepared.parameters if self._prepared else None
         if self.model is not None:
             params = self._parameters
-        return {"device": str(self._device), "dtype": str(self._dtype).replace("torch.", ""),
-                "quantization": self.spec.quantization, "parameters": params,
+        return {"engine": self.engine_name, "device": str(self._device),
+                "dtype": str(self._dtype).replace("torch.", ""), "quantization": self.spec.quantization,
+                "parameters": params,
                 "context_length": self.context_length if self.engine else self._context_length,
                 "kv_cache_bytes": self.context.engine.kv_cache_bytes,
                 "converted_seconds": self._prepared.converted_seconds if self._prepared else None}

@@ -21,7 +21,7 @@ def test_chat_in_the_browser_streams_a_reply(page, live_server, artifacts):
     page.goto(live_server.url)
     expect(page.locator("#ui-loaded")).to_have_text("loaded")
     box = page.locator("#chat-input textarea")
-    box.fill("What is the capital of France?")
+    box.fill("What is the capital of France? Answer in one word.")
     box.press("Enter")
     reply = page.locator("#chatbot [data-testid='bot']").last
     figures = page.locator("#reply-figures")
@@ -52,6 +52,9 @@ def test_a_page_opened_after_a_model_loaded_shows_it_ready_at_once(page, pool, e
         page.get_by_role("tab", name="Models").click()
         row = page.locator("#model-table tr", has_text=BASE_MODEL)
         assert row.locator(".state-ready").count() == 1, row.inner_text()  # at once, not after a tick
+        assert "llama.cpp" in row.inner_text()  # each version shows the engine that runs it
+        other = page.locator("#model-table tr", has_text="base-transformers")
+        assert "transformers" in other.inner_text() and "unloaded" in other.inner_text()
     finally:
         server.stop()
         pool.unload(BASE_MODEL)

@@ -86,7 +86,7 @@ def test_streamed_reply_then_stop_mid_reply_keeps_the_partial_answer(browser, ow
 
 def test_sessions_create_switch_rename_delete_and_survive_reload_and_restart(browser, own_server, artifacts):
     page = open_page(browser, own_server["server"].url)
-    send(page, "What is the capital of France?")
+    send(page, "What is the capital of France? Answer in one word.")
     expect(page.locator("#session-list label")).to_have_count(1)
     first_title = session_titles(page)[0]
     assert "capital of France" in first_title

@@ -16,7 +16,7 @@ import websockets
 
 from memory.store import SessionStore
 from tests import files
-from tests.conftest import CHAT_MODEL
+from tests.conftest import CHAT_ENGINES, CHAT_MODEL
 from tests.hardening.conftest import AppProcess
 
 LONG = [{"role": "user", "content": "Write a very long essay about the history of the sea."}]
@@ -29,16 +29,16 @@ def wait_idle(pool, within: float) -> float:
     return time.monotonic() - started
 
 
-def disconnect_sse(url: str) -> None:
-    body = {"model": CHAT_MODEL, "messages": LONG, "max_tokens": 1500, "stream": True}
+def disconnect_sse(url: str, model: str) -> None:
+    body = {"model": model, "messages": LONG, "max_tokens": 1500, "stream": True}
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as response:
         for line in response.iter_lines():
             if '"content": "' in line and '"content": ""' not in line:
                 return
 
 
-def disconnect_tgi(url: str) -> None:
-    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 1500}, "model": CHAT_MODEL}
+def disconnect_tgi(url: str, model: str) -> None:
+    body = {"inputs": "Once upon a time", "parameters": {"max_new_tokens": 1500}, "model": model}
     with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=60) as response:
         for line in response.iter_lines():
             if line.startswith("data: {"):
@@ -54,22 +54,23 @@ def disconnect_session_stream(url: str, sid: str) -> None:
                 return
 
 
-def disconnect_websocket(url: str) -> None:
+def disconnect_websocket(url: str, model: str) -> None:
     async def run():
         async with websockets.connect(url.replace("http", "ws") + "/v1/ws") as ws:
             await ws.recv()
-            await ws.send(json.dumps({"type": "generate", "id": "x", "model": CHAT_MODEL, "messages": LONG,
+            await ws.send(json.dumps({"type": "generate", "id": "x", "model": model, "messages": LONG,
                                       "params": {"max_new_tokens": 1500}}))
             while json.loads(await ws.recv())["type"] != "token":
                 pass
     asyncio.run(run())
 
 
-def test_disconnects_on_every_transport_stop_generation_and_leak_nothing(live_server, pool):
+@pytest.mark.parametrize("model", CHAT_ENGINES)
+def test_disconnects_on_every_transport_stop_generation_and_leak_nothing(live_server, pool, model):
     url = live_server.url
-    sid = httpx.post(f"{url}/v1/sessions", json={"model": CHAT_MODEL}).json()["id"]
-    transports = [lambda: disconnect_sse(url), lambda: disconnect_tgi(url),
-                  lambda: disconnect_session_stream(url, sid), lambda: disconnect_websocket(url)]
+    sid = httpx.post(f"{url}/v1/sessions", json={"model": model}).json()["id"]
+    transports = [lambda: disconnect_sse(url, model), lambda: disconnect_tgi(url, model),
+                  lambda: disconnect_session_stream(url, sid), lambda: disconnect_websocket(url, model)]
     for transport in transports:  # each one stops its generation within a second
         transport()
         assert wait_idle(pool, 3) < 1.0
@@ -77,12 +78,12 @@ def test_disconnects_on_every_transport_stop_generation_and_leak_nothing(live_se
     for n in range(50):
         transports[n % len(transports)]()
     assert wait_idle(pool, 3) < 1.0
-    engine = pool.backend(CHAT_MODEL).engine
-    assert engine.load()["running"] == 0 and engine.load()["waiting"] == 0
+    stats = pool.backend(model).load_stats()
+    assert stats["running"] == 0 and stats["waiting"] == 0
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
     assert grown_mb < 300, grown_mb  # peak RSS: no per-request leak piling up
     fresh = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
-        "model": CHAT_MODEL, "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "model": model, "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
         "max_tokens": 30, "temperature": 0}).json()
     assert "Paris" in fresh["choices"][0]["message"]["content"]
 
@@ -94,8 +95,8 @@ def test_a_batch_stops_when_its_client_leaves(live_server, pool):
     with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s and closes the connection
         httpx.post(f"{live_server.url}/v1/batch", json=body, timeout=httpx.Timeout(60, read=2.0))
     assert wait_idle(pool, 5) < 1.5
-    engine = pool.backend(CHAT_MODEL).engine
-    assert engine.load()["running"] == 0 and engine.load()["waiting"] == 0
+    stats = pool.backend(CHAT_MODEL).load_stats()
+    assert stats["running"] == 0 and stats["waiting"] == 0
 
 
 def test_sigterm_drains_in_flight_refuses_new_and_exits_cleanly(tiny_catalog, tmp_path):

@@ -17,7 +17,7 @@ from llm_pool import (
     spec_from_dict,
 )
 from llm_pool.backends import BackendContext
-from tests.conftest import CHAT_MODEL
+from tests.conftest import TRANSFORMERS_CHAT
 
 QUESTIONS = ["What is the capital of France?", "Name three colours.",
              "What is two plus two?", "Write one sentence about cats."]
@@ -30,28 +30,28 @@ def request(text, **params):
 
 
 def engine_of(pool):
-    return pool.backend(CHAT_MODEL).engine
+    return pool.backend(TRANSFORMERS_CHAT).engine
 
 
 def test_concurrent_greedy_answers_equal_sequential_ones(pool):
     engine_of(pool).prefix_cache.clear()
-    sequential = [pool.submit(CHAT_MODEL, request(q)).result(60).text for q in QUESTIONS]
+    sequential = [pool.submit(TRANSFORMERS_CHAT, request(q)).result(60).text for q in QUESTIONS]
     engine_of(pool).prefix_cache.clear()
     before = engine_of(pool).stats["peak_batch"]
-    handles = [pool.submit(CHAT_MODEL, request(q)) for q in QUESTIONS]
+    handles = [pool.submit(TRANSFORMERS_CHAT, request(q)) for q in QUESTIONS]
     concurrent = [h.result(60).text for h in handles]
     assert concurrent == sequential
     assert engine_of(pool).stats["peak_batch"] >= 2 or before >= 2  # they really shared batches
 
 
 def test_parameters_are_honoured_per_request_inside_a_batch(pool):
-    alone_greedy = pool.submit(CHAT_MODEL, request(QUESTIONS[0])).result(60).text
-    alone_sampled = pool.submit(CHAT_MODEL, request(QUESTIONS[1], temperature=1.2, seed=3)).result(60).text
-    alone_stopped = pool.submit(CHAT_MODEL, request(QUESTIONS[0], stop=["Paris"])).result(60).text
-    handles = [pool.submit(CHAT_MODEL, request(QUESTIONS[0])),
-               pool.submit(CHAT_MODEL, request(QUESTIONS[1], temperature=1.2, seed=3)),
-               pool.submit(CHAT_MODEL, request(QUESTIONS[0], stop=["Paris"])),
-               pool.submit(CHAT_MODEL, request(QUESTIONS[2], max_new_tokens=3))]
+    alone_greedy = pool.submit(TRANSFORMERS_CHAT, request(QUESTIONS[0])).result(60).text
+    alone_sampled = pool.submit(TRANSFORMERS_CHAT, request(QUESTIONS[1], temperature=1.2, seed=3)).result(60).text
+    alone_stopped = pool.submit(TRANSFORMERS_CHAT, request(QUESTIONS[0], stop=["Paris"])).result(60).text
+    handles = [pool.submit(TRANSFORMERS_CHAT, request(QUESTIONS[0])),
+               pool.submit(TRANSFORMERS_CHAT, request(QUESTIONS[1], temperature=1.2, seed=3)),
+               pool.submit(TRANSFORMERS_CHAT, request(QUESTIONS[0], stop=["Paris"])),
+               pool.submit(TRANSFORMERS_CHAT, request(QUESTIONS[2], max_new_tokens=3))]
     together = [h.result(60) for h in handles]
     assert together[0].text == alone_greedy
     assert together[1].text == alone_sampled
@@ -60,9 +60,9 @@ def test_parameters_are_honoured_per_request_inside_a_batch(pool):
 
 
 def test_cancelling_one_request_leaves_the_others_streaming(pool):
-    expected = pool.submit(CHAT_MODEL, request(QUESTIONS[3], max_new_tokens=40)).result(60).text
-    victim = pool.submit(CHAT_MODEL, request("Write a long poem.", max_new_tokens=400))
-    others = [pool.submit(CHAT_MODEL, request(QUESTIONS[3], max_new_tokens=40)) for _ in range(2)]
+    expected = pool.submit(TRANSFORMERS_CHAT, request(QUESTIONS[3], max_new_tokens=40)).result(60).text
+    victim = pool.submit(TRANSFORMERS_CHAT, request("Write a long poem.", max_new_tokens=400))
+    others = [pool.submit(TRANSFORMERS_CHAT, request(QUESTIONS[3], max_new_tokens=40)) for _ in range(2)]
     for event in victim:
         if isinstance(event, TextDelta):
             victim.cancel()
@@ -76,16 +76,16 @@ def test_next_turn_reuses_the_prefix_cache_and_answers_the_same(pool):
     engine = engine_of(pool)
     opening = request(QUESTIONS[0])
     opening.cache_scope = "user-a"
-    first = pool.submit(CHAT_MODEL, opening).result(60)
+    first = pool.submit(TRANSFORMERS_CHAT, opening).result(60)
     turn = [Message("user", QUESTIONS[0]), Message("assistant", first.text),
             Message("user", "And what is the capital of Germany?")]
     params = GenerationParams.validated(temperature=0, max_new_tokens=24)
-    cached = pool.submit(CHAT_MODEL, GenerationRequest(params, messages=turn, cache_scope="user-a")).result(60)
+    cached = pool.submit(TRANSFORMERS_CHAT, GenerationRequest(params, messages=turn, cache_scope="user-a")).result(60)
     assert cached.usage.cached_tokens >= 30  # the first turn's prompt was not recomputed
-    other = pool.submit(CHAT_MODEL, GenerationRequest(params, messages=turn, cache_scope="user-b")).result(60)
+    other = pool.submit(TRANSFORMERS_CHAT, GenerationRequest(params, messages=turn, cache_scope="user-b")).result(60)
     assert other.usage.cached_tokens == 0  # another user's prefix is never reused
     engine.prefix_cache.clear()
-    fresh = pool.submit(CHAT_MODEL, GenerationRequest(params, messages=turn, cache_scope="user-a")).result(60)
+    fresh = pool.submit(TRANSFORMERS_CHAT, GenerationRequest(params, messages=turn, cache_scope="user-a")).result(60)
     assert fresh.usage.cached_tokens == 0
     assert cached.text == fresh.text
 
@@ -127,7 +127,7 @@ def test_weights_packed_for_the_cpu_answer_like_plain_transformers(pool):
 
     from llm_pool.cpu_linear import PackedLinear, available
 
-    backend = pool.backend(CHAT_MODEL)
+    backend = pool.backend(TRANSFORMERS_CHAT)
     packed = [m for m in backend.model.modules() if isinstance(m, PackedLinear)]
     if available():
         assert len(packed) >= 7 * 30  # q, k, v, o, gate, up, down in each of the 30 layers
@@ -139,4 +139,4 @@ def test_weights_packed_for_the_cpu_answer_like_plain_transformers(pool):
             out = plain.generate(torch.tensor([ids]), max_new_tokens=20, do_sample=False)
         expected = backend.tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)
         engine_of(pool).prefix_cache.clear()
-        assert pool.submit(CHAT_MODEL, req).result(60).text == expected
+        assert pool.submit(TRANSFORMERS_CHAT, req).result(60).text == expected

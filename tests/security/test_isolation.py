@@ -7,10 +7,18 @@ from __future__ import annotations
 import uuid
 
 import httpx
+import pytest
 
+from tests.conftest import CHAT_ENGINES
 from tests.security.conftest import ADMIN, ALICE, BOB, bearer
 
 STORY = "Please remember it and then tell me a very short story about a fish who lives in a lake."
+
+
+@pytest.fixture(params=CHAT_ENGINES)
+def model(request) -> str:
+    """Every isolation test runs on both engines (llama.cpp keeps its slots per scope)."""
+    return request.param
 
 
 def cached(server, text: str, headers: dict | None = None, **extra) -> int:
@@ -20,36 +28,37 @@ def cached(server, text: str, headers: dict | None = None, **extra) -> int:
     return response.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
 
 
-def test_another_users_probes_get_nothing_from_the_cache(keyed_server_2):
+def test_another_users_probes_get_nothing_from_the_cache(keyed_server_2, model):
     """The finding, replayed: after one user sent a PIN, another user's probes of its digits got
     cached_tokens 29 / 33 / 31, leaking the digits one by one."""
     tag = uuid.uuid4().hex[:6]  # a prompt no earlier test sent
     secret = f"[{tag}] My bank PIN is 4921. {STORY}"
-    cached(keyed_server_2, secret, bearer(ALICE))
+    cached(keyed_server_2, secret, bearer(ALICE), model=model)
     # Each guess as another user's first look (later guesses of one user reuse that user's own
     # earlier probes, which tells them only what they sent themselves).
-    probes = [cached(keyed_server_2, f"[{tag}] My bank PIN is {guess}. {STORY}", bearer(key))
+    probes = [cached(keyed_server_2, f"[{tag}] My bank PIN is {guess}. {STORY}", bearer(key), model=model)
               for guess, key in (("4921", BOB), ("1111", ADMIN))]
     assert probes == [0, 0]
-    assert cached(keyed_server_2, secret, bearer(ALICE)) > 20  # the owner's own next request still reuses it
+    # the owner's own next request still reuses it
+    assert cached(keyed_server_2, secret, bearer(ALICE), model=model) > 20
 
 
-def test_anonymous_callers_share_nothing_unless_they_agree_on_a_salt(public_server):
+def test_anonymous_callers_share_nothing_unless_they_agree_on_a_salt(public_server, model):
     tag = uuid.uuid4().hex[:6]
     text = f"[{tag}] My bank PIN is 4921. {STORY}"
-    assert cached(public_server, text) == 0
-    assert cached(public_server, text) == 0  # strangers with keys off are never the same user
+    assert cached(public_server, text, model=model) == 0
+    assert cached(public_server, text, model=model) == 0  # strangers with keys off are never the same user
     salt = uuid.uuid4().hex
-    assert cached(public_server, text, cache_salt=salt) == 0
-    assert cached(public_server, text, cache_salt=salt) > 20  # an explicit shared salt is a shared cache
-    assert cached(public_server, text, cache_salt=salt + "x") == 0
+    assert cached(public_server, text, cache_salt=salt, model=model) == 0
+    assert cached(public_server, text, cache_salt=salt, model=model) > 20  # an explicit shared salt is a shared cache
+    assert cached(public_server, text, cache_salt=salt + "x", model=model) == 0
 
 
-def test_key_holders_do_not_share_a_cache_with_strangers_either(keyed_server_2):
+def test_key_holders_do_not_share_a_cache_with_strangers_either(keyed_server_2, model):
     tag = uuid.uuid4().hex[:6]
     text = f"[{tag}] Our launch code is 7-7-3. {STORY}"
-    cached(keyed_server_2, text, bearer(ALICE))
-    assert cached(keyed_server_2, text, bearer(BOB), cache_salt="guess") == 0
+    cached(keyed_server_2, text, bearer(ALICE), model=model)
+    assert cached(keyed_server_2, text, bearer(BOB), cache_salt="guess", model=model) == 0
 
 
 def test_one_users_extreme_sampling_values_do_not_fail_anyone_elses_stream(pool):

@@ -15,7 +15,7 @@ from llm_pool.backends import BackendContext
 from service import build_services
 from tests.conftest import CHAT_MODEL, make_settings, serve
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import websockets
 
 from tests.conftest import CHAT_MODEL
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
 def sse_events(response: httpx.Response) -> list:

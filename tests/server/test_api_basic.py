@@ -9,7 +9,7 @@ from openai import APIStatusError, OpenAI
 
 from tests.conftest import CHAT_MODEL
 
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+QUESTION = [{"role": "user", "content": "What is the capital of France? Answer in one word."}]
 
 
 @pytest.fixture(scope="module")

@@ -19,8 +19,8 @@ def test_session_lifecycle_over_rest(live_server):
     assert created.status_code == 201
     session = created.json()
     sid = session["id"]
-    first = httpx.post(f"{url}/v1/sessions/{sid}/messages", json={"content": "What is the capital of France?"},
-                       timeout=120).json()
+    first = httpx.post(f"{url}/v1/sessions/{sid}/messages",
+                       json={"content": "What is the capital of France? Answer in one word."}, timeout=120).json()
     assert first["role"] == "assistant" and "Paris" in first["content"]
     second = httpx.post(f"{url}/v1/sessions/{sid}/messages", json={"content": "And of Italy?"}, timeout=120).json()
     assert second["usage"]["prompt_tokens"] > first["usage"]["prompt_tokens"]  # the history went along
@@ -101,7 +101,7 @@ def test_gradio_client_chats_in_a_session(live_server):
     for name in ("/chat", "/list_sessions", "/create_session", "/delete_session", "/list_models", "/complete"):
         assert name in named
     session = client.predict("From a notebook", CHAT_MODEL, "Answer briefly.", api_name="/create_session")
-    reply = client.predict(session["id"], "What is the capital of France?", api_name="/chat")
+    reply = client.predict(session["id"], "What is the capital of France? Answer in one word.", api_name="/chat")
     assert reply.strip()
     messages = client.predict(session["id"], api_name="/session_messages")
     assert [m["role"] for m in messages] == ["user", "assistant"] and messages[1]["content"] == reply

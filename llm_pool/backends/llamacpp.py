@@ -1,0 +1,614 @@
+"""A GGUF model run by llama.cpp: a private `llama-server` process per loaded model version.
+
+Why a process and not in-process bindings: llama.cpp's server already batches many sequences
+continuously over one unified KV cache (its slots), runs on this CPU at 5-6x the transformers
+engine for the shipped quantized models, and a crash of native code in it is a failed model, not
+a dead Shoal. The pool starts it on a free loopback port with a random key (other local
+processes cannot use it), sizes its KV from the same budget as the transformers engine, stops it
+on unload, and notices when it dies (requests in flight end with an error; the next request
+loads it again).
+
+Shoal keeps what the server does not know about: who may reuse which cached prefix. Each request
+is sent to a slot Shoal picks (`id_slot`); a slot remembers whose prompt its KV holds, and a
+request may reuse it (`cache_prompt`) only when it comes from the same cache scope (a user, or an
+agreed `cache_salt`). Otherwise the slot's KV is recomputed from scratch, so no caller can see,
+time or infer another's prompt. The server's cross-slot RAM cache is off for the same reason.
+Prompts are tokenized here (the server's own tokenizer and chat template, over its API), so
+context checks, queue limits, token ids and usage work as on the transformers engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import itertools
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from .. import llamacpp_build
+from ..errors import (
+    ContextOverflowError,
+    InvalidParamsError,
+    InvalidRequestError,
+    ModelLoadError,
+    QueueFullError,
+    QueueTimeoutError,
+    ServiceUnavailableError,
+    ShoalError,
+)
+from ..sources import locate_gguf
+from ..stream import Finished, GenerationHandle, GenerationRequest, TextDelta, Usage
+from .base import Backend, Progress
+
+log = logging.getLogger("shoal.llamacpp")
+DEFAULT_MAX_NEW_TOKENS = 512
+COMPUTE_BYTES = 96 * 2**20  # llama.cpp's compute buffers and the process itself, before measuring
+
+
+@dataclass
+class _Slot:
+    id: int
+    busy: bool = False
+    scope: str | None = None  # whose prompt the slot's KV holds; None: nobody may reuse it
+    tokens: list[int] = field(default_factory=list)  # what it holds (prompt + generated)
+    used: float = 0.0
+
+
+@dataclass
+class _Waiter:
+    handle: GenerationHandle
+    ids: list[int]
+    wanted: int
+    submitted: float
+    future: asyncio.Future | None = None
+
+
+def gguf_facts(path: Path) -> dict[str, int]:
+    """Layer count, KV width and trained context from a GGUF's header (no weights read)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+
+    def value(key: str) -> Any:
+        field_ = reader.fields.get(key)
+        if field_ is None:
+            return None
+        part = field_.parts[field_.data[0]]
+        return bytes(part).decode() if field_.types and field_.types[0].name == "STRING" else int(part[0])
+
+    arch = value("general.architecture") or "llama"
+    heads = value(f"{arch}.attention.head_count") or 1
+    embed = value(f"{arch}.embedding_length") or 0
+    head_dim = value(f"{arch}.attention.key_length") or (embed // heads if heads else 0)
+    value_dim = value(f"{arch}.attention.value_length") or head_dim
+    return {"layers": value(f"{arch}.block_count") or 0, "kv_heads": value(f"{arch}.attention.head_count_kv") or heads,
+            "key_dim": head_dim, "value_dim": value_dim, "context": value(f"{arch}.context_length") or 2048}
+
+
+# The servers are started from one long-lived thread, with PR_SET_PDEATHSIG: Linux sends them
+# SIGTERM when the thread that forked them ends, and this thread ends only with Shoal itself (also
+# when Shoal is killed with -9), so no llama-server outlives the process that owns it.
+_spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama.cpp-spawn")
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:  # not Linux/glibc: unload and shutdown still stop the server
+        pass
+
+
+def _spawn(command: list[str], **kwargs) -> subprocess.Popen:
+    return _spawner.submit(subprocess.Popen, command, preexec_fn=_die_with_parent, **kwargs).result()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LlamaCppBackend(Backend):
+    engine_name = "llama.cpp"
+
+    def __init__(self, spec, context):
+        super().__init__(spec, context)
+        self._gguf: Path | None = None
+        self._facts: dict[str, int] = {}
+        self._binary: Path | None = None
+        self.slots = max(1, context.engine.max_batch_size)
+        self._threads = max(1, len(os.sched_getaffinity(0)))
+        self._process: subprocess.Popen | None = None
+        self._log_path: Path | None = None
+        self._template_file: str | None = None
+        self._base = ""
+        self._headers: dict[str, str] = {}
+        self._http: httpx.Client | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._slots: list[_Slot] = []
+        self._queue: deque[_Waiter] = deque()
+        self._running: dict[int, asyncio.Task] = {}
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # counts seen from submit() (any thread)
+        self._active = 0  # submitted and not finished (running + waiting)
+        self.lost: str | None = None  # why the server stopped on its own
+        self._ctx_total = 0
+        self._ctx_slot = 0
+        self._measured = 0
+        self.stats = {"requests": 0, "cache_reused_tokens": 0, "peak_running": 0}
+
+    # ------------------------------------------------------------------ sizing
+    def _bytes_per_token(self) -> int:
+        f = self._facts
+        return max(1, f["layers"] * f["kv_heads"] * (f["key_dim"] + f["value_dim"]) * 2)  # f16 K and V
+
+    def _plan_context(self) -> None:
+        """Per request: the model's window (catalog or GGUF). In all: what the KV budget holds,
+        at least one full window, at most one window per slot."""
+        window = min(self.spec.context_length or self._facts["context"], self._facts["context"] * 4)
+        budget_tokens = self.context.engine.kv_cache_bytes // self._bytes_per_token()
+        total = max(window, min(budget_tokens, window * self.slots))
+        self._ctx_slot = int(window) // 256 * 256 or 256
+        self._ctx_total = max(self._ctx_slot, int(total) // 256 * 256)
+
+    # ------------------------------------------------------------------ lifecycle
+    def prepare(self, progress: Progress) -> None:
+        self._binary = llamacpp_build.find_server()
+        if self._binary is None:
+            raise ModelLoadError(f"model '{self.spec.key}' runs on llama.cpp, which is not built on this "
+                                 "machine yet (python -m llm_pool.llamacpp_build build; ~10 minutes)",
+                                 code="engine_unavailable")
+        progress(0.05, "locating GGUF")
+        self._gguf = locate_gguf(self.spec, self.context.cache_dir, self.context.policy)
+        try:
+            self._facts = gguf_facts(self._gguf)
+        except Exception as exc:  # a GGUF the reader cannot parse will not load either
+            log.warning("model %s: reading the GGUF header failed: %s", self.spec.key, exc)
+            raise ModelLoadError(f"model '{self.spec.key}': the GGUF header cannot be read "
+                                 f"({type(exc).__name__})") from exc
+        self._plan_context()
+
+    def estimate_bytes(self) -> int:
+        weights = self._gguf.stat().st_size if self._gguf else 0
+        return weights + self._ctx_total * self._bytes_per_token() + COMPUTE_BYTES
+
+    def load(self, progress: Progress) -> None:
+        assert self._gguf is not None and self._binary is not None, "prepare() first"
+        progress(0.5, "starting llama.cpp")
+        port, secret = _free_port(), secrets.token_urlsafe(24)
+        logs = self.context.cache_dir / "llama.cpp-logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        self._log_path = logs / f"{self.spec.key.replace('@', '_')}.log"
+        command = [str(self._binary), "-m", str(self._gguf), "--host", "127.0.0.1", "--port", str(port),
+                   "-a", self.spec.key, "-np", str(self.slots), "-c", str(self._ctx_total), "-kvu",
+                   "--kv-unified-per-slot", str(self._ctx_slot), "-t", str(self._threads), "-tb",
+                   str(self._threads), "--cache-ram", "0", "--no-webui", "--jinja", "--no-slots",
+                   "--slot-prompt-similarity", "0"]
+        if self.spec.chat_template:
+            handle, self._template_file = tempfile.mkstemp(suffix=".jinja")
+            with os.fdopen(handle, "w") as out:
+                out.write(self.spec.chat_template)
+            command += ["--chat-template-file", self._template_file]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LLAMA_API_KEY": secret,
+               "HOME": os.environ.get("HOME", "/tmp")}
+        with open(self._log_path, "w") as out:
+            # the key goes in the environment, not the command line that `ps` shows every local user
+            self._process = _spawn(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   env=env, start_new_session=True)
+        self._base = f"http://127.0.0.1:{port}"
+        self._headers = {"Authorization": f"Bearer {secret}"}
+        self._http = httpx.Client(base_url=self._base, headers=self._headers, timeout=30)
+        deadline = time.monotonic() + 300
+        while True:
+            if self._process.poll() is not None:
+                self._log_tail("exited while loading")
+                raise ModelLoadError(f"model '{self.spec.key}': llama.cpp exited while loading "
+                                     f"(exit code {self._process.returncode}; details in the server log)")
+            try:
+                if httpx.get(f"{self._base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise ModelLoadError(f"model '{self.spec.key}': llama.cpp did not get ready in 300 s")
+            time.sleep(0.1)
+        progress(0.9, "checking")
+        probe = self._http.post("/tokenize", json={"content": "hello"})
+        if probe.status_code != 200:  # a key mismatch or an odd build: fail now, not per request
+            raise ModelLoadError(f"model '{self.spec.key}': llama.cpp refused its own key ({probe.status_code})")
+        self._measured = self._measure()
+        self._slots = [_Slot(i) for i in range(self.slots)]
+        self.lost = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"llama.cpp-{self.spec.key}",
+                                        daemon=True)
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(10)
+        progress(1.0, "ready")
+
+    def _measure(self) -> int:
+        """The server's resident memory once loaded (weights mapped, KV and compute buffers
+        allocated); counted against the budget if above the estimate."""
+        return self.resident_bytes() or 0
+
+    async def _open(self) -> None:
+        limits = httpx.Limits(max_connections=self.slots + 8, max_keepalive_connections=self.slots + 8)
+        self._client = httpx.AsyncClient(base_url=self._base, headers=self._headers, limits=limits,
+                                         timeout=httpx.Timeout(None, connect=5))
+        self._monitor = asyncio.ensure_future(self._watch())
+
+    def unload(self) -> None:
+        if self._loop is not None:
+            try:
+                asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(10)
+            except Exception:
+                log.exception("model %s: closing the llama.cpp client failed", self.spec.key)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            if self._thread:
+                self._thread.join(10)
+            self._loop = None
+        if self._http is not None:
+            self._http.close()
+            self._http = None
+        self._stop_process()
+        if self._template_file:
+            Path(self._template_file).unlink(missing_ok=True)
+            self._template_file = None
+
+    def _stop_process(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+    async def _close(self) -> None:
+        self._monitor.cancel()
+        error = ServiceUnavailableError(f"model '{self.spec.key}' is unloading", retry_after=1.0)
+        self._fail_everything(error)
+        if self._client is not None:
+            await self._client.aclose()
+
+    def alive(self) -> bool:
+        return self.lost is None
+
+    async def _watch(self) -> None:
+        """Notice a server that died on its own: every request ends with an error at once."""
+        while True:
+            await asyncio.sleep(0.2)
+            process = self._process
+            if process is not None and process.poll() is not None and self.lost is None:
+                self.lost = f"llama.cpp stopped (exit code {process.returncode})"
+                self._log_tail("stopped")
+                log.warning("model %s: %s; it loads again on the next request", self.spec.key, self.lost)
+                self._fail_everything(ServiceUnavailableError(
+                    f"model '{self.spec.key}': {self.lost}; it loads again on the next request",
+                    retry_after=1.0, code="engine_stopped"))
+
+    def _fail_everything(self, error: ShoalError) -> None:
+        while self._queue:
+            waiter = self._queue.popleft()
+            self._end(waiter.handle, error=error)
+        for task in list(self._running.values()):
+            task.cancel()  # _generate ends its handle: engine lost, or unloading
+
+    def _log_tail(self, what: str) -> None:
+        try:
+            tail = self._log_path.read_text(errors="replace")[-1500:] if self._log_path else ""
+        except OSError:
+            tail = ""
+        log.warning("model %s: llama.cpp %s; the end of its log:\n%s", self.spec.key, what, tail)
+
+    # ------------------------------------------------------------------ prompts
+    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+        if self._http is None:
+            raise ModelLoadError(f"model '{self.spec.key}' is not loaded")
+        if request.messages is not None:
+            if self.spec.kind != "chat":
+                raise InvalidRequestError(
+                    f"model '{self.spec.name}' is a completion model (a base model with no chat "
+                    "template): send a prompt to /v1/completions instead of messages",
+                    param="model", code="not_a_chat_model")
+            if not request.messages:
+                raise InvalidParamsError("messages must not be empty", param="messages")
+            templated = self._post("/apply-template", {
+                "messages": [{"role": m.role, "content": m.content} for m in request.messages]})
+            return self._post("/tokenize", {"content": templated["prompt"], "add_special": False,
+                                            "parse_special": True})["tokens"]
+        if not request.prompt:
+            raise InvalidParamsError("prompt must not be empty", param="prompt")
+        return self._post("/tokenize", {"content": request.prompt, "add_special": True,
+                                        "parse_special": True})["tokens"]
+
+    def _post(self, path: str, body: dict) -> dict:
+        try:
+            response = self._http.post(path, json=body)
+        except httpx.HTTPError as exc:
+            raise self._engine_error(exc) from exc
+        if response.status_code != 200:
+            raise InvalidRequestError(f"llama.cpp refused the prompt ({response.status_code}): "
+                                      f"{_message(response.text)}")
+        return response.json()
+
+    def _engine_error(self, exc: BaseException) -> ShoalError:
+        if self._process is not None and self._process.poll() is not None:
+            self.lost = self.lost or f"llama.cpp stopped (exit code {self._process.returncode})"
+            return ServiceUnavailableError(f"model '{self.spec.key}': {self.lost}; it loads again on the "
+                                           "next request", retry_after=1.0, code="engine_stopped")
+        return ServiceUnavailableError(f"model '{self.spec.key}': llama.cpp did not answer "
+                                       f"({type(exc).__name__})", retry_after=1.0)
+
+    def count_tokens(self, text: str) -> int:
+        if self._http is None or self.lost:
+            return super().count_tokens(text)
+        try:
+            return len(self._post("/tokenize", {"content": text, "add_special": False})["tokens"])
+        except ShoalError:
+            return super().count_tokens(text)
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        if self.lost:
+            raise ServiceUnavailableError(f"model '{self.spec.key}': {self.lost}; it loads again on the "
+                                          "next request", retry_after=1.0, code="engine_stopped")
+        if self._loop is None:
+            raise ModelLoadError(f"model '{self.spec.key}' is not loaded")
+        ids = self.prompt_ids(request)
+        limit = self._ctx_slot
+        wanted = request.params.max_new_tokens
+        if wanted is None:
+            if len(ids) >= limit:
+                raise ContextOverflowError(len(ids), 1, limit)
+            wanted = min(DEFAULT_MAX_NEW_TOKENS, limit - len(ids))
+        elif len(ids) + wanted > limit:
+            raise ContextOverflowError(len(ids), wanted, limit)
+        with self._lock:
+            capacity = self.slots + self.context.engine.queue_size
+            if self._active >= capacity:
+                raise QueueFullError(self.spec.key, max(0, self._active - self.slots), 1.0)
+            self._active += 1
+        handle = GenerationHandle(request, model=self.spec.key)
+        waiter = _Waiter(handle, list(ids), wanted, time.monotonic())
+        asyncio.run_coroutine_threadsafe(self._enqueue(waiter), self._loop)
+        return handle
+
+    def _end(self, handle: GenerationHandle, *, final: Finished | None = None,
+             error: ShoalError | None = None) -> None:
+        """Every accepted request ends here exactly once (counted out of the queue limit)."""
+        if handle.done:
+            return
+        with self._lock:
+            self._active -= 1
+        if error is not None:
+            handle.fail(error)
+        else:
+            handle.push(final)
+
+    async def _enqueue(self, waiter: _Waiter) -> None:
+        if self.lost:
+            self._end(waiter.handle, error=ServiceUnavailableError(
+                f"model '{self.spec.key}': {self.lost}", retry_after=1.0, code="engine_stopped"))
+            return
+        self._queue.append(waiter)
+        self._dispatch()
+        if waiter in self._queue:
+            timeout = waiter.handle.request.queue_timeout or self.context.engine.queue_timeout
+            asyncio.get_running_loop().call_later(timeout, self._expire, waiter)
+            asyncio.ensure_future(self._watch_cancel_queued(waiter))
+
+    def _expire(self, waiter: _Waiter) -> None:
+        if waiter in self._queue:
+            self._queue.remove(waiter)
+            self._end(waiter.handle, error=QueueTimeoutError(self.spec.key, time.monotonic() - waiter.submitted))
+
+    async def _watch_cancel_queued(self, waiter: _Waiter) -> None:
+        while waiter in self._queue:
+            if waiter.handle.cancelled:
+                self._queue.remove(waiter)
+                self._finish_cancelled(waiter, "", 0, 0, time.monotonic())
+                return
+            await asyncio.sleep(0.05)
+
+    def _dispatch(self) -> None:
+        while self._queue:
+            free = [slot for slot in self._slots if not slot.busy]
+            if not free:
+                return
+            waiter = self._queue.popleft()
+            slot, reuse = self._pick(free, waiter)
+            slot.busy = True
+            self.stats["peak_running"] = max(self.stats["peak_running"], sum(s.busy for s in self._slots))
+            task = asyncio.ensure_future(self._generate(waiter, slot, reuse))
+            self._running[id(task)] = task
+
+    def _pick(self, free: list[_Slot], waiter: _Waiter) -> tuple[_Slot, bool]:
+        """The free slot whose KV this request may reuse the most of; else an empty one; else the
+        least recently used (its KV is recomputed: nothing of another scope is reused)."""
+        scope = waiter.handle.request.cache_scope
+        if scope is not None:
+            mine = [s for s in free if s.scope == scope]
+            if mine:
+                best = max(mine, key=lambda s: (_common_prefix(s.tokens, waiter.ids), s.used))
+                if _common_prefix(best.tokens, waiter.ids) > 0:
+                    return best, True
+        empty = [s for s in free if not s.tokens]
+        if empty:
+            return empty[0], False
+        return min(free, key=lambda s: s.used), False
+
+    async def _generate(self, waiter: _Waiter, slot: _Slot, reuse: bool) -> None:
+        handle, params = waiter.handle, waiter.handle.request.params
+        started = time.monotonic()
+        slot.scope, slot.tokens, slot.used = handle.request.cache_scope, list(waiter.ids), started
+        body: dict[str, Any] = {
+            "prompt": waiter.ids, "n_predict": waiter.wanted, "stream": True, "return_tokens": True,
+            "id_slot": slot.id, "cache_prompt": reuse, "temperature": params.temperature,
+            "top_p": params.top_p, "top_k": params.top_k, "min_p": 0.0, "typical_p": 1.0,
+            "repeat_penalty": params.repetition_penalty, "repeat_last_n": self._ctx_slot,
+            "seed": params.seed if params.seed is not None else secrets.randbits(31),
+            "stop": list(params.stop), "n_probs": 1 if handle.request.want_logprobs else 0,
+            "timings_per_token": False,
+        }
+        text, produced, final = "", 0, None
+        cancel_watch = asyncio.ensure_future(self._watch_cancel(handle, asyncio.current_task()))
+        try:
+            async with self._client.stream("POST", "/completion", json=body) as response:
+                if response.status_code != 200:
+                    detail = _message((await response.aread()).decode(errors="replace"))
+                    raise InvalidRequestError(f"llama.cpp refused the request ({response.status_code}): {detail}")
+                async for line in response.aiter_lines():
+                    if not line.startswith(("data:", "error:")):
+                        continue
+                    event = json.loads(line.split(":", 1)[1])
+                    if "error" in event or line.startswith("error:"):
+                        raise InvalidRequestError(f"llama.cpp: {_message(json.dumps(event))}")
+                    piece, ids = event.get("content") or "", tuple(event.get("tokens") or ())
+                    if ids or piece:
+                        slot.tokens.extend(ids)
+                        produced += len(ids)
+                        text += piece
+                        probs = event.get("completion_probabilities") or []
+                        handle.push(TextDelta(piece, ids, tuple(p.get("logprob", 0.0) for p in probs)))
+                    if event.get("stop"):
+                        final = event
+                        break
+        except asyncio.CancelledError:
+            if self.lost:
+                self._end(handle, error=self._lost_error())
+            elif handle.cancelled:
+                slot.tokens = []  # the server stopped mid-sequence: do not trust its KV for reuse
+                self._finish_cancelled(waiter, text, produced, 0, started)
+            else:
+                self._end(handle, error=ServiceUnavailableError(f"model '{self.spec.key}' is unloading",
+                                                                retry_after=1.0))
+            return
+        except ShoalError as exc:
+            slot.tokens = []
+            self._end(handle, error=exc)
+            return
+        except Exception as exc:  # no await in here: a cancel now would skip ending the handle
+            slot.tokens = []
+            if self._process is not None:
+                try:  # a dead server shows in poll() a moment after its socket closes
+                    self._process.wait(0.3)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._end(handle, error=self._engine_error(exc))
+            return
+        finally:
+            cancel_watch.cancel()
+            slot.busy = False
+            slot.used = time.monotonic()
+            self._running.pop(id(asyncio.current_task()), None)
+            if self._loop is not None and not self.lost:
+                self._dispatch()
+        if final is None:
+            self._end(handle, error=ServiceUnavailableError(
+                f"model '{self.spec.key}': llama.cpp ended the stream early", retry_after=1.0))
+            return
+        stop_type = final.get("stop_type")
+        reason = "length" if stop_type == "limit" else "stop"
+        stopped_by = {"eos": "eos", "word": "stop_sequence"}.get(stop_type)
+        timings = final.get("timings") or {}
+        cached = int(timings.get("cache_n") or 0)
+        self.stats["requests"] += 1
+        self.stats["cache_reused_tokens"] += cached
+        now = time.monotonic()
+        ttft = handle.first_token_at - handle.created if handle.first_token_at else None
+        # the EOS the model produced counts as a completion token, as on the transformers engine
+        usage = Usage(len(waiter.ids), produced + (1 if stop_type == "eos" else 0), cached)
+        self._end(handle, final=Finished(reason, usage, text, self.spec.key, ttft, now - handle.created,
+                                         started - waiter.submitted, stopped_by))
+
+    def _lost_error(self) -> ShoalError:
+        return ServiceUnavailableError(f"model '{self.spec.key}': {self.lost or 'llama.cpp stopped'}; it "
+                                       "loads again on the next request", retry_after=1.0, code="engine_stopped")
+
+    async def _watch_cancel(self, handle: GenerationHandle, task: asyncio.Task) -> None:
+        """A cancelled handle closes its connection to the server, which stops the sequence."""
+        while not handle.cancelled:
+            await asyncio.sleep(0.05)
+        task.cancel()
+
+    def _finish_cancelled(self, waiter: _Waiter, text: str, produced: int, cached: int, started: float) -> None:
+        handle = waiter.handle
+        now = time.monotonic()
+        ttft = handle.first_token_at - handle.created if handle.first_token_at else None
+        self._end(handle, final=Finished("cancelled", Usage(len(waiter.ids), produced, cached), text,
+                                         self.spec.key, ttft, now - handle.created, started - waiter.submitted))
+
+    # ------------------------------------------------------------------ status
+    @property
+    def context_length(self) -> int:
+        return self._ctx_slot or self.spec.context_length or 2048
+
+    def memory_bytes(self) -> int:
+        return max(self._measured, self.estimate_bytes())
+
+    def resident_bytes(self) -> int | None:
+        """The process's resident memory now (weights are mapped: pages in use count)."""
+        process = self._process
+        if process is None:
+            return None
+        try:
+            for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+        return None
+
+    def info(self) -> dict[str, Any]:
+        return {"engine": self.engine_name, "device": "cpu", "dtype": "gguf",
+                "parameters": None, "context_length": self.context_length,
+                "slots": self.slots, "kv_tokens": self._ctx_total,
+                "kv_cache_bytes": self._ctx_total * self._bytes_per_token() if self._facts else None,
+                "resident_at_load_bytes": self._measured or None, "threads": self._threads,
+                "gguf": self._gguf.name if self._gguf else None}
+
+    def load_stats(self) -> dict[str, Any]:
+        busy = sum(1 for s in self._slots if s.busy)
+        return {"running": busy, "waiting": len(self._queue), "resident_bytes": self.resident_bytes(),
+                "lost": self.lost, **self.stats}
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _message(text: str) -> str:
+    try:
+        data = json.loads(text)
+        error = data.get("error", data)
+        return str(error.get("message", error))[:300] if isinstance(error, dict) else str(error)[:300]
+    except (ValueError, AttributeError):
+        return text[:300]
+
+
+__all__ = ["LlamaCppBackend", "gguf_facts"]
