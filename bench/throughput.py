@@ -3,6 +3,8 @@ in-process engine and against the naive baseline (one `generate` per request und
 
     .venv/bin/python bench/throughput.py            # full: 128 new tokens, 1..32 clients
     .venv/bin/python bench/throughput.py --quick    # 64 new tokens, 1/4/16 clients, < 5 minutes
+    .venv/bin/python bench/throughput.py --engines  # Shoal on llama.cpp, on transformers, and a bare
+                                                    # llama-server (same build, same flags) in one run
 
 Starts `python app.py` on a loopback port (a separate process, as users run it) with SmolLM2, and
 drives it with streaming `/v1/chat/completions` requests (one SSE event per token). Reports
@@ -251,7 +253,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--server-args", default="", help="extra flags for app.py, e.g. '--max-batch-size 32'")
     parser.add_argument("--version", help="measure this version of the model (hot-swapped in first)")
+    parser.add_argument("--engines", action="store_true",
+                        help="compare engines: a bare llama-server (baseline), Shoal on llama.cpp, "
+                        "Shoal on transformers")
     args = parser.parse_args()
+    if args.engines:
+        return compare_engines(args)
     sweep = args.clients or ([1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32])
     max_tokens = args.tokens or (64 if args.quick else 128)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -301,6 +308,98 @@ def main() -> None:
     report(results, max_tokens, args.out)
 
 
+def bare_llama_server(port: int, slots: int) -> subprocess.Popen:
+    """The same llama-server build and flags Shoal's llama.cpp engine uses, with nothing in front."""
+    from llm_pool import Catalog, llamacpp_build
+    from llm_pool.backends import BackendContext
+    from llm_pool.backends.llamacpp import LlamaCppBackend
+    from llm_pool.engine import EngineConfig
+
+    cache = ROOT / ".cache" / "test-models"
+    spec = Catalog.from_toml(ROOT / "models.toml").get(MODEL)
+    backend = LlamaCppBackend(spec, BackendContext(cache_dir=cache, engine=EngineConfig(max_batch_size=slots)))
+    backend.prepare(lambda fraction, stage: None)
+    command = [str(llamacpp_build.find_server()), "-m", str(backend._gguf), "--host", "127.0.0.1",
+               "--port", str(port), "-np", str(slots), "-c", str(backend._ctx_total), "-kvu", "--kv-unified-per-slot",
+               str(backend._ctx_slot), "-t", str(backend._threads), "-tb", str(backend._threads),
+               "--no-webui", "--jinja"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("llama-server did not become ready")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def compare_engines(args) -> None:
+    """One run, one machine: the bare server first, then Shoal on each engine, same prompts."""
+    sweep = args.clients or [1, 16, 32]
+    max_tokens = args.tokens or 128
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: list[Result] = []
+    port = free_port()
+    bare = bare_llama_server(port, 32)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        asyncio.run(api_run(url, 2, 8))
+        for clients in sweep:
+            streams, wall = asyncio.run(api_run(url, clients, max_tokens))
+            results.append(Result("llama-server (bare)", clients, streams, wall, server_rss(bare.pid)))
+            print(results[-1].row(), flush=True)
+    finally:
+        bare.terminate()
+        bare.wait(30)
+    for engine, version in (("llama.cpp", None), ("transformers", "instruct-transformers")):
+        port = free_port()
+        flags = ["--model-cache-dir", str(ROOT / ".cache" / "test-models"), "--max-batch-size", "32"]
+        server = start_server(port, args.out / f"data-{engine}", flags)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            if version:
+                httpx.post(f"{url}/v1/models/{MODEL}/swap", json={"version": version}, timeout=600).raise_for_status()
+            status = httpx.get(f"{url}/v1/models/{MODEL}", timeout=30).json()
+            asyncio.run(api_run(url, 2, 8))
+            for clients in sweep:
+                streams, wall = asyncio.run(api_run(url, clients, max_tokens))
+                # Shoal's memory plus its llama-server's (a child process) when that engine serves
+                rss = server_rss(server.pid) + sum(server_rss(int(p)) for p in _children(server.pid))
+                results.append(Result(f"Shoal API, {engine}", clients, streams, wall, rss))
+                print(results[-1].row(), flush=True)
+            print(f"    {engine}: resident as the pool counts it {status.get('resident_bytes', 0) / 1e9:.2f} GB",
+                  flush=True)
+        finally:
+            server.terminate()
+            server.wait(60)
+    report(results, max_tokens, args.out)
+    bare_rows = {r.clients: r for r in results if r.label.startswith("llama-server")}
+    print()
+    for r in results:
+        if r.label == "Shoal API, llama.cpp" and r.clients in bare_rows:
+            base = bare_rows[r.clients]
+            ttft = statistics.median([s.ttft for s in r.streams if s.ttft] or [0])
+            base_ttft = statistics.median([s.ttft for s in base.streams if s.ttft] or [1])
+            print(f"{r.clients} clients: Shoal/llama.cpp = {r.tok_s / base.tok_s:.2f}x the bare server's tok/s, "
+                  f"TTFT p50 {ttft / base_ttft:.2f}x")
+
+
+def _children(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return []
+
+
 def report(results: list[Result], max_tokens: int, out: Path) -> None:
     print(f"\n{max_tokens} new tokens per request, greedy, SmolLM2-135M-Instruct, CPU\n")
     print("| path | clients | aggregate tok/s | TTFT p50 s | TTFT p99 s | ITL p50 ms | ITL p99 ms "
@@ -325,7 +424,8 @@ def plot(results: list[Result], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for label, marker in (("API (Shoal)", "o"), ("in-process engine", "s"), ("naive generate + lock", "x")):
+    labels = dict.fromkeys(r.label for r in results)
+    for label, marker in zip(labels, "osx^dv"):
         points = sorted(
             (r.clients, r.tok_s, statistics.median([s.ttft for s in r.streams if s.ttft] or [0]))
             for r in results

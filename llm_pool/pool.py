@@ -70,7 +70,8 @@ class _Entry:
     @property
     def lost(self) -> bool:
         """Loaded, but its engine stopped on its own (a crashed llama.cpp process)."""
-        return self.state == READY and self.backend is not None and not self.backend.alive()
+        alive = getattr(self.backend, "alive", None)  # backends made outside Backend may lack it
+        return self.state == READY and alive is not None and not alive()
 
     @property
     def serving(self) -> bool:

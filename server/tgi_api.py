@@ -101,7 +101,8 @@ async def generate_stream(body: TGIRequest, request: Request):
     refused = _unsupported(body.parameters)
     if refused:
         return refused
-    handle = await admit(request, body.model, GenerationRequest(body.parameters.to_params(), prompt=body.inputs))
+    handle = await admit(request, body.model, GenerationRequest(body.parameters.to_params(), prompt=body.inputs,
+                                                                 want_logprobs=True))
     seed = body.parameters.seed
 
     async def events():

@@ -97,7 +97,8 @@ def gguf_facts(path: Path) -> dict[str, int]:
     head_dim = value(f"{arch}.attention.key_length") or (embed // heads if heads else 0)
     value_dim = value(f"{arch}.attention.value_length") or head_dim
     return {"layers": value(f"{arch}.block_count") or 0, "kv_heads": value(f"{arch}.attention.head_count_kv") or heads,
-            "key_dim": head_dim, "value_dim": value_dim, "context": value(f"{arch}.context_length") or 2048}
+            "key_dim": head_dim, "value_dim": value_dim, "context": value(f"{arch}.context_length") or 2048,
+            "parameters": sum(int(t.n_elements) for t in reader.tensors)}
 
 
 # The servers are started from one long-lived thread, with PR_SET_PDEATHSIG: Linux sends them
@@ -538,7 +539,8 @@ class LlamaCppBackend(Backend):
         now = time.monotonic()
         ttft = handle.first_token_at - handle.created if handle.first_token_at else None
         # the EOS the model produced counts as a completion token, as on the transformers engine
-        usage = Usage(len(waiter.ids), produced + (1 if stop_type == "eos" else 0), cached)
+        # (llama.cpp may take the EOS as one past n_predict; a caller never sees more than it asked for)
+        usage = Usage(len(waiter.ids), min(produced + (1 if stop_type == "eos" else 0), waiter.wanted), cached)
         self._end(handle, final=Finished(reason, usage, text, self.spec.key, ttft, now - handle.created,
                                          started - waiter.submitted, stopped_by))
 
@@ -582,7 +584,7 @@ class LlamaCppBackend(Backend):
 
     def info(self) -> dict[str, Any]:
         return {"engine": self.engine_name, "device": "cpu", "dtype": "gguf",
-                "parameters": None, "context_length": self.context_length,
+                "parameters": self._facts.get("parameters"), "context_length": self.context_length,
                 "slots": self.slots, "kv_tokens": self._ctx_total,
                 "kv_cache_bytes": self._ctx_total * self._bytes_per_token() if self._facts else None,
                 "resident_at_load_bytes": self._measured or None, "threads": self._threads,
