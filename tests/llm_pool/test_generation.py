@@ -18,7 +18,7 @@ from llm_pool import (
     Message,
     TextDelta,
 )
-from tests.conftest import BASE_ENGINES, CHAT_ENGINES
+from tests.conftest import BASE_ENGINES, CHAT_ENGINES, LLAMA_CHAT
 
 
 @pytest.fixture(scope="module", params=CHAT_ENGINES)
@@ -59,8 +59,12 @@ def test_length_limit_and_sampling_seed(pool, model):
     again = chat(pool, "Tell me a story.", model, temperature=1.0, seed=7, max_new_tokens=16).result(60)
     other = chat(pool, "Tell me a story.", model, temperature=1.0, seed=8, max_new_tokens=16).result(60)
     assert first.reason == "length" and first.usage.completion_tokens == 16
-    assert first.text == again.text
-    assert first.text != other.text
+    assert first.text != other.text  # the seed reaches the sampler on both engines
+    if model != LLAMA_CHAT:
+        # Exact on transformers. llama.cpp reproduces a seed on a best-effort basis only (as OpenAI
+        # documents for theirs): its attention sums over the shared KV cells in an order that
+        # depends on where they lie, so a sampled answer can drift (seen in a full-suite run).
+        assert first.text == again.text
 
 
 def test_cancel_stops_generation_within_a_second(pool, model):
