@@ -101,6 +101,9 @@ def gguf_facts(path: Path) -> dict[str, int]:
             "parameters": sum(int(t.n_elements) for t in reader.tensors)}
 
 
+_F32_TINY = 1e-30  # well inside float32, where llama.cpp keeps sampling values (1e-300 would become 0)
+
+
 # The servers are started from one long-lived thread, with PR_SET_PDEATHSIG: Linux sends them
 # SIGTERM when the thread that forked them ends, and this thread ends only with Shoal itself (also
 # when Shoal is killed with -9), so no llama-server outlives the process that owns it.
@@ -465,9 +468,12 @@ class LlamaCppBackend(Backend):
         slot.scope, slot.tokens, slot.used = handle.request.cache_scope, list(waiter.ids), started
         body: dict[str, Any] = {
             "prompt": waiter.ids, "n_predict": waiter.wanted, "stream": True, "return_tokens": True,
-            "id_slot": slot.id, "cache_prompt": reuse, "temperature": params.temperature,
-            "top_p": params.top_p, "top_k": params.top_k, "min_p": 0.0, "typical_p": 1.0,
-            "repeat_penalty": params.repetition_penalty, "repeat_last_n": self._ctx_slot,
+            "id_slot": slot.id, "cache_prompt": reuse,
+            # llama.cpp keeps these as float32: below 1e-4 a temperature is the argmax (as on transformers),
+            # and a positive penalty or top_p must stay positive after the cast
+            "temperature": 0.0 if params.greedy or params.temperature < 1e-4 else params.temperature,
+            "top_p": max(params.top_p, _F32_TINY), "top_k": params.top_k, "min_p": 0.0, "typical_p": 1.0,
+            "repeat_penalty": max(params.repetition_penalty, _F32_TINY), "repeat_last_n": self._ctx_slot,
             "seed": params.seed if params.seed is not None else secrets.randbits(31),
             "stop": list(params.stop), "n_probs": 1 if handle.request.want_logprobs else 0,
             "timings_per_token": False,

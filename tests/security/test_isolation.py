@@ -61,7 +61,7 @@ def test_key_holders_do_not_share_a_cache_with_strangers_either(keyed_server_2, 
     assert cached(keyed_server_2, text, bearer(BOB), cache_salt="guess", model=model) == 0
 
 
-def test_one_users_extreme_sampling_values_do_not_fail_anyone_elses_stream(pool):
+def test_one_users_extreme_sampling_values_do_not_fail_anyone_elses_stream(pool, model):
     """Found by the fuzzing run: temperature 1e-30 made the sampler divide into nan, which failed
     every request sharing that batch step. Such values now mean greedy, and the neighbour finishes."""
     from llm_pool import GenerationParams, GenerationRequest, Message
@@ -70,10 +70,10 @@ def test_one_users_extreme_sampling_values_do_not_fail_anyone_elses_stream(pool)
         return GenerationRequest(GenerationParams.validated(max_new_tokens=6, **params),
                                  messages=[Message("user", "Name a fish.")])
 
-    neighbour = pool.submit("smollm2-135m", request(temperature=0.8, seed=3))
-    extreme = [pool.submit("smollm2-135m", request(temperature=t, top_p=0.5, seed=1)) for t in (1e-30, 1e-300)]
-    penalty = pool.submit("smollm2-135m", request(temperature=0.7, repetition_penalty=1e-300, top_p=1e-300))
-    greedy = pool.submit("smollm2-135m", request(temperature=0)).result(120)
+    neighbour = pool.submit(model, request(temperature=0.8, seed=3))
+    extreme = [pool.submit(model, request(temperature=t, top_p=0.5, seed=1)) for t in (1e-30, 1e-300)]
+    penalty = pool.submit(model, request(temperature=0.7, repetition_penalty=1e-300, top_p=1e-300))
+    greedy = pool.submit(model, request(temperature=0)).result(120)
     assert neighbour.result(120).reason in ("stop", "length")
     assert [h.result(120).text for h in extreme] == [greedy.text, greedy.text]
     assert penalty.result(120).reason in ("stop", "length")
