@@ -75,5 +75,10 @@ def test_one_users_extreme_sampling_values_do_not_fail_anyone_elses_stream(pool,
     penalty = pool.submit(model, request(temperature=0.7, repetition_penalty=1e-300, top_p=1e-300))
     greedy = pool.submit(model, request(temperature=0)).result(120)
     assert neighbour.result(120).reason in ("stop", "length")
-    assert [h.result(120).text for h in extreme] == [greedy.text, greedy.text]
+    results = [h.result(120) for h in extreme]
+    assert all(r.reason in ("stop", "length") and r.text for r in results)
+    if model.endswith("transformers"):
+        # Such a temperature is the argmax. Only transformers reproduces greedy text exactly in a
+        # batch: llama.cpp's shared KV changes the sums with the batch's make-up (see the README).
+        assert [r.text for r in results] == [greedy.text, greedy.text]
     assert penalty.result(120).reason in ("stop", "length")
