@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from . import faults
+from .constraints import TokenConstraint
 from .detok import TextAssembler
 from .errors import (
     ContextOverflowError,
@@ -60,6 +61,7 @@ class _Job:
     cached: int = 0  # prompt tokens served from the prefix cache
     unreported: list[int] = field(default_factory=list)  # tokens not yet covered by a TextDelta
     unreported_logprobs: list[float] = field(default_factory=list)
+    unreported_top: list[list[tuple[int, float]]] = field(default_factory=list)
     holds_slot: bool = False  # admitted: counted in the engine's _active until released
     finished: bool = False  # its handle got its last event from the engine
 
@@ -80,10 +82,12 @@ class EngineConfig:
 
 class BatchEngine:
     def __init__(self, model: torch.nn.Module, decode: Callable[[Sequence[int]], str], *,
-                 name: str, eos_ids: set[int], context_length: int, config: EngineConfig):
+                 name: str, eos_ids: set[int], context_length: int, config: EngineConfig,
+                 token_bytes: Callable[[int], bytes] | None = None):
         self.model = model
         self.name = name
         self._decode = decode
+        self._token_bytes = token_bytes  # one token's bytes, for callers who read logprobs
         self._eos = eos_ids
         self.context_length = context_length
         self.config = config
@@ -136,13 +140,14 @@ class BatchEngine:
         self.prefix_cache.clear()
 
     def submit(self, handle: GenerationHandle, prompt_ids: list[int], params: GenerationParams,
-               max_new_tokens: int) -> None:
+               max_new_tokens: int, constraint: TokenConstraint | None = None, top_n: int = 0) -> None:
         if not prompt_ids:
             raise InvalidParamsError("the prompt is empty once tokenized", param="prompt")
         if len(prompt_ids) + max_new_tokens > self.max_request_tokens:
             raise ContextOverflowError(len(prompt_ids), max_new_tokens, self.max_request_tokens)
         job = _Job(handle, list(prompt_ids), max_new_tokens,
-                   RowSampler(params, prompt_ids, self.device), TextAssembler(self._decode, params.stop))
+                   RowSampler(params, prompt_ids, self.device, constraint, top_n),
+                   TextAssembler(self._decode, params.stop))
         with self._cond:
             if self._stopping:
                 raise ServiceUnavailableError(f"model '{self.name}' is unloading", retry_after=1.0)
@@ -276,11 +281,11 @@ class BatchEngine:
         out = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                          position_ids=positions.to(self.device), past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
-        firsts, logprobs = choose_tokens(out.logits[:, -1, :].float(), [job.sampler for job in jobs])
+        firsts, logprobs, tops = choose_tokens(out.logits[:, -1, :].float(), [job.sampler for job in jobs])
         keep, finished = [], []
         for i, (job, token, logprob) in enumerate(zip(jobs, firsts, logprobs)):
             job.position = len(job.prompt_ids)
-            reason = self._accept(job, token, logprob)
+            reason = self._accept(job, token, logprob, tops[i])
             if reason:
                 finished.append((job, reason))
             else:
@@ -306,16 +311,16 @@ class BatchEngine:
         self._mask = mask
         self.stats["steps"] += 1
         self.stats["peak_kv_bytes"] = max(self.stats["peak_kv_bytes"], self._kv_bytes())
-        tokens, logprobs = choose_tokens(out.logits[:, -1, :].float(), [job.sampler for job in rows])
+        tokens, logprobs, tops = choose_tokens(out.logits[:, -1, :].float(), [job.sampler for job in rows])
         done = {}
         for i, (job, token, logprob) in enumerate(zip(rows, tokens, logprobs)):
             job.position += 1
-            reason = self._accept(job, token, logprob)
+            reason = self._accept(job, token, logprob, tops[i])
             if reason:
                 done[i] = reason
         self._remove_rows(list(done), done)
 
-    def _accept(self, job: _Job, token: int, logprob: float) -> str | None:
+    def _accept(self, job: _Job, token: int, logprob: float, top: list[tuple[int, float]]) -> str | None:
         """Record a sampled token and emit its text; return the finish reason, if finished.
         (The caller finishes the job after the batch is updated, so a client that sees the end
         sees an engine that is already done with the row.)"""
@@ -323,6 +328,7 @@ class BatchEngine:
         job.sampler.observe(token)
         job.unreported.append(token)
         job.unreported_logprobs.append(logprob)
+        job.unreported_top.append(top)
         self.stats["tokens"] += 1
         if token in self._eos:
             return "stop"
@@ -337,8 +343,15 @@ class BatchEngine:
         return None
 
     def _emit(self, job: _Job, text: str) -> None:
-        job.handle.push(TextDelta(text, tuple(job.unreported), tuple(job.unreported_logprobs)))
-        job.unreported, job.unreported_logprobs = [], []
+        pieces: tuple[bytes, ...] = ()
+        top: tuple[tuple[tuple[bytes, float], ...], ...] = ()
+        if job.handle.request.want_logprobs and self._token_bytes is not None:
+            piece = self._token_bytes
+            pieces = tuple(piece(t) for t in job.unreported)
+            if job.sampler.top_n:
+                top = tuple(tuple((piece(t), lp) for t, lp in alternatives) for alternatives in job.unreported_top)
+        job.handle.push(TextDelta(text, tuple(job.unreported), tuple(job.unreported_logprobs), pieces, top))
+        job.unreported, job.unreported_logprobs, job.unreported_top = [], [], []
 
     def _end(self, job: _Job, failure: ShoalError | None = None) -> bool:
         """Mark a job done once: release its slot, forget it. False if it was already done."""

@@ -11,14 +11,18 @@ import os
 
 import torch
 
+from .constraints import TokenConstraint
 from .params import GenerationParams
 
 
 class RowSampler:
     """Per-request sampling state: parameters, a seeded generator and the tokens seen so far."""
 
-    def __init__(self, params: GenerationParams, prompt_ids: list[int], device: torch.device):
+    def __init__(self, params: GenerationParams, prompt_ids: list[int], device: torch.device,
+                 constraint: TokenConstraint | None = None, top_n: int = 0):
         self.params = params
+        self.constraint = constraint
+        self.top_n = top_n  # alternatives to report per position (top_logprobs)
         self.generator: torch.Generator | None = None
         if not params.greedy:
             seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "big")
@@ -29,15 +33,19 @@ class RowSampler:
 
     @property
     def simple_greedy(self) -> bool:
-        return self.params.greedy and self._seen is None
+        return self.params.greedy and self._seen is None and self.constraint is None
 
     def observe(self, token_id: int) -> None:
+        if self.constraint is not None:
+            self.constraint.consume(token_id)
         if self._seen is not None:
             self._seen = torch.unique(torch.cat([self._seen, self._seen.new_tensor([token_id])]))
 
     def choose(self, logits: torch.Tensor) -> int:
         """logits: [vocab] float tensor of one row."""
         params = self.params
+        if self.constraint is not None:  # tokens the grammar does not allow next become -inf
+            logits = self.constraint.restrict(logits)
         if self._seen is not None and self._seen.numel():
             logits = logits.float().clone()
             picked = logits[self._seen]
@@ -64,11 +72,19 @@ class RowSampler:
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
 
-def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler]) -> tuple[list[int], list[float]]:
-    """logits: [batch, vocab] for the last position of each row. Returns the chosen tokens and
-    their log-probabilities under the model's own distribution (before sampling settings)."""
+def choose_tokens(logits: torch.Tensor, samplers: list[RowSampler]
+                  ) -> tuple[list[int], list[float], list[list[tuple[int, float]]]]:
+    """logits: [batch, vocab] for the last position of each row. Returns the chosen tokens, their
+    log-probabilities under the model's own distribution (before sampling settings), and for rows
+    that asked for them the top alternatives as (token, logprob), best first."""
     greedy = torch.argmax(logits, dim=-1).tolist()
     chosen = [g if s.simple_greedy else s.choose(logits[i]) for i, (g, s) in enumerate(zip(greedy, samplers))]
+    norm = torch.logsumexp(logits, dim=-1)
     picked = logits.gather(1, torch.tensor(chosen, device=logits.device).unsqueeze(1)).squeeze(1)
-    logprobs = (picked - torch.logsumexp(logits, dim=-1)).tolist()
-    return chosen, logprobs
+    logprobs = (picked - norm).tolist()
+    tops: list[list[tuple[int, float]]] = [[] for _ in samplers]
+    for i, sampler in enumerate(samplers):
+        if sampler.top_n:
+            values, ids = torch.topk(logits[i], sampler.top_n)
+            tops[i] = list(zip(ids.tolist(), (values - norm[i]).tolist()))
+    return chosen, logprobs, tops

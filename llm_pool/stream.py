@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
+from .constraints import OutputFormat
 from .errors import ShoalError
 from .params import GenerationParams
 
@@ -45,6 +46,8 @@ class GenerationRequest:
     # cache_salt group. None: nothing is shared with anyone (anonymous callers).
     cache_scope: str | None = None
     want_logprobs: bool = False  # the caller reads TextDelta.logprobs (engines may skip computing them)
+    top_logprobs: int = 0  # the caller reads TextDelta.top: this many alternatives per token
+    output_format: OutputFormat | None = None  # structured output, enforced while decoding
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,10 @@ class TextDelta:
     text: str
     token_ids: tuple[int, ...]  # the tokens this delta covers (a character may span several)
     logprobs: tuple[float, ...] = ()  # log-probability of each of those tokens under the model
+    # with want_logprobs: each token's own bytes (a character may be split across tokens), and with
+    # top_logprobs: the most likely alternatives at each of those positions, (bytes, logprob) best first
+    token_bytes: tuple[bytes, ...] = ()
+    top: tuple[tuple[tuple[bytes, float], ...], ...] = ()
 
     @property
     def tokens(self) -> int:

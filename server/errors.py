@@ -19,6 +19,19 @@ from llm_pool.errors import ShoalError
 log = logging.getLogger("shoal.http")
 
 
+# Known fields of the APIs Shoal speaks that it does not support (yet): refused by name, never ignored.
+NOT_SUPPORTED = {
+    "tools": "tool calling is not supported yet", "tool_choice": "tool calling is not supported yet",
+    "parallel_tool_calls": "tool calling is not supported yet",
+    "functions": "function calling is not supported", "function_call": "function calling is not supported",
+    "logit_bias": "not supported yet", "min_p": "not supported yet", "audio": "audio output is not supported",
+    "modalities": "only text is supported",
+    "prediction": "predicted outputs are not supported", "web_search_options": "web search is not supported",
+    "reasoning_effort": "not a reasoning model", "verbosity": "not supported", "suffix": "not supported",
+    "best_of": "only 1 is supported",
+}
+
+
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -42,6 +55,9 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None, in
         return f"request body is not valid JSON: {first.get('msg')}", None, 400
     if first.get("type") == "missing" and not loc:
         return "request body is missing", None, 400
+    if first.get("type") == "extra_forbidden" and field:
+        reason = NOT_SUPPORTED.get(loc[-1], "unknown field")
+        return f"{field}: {reason} (see the README's compatibility table)", field, 400
     message = first.get("msg", "invalid value")
     return (f"{field}: {message}" if field else message), field, 422
 

@@ -20,33 +20,42 @@ class Chunk:
     text: str
     token_ids: tuple[int, ...]
     logprobs: tuple[float, ...]
+    token_bytes: tuple[bytes, ...] = ()  # filled when the request wants logprobs
+    top: tuple[tuple[tuple[bytes, float], ...], ...] = ()
+
+
+def _join(a: Chunk, b: TextDelta) -> Chunk:
+    return Chunk(a.text + b.text, a.token_ids + b.token_ids, a.logprobs + b.logprobs,
+                 a.token_bytes + b.token_bytes, a.top + b.top)
 
 
 async def chunked(handle: GenerationHandle, chunk_size: int = 1,
                   delay_ms: int = 0) -> AsyncIterator[Chunk | Finished | Failed]:
     """Yield Chunk (>= chunk_size tokens, except the last), then Finished or Failed."""
-    text, ids, logprobs = "", (), ()
+    empty = Chunk("", (), ())
+    pending = empty
     try:
         async for event in handle:
             if isinstance(event, TextDelta):
-                text, ids, logprobs = text + event.text, ids + event.token_ids, logprobs + event.logprobs
-                if len(ids) >= chunk_size:
-                    yield Chunk(text, ids, logprobs)
-                    text, ids, logprobs = "", (), ()
+                pending = _join(pending, event)
+                if len(pending.token_ids) >= chunk_size:
+                    yield pending
+                    pending = empty
                     if delay_ms:
                         await asyncio.sleep(delay_ms / 1000)
                 continue
-            if text:
-                yield Chunk(text, ids, logprobs)
+            if pending.text:
+                yield pending
             yield event
             return
     finally:
         handle.cancel()  # no-op when finished; stops generation when the client went away
 
 
-async def result_or_disconnect(handle: GenerationHandle, request) -> Finished:
+async def result_or_disconnect(handle: GenerationHandle, request, chunks: list[Chunk] | None = None) -> Finished:
     """The whole result of a non-streamed request; if the client goes away first (while queued
-    or while generating), the generation is cancelled so its slot is freed at once."""
+    or while generating), the generation is cancelled so its slot is freed at once. With
+    `chunks`, the text's pieces (with their logprobs) are collected there too."""
     async def watch() -> None:
         while not await request.is_disconnected():
             await asyncio.sleep(0.25)
@@ -54,7 +63,16 @@ async def result_or_disconnect(handle: GenerationHandle, request) -> Finished:
 
     watcher = asyncio.create_task(watch())
     try:
-        return await handle.aresult()
+        if chunks is None:
+            return await handle.aresult()
+        async for item in chunked(handle):
+            if isinstance(item, Chunk):
+                chunks.append(item)
+            elif isinstance(item, Failed):
+                raise item.error
+            else:
+                return item
+        raise RuntimeError("the stream ended without a result")
     finally:
         watcher.cancel()
 

@@ -1,17 +1,23 @@
 """TGI-protocol routes: POST /generate, /generate_stream and POST / (as TGI answers).
 
 So `huggingface_hub.InferenceClient(base_url=...)` and TGI clients work unchanged. Parameters TGI
-has and Shoal does not (grammar, watermark, best_of > 1, ...) are refused with TGI's own
-"model_kwargs are not used" message, which InferenceClient understands and retries without.
+has and Shoal does not (watermark, best_of > 1, ...) are refused with TGI's own "model_kwargs are
+not used" message, which InferenceClient understands and retries without; `grammar` (json, regex)
+is enforced while decoding; unknown fields are refused by name.
 """
 
 from __future__ import annotations
+
+import json
+from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from llm_pool import Finished, GenerationParams, GenerationRequest
+from llm_pool.constraints import OutputFormat
+from llm_pool.errors import InvalidParamsError
 from llm_pool.stream import Failed
 
 from .context import admit
@@ -20,12 +26,36 @@ from .streaming import SSE_HEADERS, Chunk, chunked, result_or_disconnect, sse
 
 router = APIRouter(tags=["TGI-compatible"])
 
-UNSUPPORTED = ("grammar", "watermark", "top_n_tokens", "typical_p", "adapter_id",
+UNSUPPORTED = ("watermark", "top_n_tokens", "typical_p", "adapter_id",
                "frequency_penalty", "decoder_input_details")
 
 
+class TGIGrammar(BaseModel):
+    """TGI's `grammar`: {"type": "json", "value": <JSON schema>} or {"type": "regex", "value": "..."}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json", "regex", "json_schema"]
+    value: dict | str
+
+    def output_format(self) -> OutputFormat:
+        value = self.value
+        if self.type == "regex":
+            if not isinstance(value, str):
+                raise InvalidParamsError("grammar.value: a regex grammar's value is a string", param="grammar.value")
+            return OutputFormat.regex(value, param="grammar.value")
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise InvalidParamsError("grammar.value: not valid JSON", param="grammar.value") from None
+        if self.type == "json_schema" and isinstance(value, dict) and isinstance(value.get("schema"), dict):
+            value = value["schema"]
+        return OutputFormat.json(value, param="grammar.value")
+
+
 class TGIParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int | None = Field(None, ge=1, le=32768)
     temperature: float | None = Field(None, gt=0, le=2)
@@ -39,13 +69,16 @@ class TGIParameters(BaseModel):
     return_full_text: bool | None = False
     best_of: int | None = Field(None, ge=1, le=1)
     truncate: int | None = None
-    grammar: dict | None = None
+    grammar: TGIGrammar | None = None
     watermark: bool | None = None
     top_n_tokens: int | None = None
     typical_p: float | None = None
     adapter_id: str | None = None
     frequency_penalty: float | None = None
     decoder_input_details: bool | None = None
+
+    def output_format(self) -> OutputFormat | None:
+        return self.grammar.output_format() if self.grammar else None
 
     def to_params(self) -> GenerationParams:
         sampling = self.do_sample or any(v is not None for v in (self.temperature, self.top_p, self.top_k)) \
@@ -86,7 +119,9 @@ async def generate(body: TGIRequest, request: Request):
     refused = _unsupported(body.parameters)
     if refused:
         return refused
-    handle = await admit(request, body.model, GenerationRequest(body.parameters.to_params(), prompt=body.inputs))
+    gen = GenerationRequest(body.parameters.to_params(), prompt=body.inputs,
+                            output_format=body.parameters.output_format())
+    handle = await admit(request, body.model, gen)
     final = await result_or_disconnect(handle, request)
     text = (body.inputs if body.parameters.return_full_text else "") + final.text
     out: dict = {"generated_text": text}
@@ -102,7 +137,8 @@ async def generate_stream(body: TGIRequest, request: Request):
     if refused:
         return refused
     handle = await admit(request, body.model, GenerationRequest(body.parameters.to_params(), prompt=body.inputs,
-                                                                 want_logprobs=True))
+                                                                 want_logprobs=True,
+                                                                 output_format=body.parameters.output_format()))
     seed = body.parameters.seed
 
     async def events():

@@ -53,7 +53,7 @@ from ..errors import (
 )
 from ..sources import locate_gguf
 from ..stream import Finished, GenerationHandle, GenerationRequest, TextDelta, Usage
-from .base import Backend, Progress
+from .base import Backend, Progress, check_token_ids
 
 log = logging.getLogger("shoal.llamacpp")
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -98,7 +98,8 @@ def gguf_facts(path: Path) -> dict[str, int]:
     value_dim = value(f"{arch}.attention.value_length") or head_dim
     return {"layers": value(f"{arch}.block_count") or 0, "kv_heads": value(f"{arch}.attention.head_count_kv") or heads,
             "key_dim": head_dim, "value_dim": value_dim, "context": value(f"{arch}.context_length") or 2048,
-            "parameters": sum(int(t.n_elements) for t in reader.tensors)}
+            "parameters": sum(int(t.n_elements) for t in reader.tensors),
+            "vocab": len(tokens.data) if (tokens := reader.fields.get("tokenizer.ggml.tokens")) else 0}
 
 
 _F32_TINY = 1e-30  # well inside float32, where llama.cpp keeps sampling values (1e-300 would become 0)
@@ -346,6 +347,13 @@ class LlamaCppBackend(Backend):
         return self._post("/tokenize", {"content": request.prompt, "add_special": True,
                                         "parse_special": True})["tokens"]
 
+    def tokenize(self, request: GenerationRequest) -> list[int]:
+        return self.prompt_ids(request)
+
+    def detokenize(self, ids: list[int]) -> str:
+        check_token_ids(ids, self._facts.get("vocab") or 0)
+        return self._post("/detokenize", {"tokens": ids})["content"]
+
     def _post(self, path: str, body: dict) -> dict:
         try:
             response = self._http.post(path, json=body)
@@ -379,6 +387,13 @@ class LlamaCppBackend(Backend):
                                           "next request", retry_after=1.0, code="engine_stopped")
         if self._loop is None:
             raise ModelLoadError(f"model '{self.spec.key}' is not loaded")
+        fmt = request.output_format
+        if fmt is not None and fmt.kind != "json":
+            raise InvalidRequestError(f"{fmt.param}: a regular expression is enforced on the transformers engine "
+                                     f"only; '{self.spec.key}' runs on llama.cpp (ask for a transformers "
+                                     "version, or a JSON schema)", param=fmt.param)
+        if fmt is not None:
+            fmt.check()
         ids = self.prompt_ids(request)
         limit = self._ctx_slot
         wanted = request.params.max_new_tokens
@@ -475,9 +490,12 @@ class LlamaCppBackend(Backend):
             "top_p": max(params.top_p, _F32_TINY), "top_k": params.top_k, "min_p": 0.0, "typical_p": 1.0,
             "repeat_penalty": max(params.repetition_penalty, _F32_TINY), "repeat_last_n": self._ctx_slot,
             "seed": params.seed if params.seed is not None else secrets.randbits(31),
-            "stop": list(params.stop), "n_probs": 1 if handle.request.want_logprobs else 0,
+            "stop": list(params.stop),
+            "n_probs": max(1, handle.request.top_logprobs) if handle.request.want_logprobs else 0,
             "timings_per_token": False,
         }
+        if handle.request.output_format is not None:  # llama.cpp turns the schema into its grammar
+            body["json_schema"] = handle.request.output_format.schema
         text, produced, final = "", 0, None
         cancel_watch = asyncio.ensure_future(self._watch_cancel(handle, asyncio.current_task()))
         try:
@@ -496,8 +514,8 @@ class LlamaCppBackend(Backend):
                         slot.tokens.extend(ids)
                         produced += len(ids)
                         text += piece
-                        probs = event.get("completion_probabilities") or []
-                        handle.push(TextDelta(piece, ids, tuple(p.get("logprob", 0.0) for p in probs)))
+                        handle.push(_delta(piece, ids, event.get("completion_probabilities") or [],
+                                           handle.request.top_logprobs))
                     if event.get("stop"):
                         final = event
                         break
@@ -617,6 +635,21 @@ def _message(text: str) -> str:
         return str(error.get("message", error))[:300] if isinstance(error, dict) else str(error)[:300]
     except (ValueError, AttributeError):
         return text[:300]
+
+
+def _delta(piece: str, ids: tuple[int, ...], probs: list[dict], top_n: int) -> TextDelta:
+    """A streamed event as a TextDelta; `probs` (llama.cpp's completion_probabilities) is there
+    only when the caller reads logprobs."""
+    if not probs:
+        return TextDelta(piece, ids)
+
+    def raw(entry: dict) -> bytes:
+        return bytes(entry["bytes"]) if entry.get("bytes") is not None else str(entry.get("token", "")).encode()
+
+    top = tuple(tuple((raw(alt), float(alt.get("logprob", 0.0))) for alt in (p.get("top_logprobs") or [])[:top_n])
+                for p in probs) if top_n else ()
+    return TextDelta(piece, ids, tuple(float(p.get("logprob", 0.0)) for p in probs),
+                     tuple(raw(p) for p in probs), top)
 
 
 __all__ = ["LlamaCppBackend", "gguf_facts"]

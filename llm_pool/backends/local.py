@@ -14,12 +14,13 @@ from typing import Any
 
 import torch
 
+from ..constraints import TokenizerGrammar
 from ..cpu_linear import pack_linears, packed_bytes
 from ..engine import BatchEngine
 from ..errors import ContextOverflowError, InvalidParamsError, InvalidRequestError, ModelLoadError
 from ..sources import Prepared, constructing, prepare
 from ..stream import GenerationHandle, GenerationRequest
-from .base import Backend, Progress
+from .base import Backend, Progress, check_token_ids
 
 log = logging.getLogger("shoal.local")
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -73,6 +74,7 @@ class LocalBackend(Backend):
         self._weights_bytes = 0
         self._parameters = 0
         self._tok_lock = threading.Lock()
+        self._grammar: TokenizerGrammar | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def prepare(self, progress: Progress) -> None:
@@ -125,14 +127,16 @@ class LocalBackend(Backend):
         self._weights_bytes = packed_bytes(model) + sum(
             t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         progress(0.95, "warming up")
+        self._grammar = TokenizerGrammar(tokenizer, config.vocab_size, self._eos_ids())
         self.engine = BatchEngine(model, self._decode, name=self.spec.key, eos_ids=self._eos_ids(),
-                                  context_length=self._context_length, config=self.context.engine)
+                                  context_length=self._context_length, config=self.context.engine,
+                                  token_bytes=self._grammar.token_bytes)
         self.engine.start()
 
     def unload(self) -> None:
         if self.engine:
             self.engine.stop()
-        self.engine = self.model = self.tokenizer = None
+        self.engine = self.model = self.tokenizer = self._grammar = None
         gc.collect()
         if self._device.type == "cuda":
             torch.cuda.empty_cache()
@@ -181,9 +185,23 @@ class LocalBackend(Backend):
             wanted = min(DEFAULT_MAX_NEW_TOKENS, limit - len(ids))
         elif len(ids) + wanted > limit:
             raise ContextOverflowError(len(ids), wanted, limit)
+        constraint = None
+        if request.output_format is not None and self._grammar is not None:
+            constraint = self._grammar.constraint(request.output_format)
         handle = GenerationHandle(request, model=self.spec.key)
-        self.engine.submit(handle, ids, request.params, wanted)
+        top_n = request.top_logprobs if request.want_logprobs else 0
+        self.engine.submit(handle, ids, request.params, wanted, constraint, top_n)
         return handle
+
+    def tokenize(self, request: GenerationRequest) -> list[int]:
+        return self.prompt_ids(request)
+
+    def detokenize(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            raise ModelLoadError(f"model '{self.spec.key}' is not loaded")
+        check_token_ids(ids, self.model.config.get_text_config().vocab_size)
+        with self._tok_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     def count_tokens(self, text: str) -> int:
         with self._tok_lock:

@@ -23,7 +23,7 @@ from typing import Any
 
 import httpx
 
-from ..errors import ModelLoadError, ServiceUnavailableError, ShoalError, UpstreamError
+from ..errors import InvalidRequestError, ModelLoadError, ServiceUnavailableError, ShoalError, UpstreamError
 from ..stream import Finished, GenerationHandle, GenerationRequest, TextDelta, Usage
 from .base import Backend, Progress
 from .openai_protocol import OpenAIProtocol
@@ -190,6 +190,10 @@ class RemoteBackend(Backend):
             raise ServiceUnavailableError(
                 f"no healthy replica for model '{self.spec.name}'", retry_after=2.0, code="no_healthy_replica"
             )
+        if request.output_format is not None:
+            param = request.output_format.param
+            raise InvalidRequestError(f"{param}: structured output is not forwarded to remote models yet; "
+                                     f"'{self.spec.name}' is served by a remote server", param=param)
         handle = GenerationHandle(request, model=self.spec.key)
         asyncio.run_coroutine_threadsafe(self._serve(handle), self._loop)
         return handle

@@ -1,0 +1,162 @@
+"""Structured output: what the generated text must be, and how each engine enforces it.
+
+An `OutputFormat` says "JSON (any object, or valid against this JSON schema)" or "a match of this
+regular expression". It is checked when the request arrives (a bad schema or pattern is a 400
+naming the field it came from), and each engine enforces it while decoding, never by checking
+afterwards:
+
+- the transformers engine masks, at every step, the tokens the grammar does not allow
+  (`TokenConstraint`, built on llguidance, the grammar engine llama.cpp and vLLM also use);
+- the llama.cpp engine passes the JSON schema to the server, which turns it into its own grammar.
+
+JSON is generated compactly (no free whitespace): a small model left to choose whitespace can
+spend its whole budget on newlines.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InvalidParamsError
+
+MAX_SCHEMA_BYTES = 64 * 1024
+MAX_PATTERN_LENGTH = 4096
+_COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+
+
+@dataclass(frozen=True)
+class OutputFormat:
+    kind: str  # "json" | "regex"
+    schema_text: str | None = None  # json: the schema as JSON text; None = any JSON object
+    pattern: str | None = None  # regex
+    param: str = "response_format"  # the request field it came from, for error messages
+
+    @property
+    def schema(self) -> dict[str, Any]:
+        return json.loads(self.schema_text) if self.schema_text else ANY_OBJECT
+
+    @classmethod
+    def json(cls, schema: dict[str, Any] | None = None, param: str = "response_format") -> OutputFormat:
+        if schema is None:
+            return cls("json", None, param=param)
+        if not isinstance(schema, dict):
+            raise InvalidParamsError(f"{param}: the JSON schema must be an object", param=param)
+        text = json.dumps(schema, separators=(",", ":"))  # key order kept: it is the output's order
+        if len(text) > MAX_SCHEMA_BYTES:
+            raise InvalidParamsError(f"{param}: the JSON schema is over {MAX_SCHEMA_BYTES // 1024} KB", param=param)
+        _check_schema(schema, param)
+        return cls("json", text, param=param)
+
+    @classmethod
+    def regex(cls, pattern: str, param: str = "grammar") -> OutputFormat:
+        if not isinstance(pattern, str) or not pattern:
+            raise InvalidParamsError(f"{param}: the regular expression must be a non-empty string", param=param)
+        if len(pattern) > MAX_PATTERN_LENGTH:
+            raise InvalidParamsError(f"{param}: the regular expression is over {MAX_PATTERN_LENGTH} "
+                                     "characters", param=param)
+        return cls("regex", pattern=pattern, param=param)
+
+    def grammar(self) -> str:
+        """The grammar in llguidance's format."""
+        from llguidance import LLMatcher
+        if self.kind == "regex":
+            return LLMatcher.grammar_from_regex(self.pattern or "")
+        return LLMatcher.grammar_from_json_schema(self.schema_text or json.dumps(ANY_OBJECT),
+                                                  overrides=_COMPACT)
+
+    def check(self) -> None:
+        """Compile the grammar once without a tokenizer: unsupported schema keywords and invalid
+        regular expressions are the caller's error, found before anything is queued. (Backends call
+        it in `submit`, off the event loop: a big schema takes a while.)"""
+        from llguidance import LLMatcher
+        try:
+            problem = LLMatcher.validate_grammar(self.grammar())
+        except ValueError as exc:
+            problem = str(exc)
+        if problem:
+            raise InvalidParamsError(f"{self.param}: {_short(problem)}", param=self.param)
+
+    def validate(self, text: str) -> bool:
+        """Does `text` satisfy this format? (For tests and clients; engines never need it.)"""
+        if self.kind == "regex":
+            import re
+            return re.fullmatch(self.pattern or "", text) is not None
+        try:
+            value = json.loads(text)
+        except ValueError:
+            return False
+        import jsonschema
+        return jsonschema.validators.validator_for(self.schema)(self.schema).is_valid(value)
+
+
+def _check_schema(schema: dict[str, Any], param: str) -> None:
+    import jsonschema
+    try:
+        jsonschema.validators.validator_for(schema).check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise InvalidParamsError(f"{param}: not a valid JSON schema ({_short(exc.message)})", param=param) from None
+
+
+def _short(message: str) -> str:
+    message = " ".join(message.split())
+    return message if len(message) <= 300 else message[:297] + "..."
+
+
+class TokenizerGrammar:
+    """llguidance's view of one model's tokenizer, for grammars and token bytes (about a second to
+    build, on first use: once per loaded model)."""
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_ids: set[int]):
+        self._source = (hf_tokenizer, vocab_size, sorted(eos_ids))
+        self._tokenizer = None
+        self._lock = threading.Lock()
+
+    def _ll(self):
+        with self._lock:
+            if self._tokenizer is None:
+                import llguidance.hf
+                tokenizer, vocab, eos = self._source
+                self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=eos)
+            return self._tokenizer
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's exact bytes (a character may be split across tokens)."""
+        return bytes(self._ll().decode_bytes([token_id]))
+
+    def constraint(self, output: OutputFormat) -> TokenConstraint:
+        from llguidance import LLMatcher
+        matcher = LLMatcher(self._ll(), output.grammar(), log_level=0)
+        if matcher.is_error():
+            raise InvalidParamsError(f"{output.param}: {_short(matcher.get_error())}", param=output.param)
+        return TokenConstraint(matcher, self._source[1])
+
+
+class TokenConstraint:
+    """One request's grammar state in the transformers engine: which tokens may come next."""
+
+    def __init__(self, matcher: Any, vocab_size: int):
+        import llguidance.torch
+        self._matcher = matcher
+        self._mask = llguidance.torch.allocate_token_bitmask(1, vocab_size)
+
+    def restrict(self, logits):
+        """logits: [vocab] of one row; returns a copy where disallowed tokens are -inf."""
+        import llguidance.torch
+        llguidance.torch.fill_next_token_bitmask(self._matcher, self._mask, 0)
+        logits = logits.float().clone().unsqueeze(0)
+        llguidance.torch.apply_token_bitmask_inplace(logits, self._mask)
+        return logits.squeeze(0)
+
+    def consume(self, token_id: int) -> None:
+        self._matcher.consume_token(token_id)
+
+    @property
+    def failed(self) -> str | None:
+        return self._matcher.get_error() or None if self._matcher.is_error() else None
+
+
+__all__ = ["OutputFormat", "TokenConstraint", "TokenizerGrammar"]
