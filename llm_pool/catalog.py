@@ -21,7 +21,7 @@ from .errors import ConflictError, InvalidParamsError, ModelNotFoundError
 
 SOURCES = ("pypi", "gguf", "local", "hub", "openai", "tgi")
 REMOTE_SOURCES = ("openai", "tgi")
-KINDS = ("chat", "completion")
+KINDS = ("chat", "completion", "embedding")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = (None, "bnb-4bit", "bnb-8bit")
 ENGINES = ("auto", "transformers", "llama.cpp")
@@ -101,7 +101,10 @@ def _validate(spec: ModelSpec) -> None:
     if spec.source not in SOURCES:
         raise bad("source", f"must be one of {', '.join(SOURCES)}")
     if spec.kind not in KINDS:
-        raise bad("kind", "must be 'chat' or 'completion'")
+        raise bad("kind", "must be 'chat', 'completion' or 'embedding'")
+    if spec.kind == "embedding" and (spec.is_remote or spec.engine != "auto" or spec.quantization):
+        raise bad("kind", "an embedding model runs here on sentence-transformers: a pypi, local or hub "
+                          "folder, with no engine or quantization")
     if spec.dtype not in DTYPES:
         raise bad("dtype", f"must be one of {', '.join(DTYPES)}")
     if spec.engine not in ENGINES:
@@ -124,7 +127,8 @@ def _validate(spec: ModelSpec) -> None:
     if not spec.location:
         raise bad("location", f"a {spec.source} source needs a location")
     if spec.source == "pypi" and not (spec.file or spec.assemble):
-        raise bad("file", "a pypi source needs the GGUF's path inside the package, or assemble = true")
+        raise bad("file", "a pypi source needs the GGUF's path (or, for an embedding model, the model "
+                          "folder's) inside the package, or assemble = true")
     if spec.source == "pypi" and not PACKAGE_RE.match(spec.location):
         raise bad("location", "a pypi source's location is a package name (letters, digits, '.', '_', '-')")
     if spec.source == "hub" and (not HUB_RE.match(spec.location) or ".." in spec.location):

@@ -21,16 +21,19 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from . import faults
 from .backends import Backend, BackendContext, create_backend, engine_for
 from .catalog import Catalog, ModelSpec
 from .errors import ConflictError, InsufficientMemoryError, ModelLoadError, ShoalError
 from .stream import GenerationHandle, GenerationRequest
+
+T = TypeVar("T")
 
 log = logging.getLogger("shoal.pool")
 
@@ -152,6 +155,20 @@ class ModelPool:
             raise
         handle.on_done(lambda _handle: self._release(entry))
         return handle
+
+    def use(self, ref: str | None, work: Callable[[Backend], T], timeout: float | None = None) -> T:
+        """Run `work` with the model's backend, loading it first if needed; the model counts as in
+        use meanwhile (it is not evicted or swapped out from under `work`)."""
+        entry = self._acquire(ref, self.load_timeout if timeout is None else timeout)
+        try:
+            return work(entry.backend)
+        finally:
+            self._release(entry)
+
+    async def ause(self, ref: str | None, work: Callable[[Backend], T], timeout: float | None = None) -> T:
+        """`use` for event loops (off the loop)."""
+        self.resolve(ref)
+        return await asyncio.get_running_loop().run_in_executor(self._waiters, self.use, ref, work, timeout)
 
     async def asubmit(self, ref: str | None, request: GenerationRequest,
                       timeout: float | None = None) -> GenerationHandle:

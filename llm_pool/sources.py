@@ -64,6 +64,17 @@ def prepare(spec: ModelSpec, cache_dir: Path, progress: Progress, policy: Source
         policy.local_path(spec)  # raises ModelLoadError naming the field; reads nothing
     if checked and spec.source == "pypi" and spec.assemble and spec.location not in policy.assemble_packages:
         raise ModelLoadError(f"model '{spec.key}': assemble is allowed only for the catalog's packages")
+    if spec.source == "local" or (spec.source == "hub" and not spec.file):
+        return prepare_folder(spec, progress, policy)
+    progress(0.05, "locating GGUF")
+    gguf_path = _locate_gguf(spec, cache_dir)
+    return _converted(spec, gguf_path, cache_dir, progress)
+
+
+def prepare_folder(spec: ModelSpec, progress: Progress, policy: SourcePolicy | None = None) -> Prepared:
+    """A transformers folder as it is: a local folder or a Hub snapshot (no conversion)."""
+    if policy is not None and not policy.is_trusted(spec) and spec.source == "local":
+        policy.local_path(spec)
     if spec.source == "local":
         folder = Path(spec.location).expanduser()
         if not (folder / "config.json").is_file():
@@ -71,9 +82,7 @@ def prepare(spec: ModelSpec, cache_dir: Path, progress: Progress, policy: Source
         return Prepared(str(folder), count_safetensors_parameters(folder))
     if spec.source == "hub" and not spec.file:
         return Prepared(_hub_snapshot(spec, progress), None)
-    progress(0.05, "locating GGUF")
-    gguf_path = _locate_gguf(spec, cache_dir)
-    return _converted(spec, gguf_path, cache_dir, progress)
+    raise ModelLoadError(f"model '{spec.key}': a {spec.source} source with a file is not a model folder")
 
 
 def locate_gguf(spec: ModelSpec, cache_dir: Path, policy: SourcePolicy | None = None) -> Path:

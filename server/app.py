@@ -14,7 +14,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from service import Services
 
-from . import batch_api, files_api, models_api, openai_api, sessions_api, tgi_api, ws_api
+from . import batch_api, embeddings_api, files_api, models_api, openai_api, sessions_api, tgi_api, tokens_api, ws_api
 from .auth import COOKIE, IdentityMiddleware, login_page, parse_login_form
 from .errors import install_error_handlers
 from .guards import BodyLimitMiddleware, DrainMiddleware
@@ -42,7 +42,8 @@ def create_app(services: Services, *, with_ui: bool = True, own_services: bool =
                   description="A pool of LLMs behind OpenAI- and TGI-compatible APIs and a chat UI.")
     app.state.services = services
     install_error_handlers(app)
-    for module in (models_api, openai_api, tgi_api, batch_api, sessions_api, files_api, ws_api):
+    for module in (models_api, openai_api, tgi_api, tokens_api, embeddings_api, batch_api, sessions_api, files_api,
+                   ws_api):
         app.include_router(module.router)
     _add_service_routes(app, services)
     if with_ui:

@@ -26,7 +26,7 @@ def create_ui(services: Services) -> gr.Blocks:
     all_models = catalog.names()
     default_chat = services.pool.default_model if services.pool.default_model in chat_models \
         else (chat_models[0] if chat_models else None)
-    completion_models = [n for n in all_models if catalog.get(n).kind == "completion"] or all_models
+    completion_models = [n for n in all_models if catalog.get(n).kind == "completion"] or chat_models
     handlers = ChatHandlers(services, default_chat)
 
     with gr.Blocks(title="Shoal", fill_height=True) as demo:

@@ -20,7 +20,7 @@ import torch
 
 from llm_pool import Catalog, EngineConfig, GenerationHandle, GenerationRequest, ModelPool, ShoalError
 from llm_pool.backends import BackendContext
-from llm_pool.errors import PayloadTooLargeError
+from llm_pool.errors import InvalidParamsError, PayloadTooLargeError
 from llm_pool.policy import SourcePolicy
 from memory.embeddings import Embedder
 from memory.store import SessionStore
@@ -81,6 +81,37 @@ class Services:
             raise
         handle.on_done(lambda h: self._finished(h, client))
         return handle
+
+    async def tokenize(self, model: str | None, request: GenerationRequest, caller: Caller) -> tuple[list[int], int]:
+        """The prompt's token ids as the model sees them (chat template applied), and its context
+        length. Counted by the rate limiter like a generation: it loads models and uses CPU."""
+        self._check_size(request)
+        self.limiter.admit(caller.rate_key)
+        return await self.pool.ause(model, lambda backend: (backend.tokenize(request), backend.context_length))
+
+    async def embed(self, model: str | None, texts: list[str], caller: Caller):
+        """(vectors, tokens, model key) from an embedding model of the pool; the default is the
+        catalog's first embedding model."""
+        if model is None:
+            model = next((n for n in self.catalog.names() if self.catalog.get(n).kind == "embedding"), None)
+            if model is None:
+                raise InvalidParamsError("model: no embedding model is in the catalog", param="model")
+        for i, text in enumerate(texts):
+            if len(text) > self.settings.max_message_chars:
+                raise PayloadTooLargeError(f"input.{i} has {len(text)} characters; the limit is "
+                                           f"{self.settings.max_message_chars}", param=f"input.{i}")
+        if self.pool.spec(model).kind != "embedding":
+            raise InvalidParamsError(f"model: '{model}' is not an embedding model", param="model")
+        self.limiter.admit(caller.rate_key)
+
+        def work(backend):
+            vectors, tokens = backend.embed(texts)
+            return vectors, tokens, backend.spec.key
+        return await self.pool.ause(model, work)
+
+    async def detokenize(self, model: str | None, ids: list[int], caller: Caller) -> str:
+        self.limiter.admit(caller.rate_key)
+        return await self.pool.ause(model, lambda backend: backend.detokenize(ids))
 
     def _check_size(self, request: GenerationRequest) -> None:
         limit = self.settings.max_message_chars

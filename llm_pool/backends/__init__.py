@@ -23,6 +23,8 @@ def engine_for(spec: ModelSpec, device: str = "auto") -> str:
     CPU (when llama.cpp is built here or can be), transformers for the rest and on CUDA."""
     if spec.is_remote:
         return "remote"
+    if spec.kind == "embedding":
+        return "sentence-transformers"
     if spec.engine != "auto":
         return spec.engine
     from .. import llamacpp_build
@@ -45,6 +47,9 @@ def create_backend(spec: ModelSpec, context: BackendContext) -> Backend:
     if spec.source not in _FACTORIES:
         _register_defaults()
     factory = _FACTORIES[spec.source]
+    if spec.kind == "embedding":
+        from .embedding import EmbeddingBackend
+        return EmbeddingBackend(spec, context)
     if getattr(factory, "engine_name", None) == "transformers" and engine_for(spec, context.device) == "llama.cpp":
         from .llamacpp import LlamaCppBackend
         return LlamaCppBackend(spec, context)

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..catalog import ModelSpec
 from ..engine import EngineConfig
+from ..errors import InvalidParamsError, InvalidRequestError
 from ..policy import SourcePolicy
 from ..stream import GenerationHandle, GenerationRequest
 
@@ -57,6 +58,15 @@ class Backend(ABC):
         """False once a loaded engine stopped on its own; the pool then loads it again."""
         return True
 
+    def tokenize(self, request: GenerationRequest) -> list[int]:
+        """The token ids the model would see for this request (chat template applied)."""
+        raise InvalidRequestError(f"model '{self.spec.name}' is served remotely: its tokenizer is not here",
+                                  param="model", code="no_tokenizer")
+
+    def detokenize(self, ids: list[int]) -> str:
+        raise InvalidRequestError(f"model '{self.spec.name}' is served remotely: its tokenizer is not here",
+                                  param="model", code="no_tokenizer")
+
     def count_tokens(self, text: str) -> int:
         """Tokens `text` takes for this model (estimate where the tokenizer is remote)."""
         return max(1, len(text) // 4)
@@ -72,3 +82,17 @@ class Backend(ABC):
     def load_stats(self) -> dict[str, Any]:
         """Live figures: running/waiting requests, KV use."""
         return {}
+
+
+MAX_DETOKENIZE = 100_000
+
+
+def check_token_ids(ids: list[int], vocab: int) -> None:
+    """Ids from a caller are data: each must be a token of this model (llama.cpp is not asked
+    about ids it does not have)."""
+    if len(ids) > MAX_DETOKENIZE:
+        raise InvalidParamsError(f"tokens: at most {MAX_DETOKENIZE} ids", param="tokens")
+    for i, value in enumerate(ids):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+            raise InvalidParamsError(f"tokens.{i}: {value!r} is not a token id of this model (0..{vocab - 1})",
+                                     param=f"tokens.{i}")

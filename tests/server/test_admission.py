@@ -67,7 +67,8 @@ def test_rate_limit_answers_429_with_retry_after(pool, tmp_path):
 @pytest.mark.parametrize("method, path", [
     ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/generate"), ("POST", "/"),
     ("GET", "/metrics"), ("POST", "/v1/batch"), ("GET", "/gradio_api/info"), ("GET", "/openapi.json"),
-    ("POST", "/v1/models/smollm2-135m/load"),
+    ("POST", "/v1/models/smollm2-135m/load"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+    ("POST", "/v1/embeddings"), ("POST", "/api/embed"),
 ])
 def test_with_keys_every_route_but_health_needs_one(keyed_server, method, path):
     response = httpx.request(method, f"{keyed_server.url}{path}", json={})

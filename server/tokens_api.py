@@ -1,0 +1,67 @@
+"""Tokenizer routes: POST /tokenize and /detokenize, in the shapes vLLM and llama.cpp's server use.
+
+`/tokenize` takes a `prompt` (vLLM) or `content` (llama.cpp), or chat `messages` (the chat
+template applied, as the model will see them), and answers `tokens`, `count` and
+`max_model_len`. `/detokenize` takes `tokens` and answers `prompt` (vLLM) and `content`
+(llama.cpp). Same owner as generation: anyone with keys off, a key holder with keys on.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from llm_pool import GenerationParams, GenerationRequest
+from llm_pool.errors import InvalidParamsError
+
+from .auth import caller_of
+from .context import services_of
+from .openai_api import ChatMessageIn
+
+router = APIRouter(tags=["Tokenizer"])
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=200)
+    prompt: str | None = Field(None, description="Text to tokenize (vLLM's field).")
+    content: str | None = Field(None, description="Text to tokenize (llama.cpp's field).")
+    messages: list[ChatMessageIn] | None = Field(None, min_length=1, max_length=10_000,
+                                                 description="A chat, with the model's template applied.")
+    add_special_tokens: bool | None = Field(None, description="Accepted when true (the default): "
+                                            "the model's own special tokens are always added.")
+    add_special: bool | None = Field(None, description="llama.cpp's name for add_special_tokens.")
+    add_generation_prompt: bool | None = Field(None, description="With messages: accepted when true "
+                                               "(the default), as generation applies it.")
+
+    def request(self) -> GenerationRequest:
+        texts = [t for t in (self.prompt, self.content) if t is not None]
+        if len(texts) + (self.messages is not None) != 1:
+            raise InvalidParamsError("send exactly one of prompt, content or messages", param="prompt")
+        for name in ("add_special_tokens", "add_special", "add_generation_prompt"):
+            if getattr(self, name) is False:  # refused rather than ignored: the ids would not be what was asked
+                raise InvalidParamsError(f"{name}: false is not supported; tokens are counted as "
+                                         "generation sees them", param=name)
+        if self.messages is not None:
+            return GenerationRequest(GenerationParams(), messages=[m.to_message() for m in self.messages])
+        return GenerationRequest(GenerationParams(), prompt=texts[0])
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=200)
+    tokens: list[int] = Field(max_length=100_000)
+
+
+@router.post("/tokenize", summary="Tokenize a prompt or a chat (vLLM / llama.cpp shape)")
+async def tokenize(body: TokenizeRequest, request: Request):
+    ids, context = await services_of(request).tokenize(body.model, body.request(), caller_of(request))
+    return {"tokens": ids, "count": len(ids), "max_model_len": context}
+
+
+@router.post("/detokenize", summary="Token ids back to text (vLLM / llama.cpp shape)")
+async def detokenize(body: DetokenizeRequest, request: Request):
+    text = await services_of(request).detokenize(body.model, body.tokens, caller_of(request))
+    return {"prompt": text, "content": text}

@@ -1,0 +1,70 @@
+"""Embeddings from the pool's embedding model (all-MiniLM-L6-v2, shipped offline) through the real
+`openai` client (which asks for base64 by default) and Ollama's /api/embed shape."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+from openai import OpenAI
+
+TEXTS = ["A cat sat on the mat.", "A kitten was sitting on a rug.", "Stock markets fell sharply today."]
+
+
+@pytest.fixture(scope="module")
+def client(live_server) -> OpenAI:
+    return OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_openai_client_gets_unit_vectors_that_rank_meaning(client, embedder):
+    result = client.embeddings.create(model="all-minilm-l6-v2", input=TEXTS)  # base64 on the wire
+    vectors = np.array([d.embedding for d in sorted(result.data, key=lambda d: d.index)])
+    assert vectors.shape == (3, 384)
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    cat, kitten, stocks = vectors
+    assert cat @ kitten > cat @ stocks + 0.2
+    assert result.usage.prompt_tokens > 3 * 5
+    # the same model the retrieval memory uses: the same vectors
+    assert np.allclose(vectors, embedder.embed(TEXTS), atol=1e-4)
+    floats = client.embeddings.create(model="all-minilm-l6-v2", input=TEXTS[0], encoding_format="float")
+    assert np.allclose(floats.data[0].embedding, cat, atol=1e-6)
+
+
+def test_a_request_naming_no_model_gets_the_catalogs_embedding_model(live_server, client):
+    named = client.embeddings.create(model="all-minilm-l6-v2", input=TEXTS[0], encoding_format="float")
+    default = httpx.post(f"{live_server.url}/v1/embeddings", json={"input": TEXTS[0]}, timeout=60).json()
+    assert default["model"].startswith("all-minilm-l6-v2")
+    assert np.allclose(default["data"][0]["embedding"], named.data[0].embedding, atol=1e-5)
+
+
+def test_ollama_embed_shape(live_server):
+    answer = httpx.post(f"{live_server.url}/api/embed", json={"model": "all-minilm-l6-v2", "input": TEXTS[:2]},
+                        timeout=60).json()
+    assert len(answer["embeddings"]) == 2 and len(answer["embeddings"][0]) == 384
+    assert answer["prompt_eval_count"] > 0
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"input": " ".join(["word"] * 2000)}, "input.0"),  # longer than the model reads: refused, not cut
+    ({"input": [[1, 2, 3]]}, "input.0"),
+    ({"input": "hi", "dimensions": 128}, "dimensions"),
+    ({"input": "hi", "model": "smollm2-135m"}, "model"),
+    ({"input": "hi", "encoding_format": "int8"}, "encoding_format"),
+])
+def test_bad_embedding_requests_are_refused_by_name(live_server, body, field):
+    response = httpx.post(f"{live_server.url}/v1/embeddings", json=body, timeout=60)
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["error"]["param"] == field
+
+
+def test_the_embedding_model_lives_in_the_pool_like_any_model(live_server, client, pool):
+    client.embeddings.create(model="all-minilm-l6-v2", input="warm")
+    listed = {m["id"]: m for m in httpx.get(f"{live_server.url}/v1/models").json()["data"]}
+    assert listed["all-minilm-l6-v2"]["kind"] == "embedding" and listed["all-minilm-l6-v2"]["state"] == "ready"
+    chat = httpx.post(f"{live_server.url}/v1/chat/completions", timeout=60, json={
+        "model": "all-minilm-l6-v2", "messages": [{"role": "user", "content": "hi"}]})
+    assert chat.status_code == 400 and chat.json()["error"]["param"] == "model"
+    pool.unload("all-minilm-l6-v2")
+    assert pool.status("all-minilm-l6-v2")["state"] == "unloaded"
+    again = client.embeddings.create(model="all-minilm-l6-v2", input="loads again on demand")
+    assert len(again.data[0].embedding) == 384
