@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConflictError, InvalidParamsError, ModelNotFoundError
+from .params import keep_alive_seconds
 
 SOURCES = ("pypi", "gguf", "local", "hub", "openai", "tgi")
 REMOTE_SOURCES = ("openai", "tgi")
@@ -56,6 +57,9 @@ class ModelSpec:
     options: dict[str, Any] = field(default_factory=dict)  # remote: timeouts, limits, api_key_env
     # auto: llama.cpp for a GGUF on a CPU, transformers for folders, Hub models and on CUDA
     engine: str = "auto"
+    # unload after this many idle seconds (Ollama's keep_alive: "5m", 300; 0 = as soon as idle);
+    # None: stays loaded until evicted or unloaded
+    idle_unload: float | None = None
 
     @property
     def key(self) -> str:
@@ -85,6 +89,8 @@ def spec_from_dict(data: dict[str, Any]) -> ModelSpec:
     values["version"] = str(values["version"])
     values["replicas"] = tuple(values.get("replicas") or ())
     values["options"] = dict(values.get("options") or {})
+    if values.get("idle_unload") is not None:
+        values["idle_unload"] = keep_alive_seconds(values["idle_unload"], "idle_unload")
     spec = ModelSpec(**values)
     _validate(spec)
     return spec

@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import InvalidParamsError
+from .errors import InvalidParamsError, InvalidRequestError
 
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_PATTERN_LENGTH = 4096
@@ -113,23 +113,36 @@ class TokenizerGrammar:
     def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_ids: set[int]):
         self._source = (hf_tokenizer, vocab_size, sorted(eos_ids))
         self._tokenizer = None
+        self._unsupported: str | None = None  # why llguidance cannot read this tokenizer
         self._lock = threading.Lock()
 
     def _ll(self):
         with self._lock:
-            if self._tokenizer is None:
+            if self._tokenizer is None and self._unsupported is None:
                 import llguidance.hf
                 tokenizer, vocab, eos = self._source
-                self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=eos)
+                try:
+                    self._tokenizer = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab, eos_token=eos)
+                except Exception as exc:  # e.g. a tokenizer with no decoder llguidance knows
+                    self._unsupported = _short(str(exc))
             return self._tokenizer
 
     def token_bytes(self, token_id: int) -> bytes:
-        """One token's exact bytes (a character may be split across tokens)."""
-        return bytes(self._ll().decode_bytes([token_id]))
+        """One token's exact bytes (a character may be split across tokens); for a tokenizer
+        llguidance cannot read, the token's decoded text."""
+        ll = self._ll()
+        if ll is None:
+            return self._source[0].decode([token_id]).encode("utf-8", errors="replace")
+        return bytes(ll.decode_bytes([token_id]))
 
     def constraint(self, output: OutputFormat) -> TokenConstraint:
         from llguidance import LLMatcher
-        matcher = LLMatcher(self._ll(), output.grammar(), log_level=0)
+        ll = self._ll()
+        if ll is None:
+            raise InvalidRequestError(f"{output.param}: structured output is not available for this model: its "
+                                      f"tokenizer is not one the grammar engine reads ({self._unsupported})",
+                                      param=output.param)
+        matcher = LLMatcher(ll, output.grammar(), log_level=0)
         if matcher.is_error():
             raise InvalidParamsError(f"{output.param}: {_short(matcher.get_error())}", param=output.param)
         return TokenConstraint(matcher, self._source[1])

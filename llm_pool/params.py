@@ -8,6 +8,7 @@ pydantic models (so they show in OpenAPI), but the core never trusts that they d
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -17,6 +18,7 @@ MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
 MAX_SEED = 2**63 - 1
 MAX_NEW_TOKENS_LIMIT = 32768
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,10 @@ class GenerationParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    min_p: float = 0.0  # 0 = off; else tokens below min_p x the best token's probability are dropped
+    presence_penalty: float = 0.0  # subtracted from a token's logit once it was generated
+    frequency_penalty: float = 0.0  # subtracted per time it was generated
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)  # (token id, added to its logit)
 
     @property
     def greedy(self) -> bool:
@@ -36,7 +42,13 @@ class GenerationParams:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["stop"] = list(self.stop)
+        data["logit_bias"] = {str(k): v for k, v in self.logit_bias}
         return data
+
+    @property
+    def shapes_logits(self) -> bool:
+        """Whether anything but temperature / top-k / top-p changes the logits (greedy too)."""
+        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def updated(self, **changes: Any) -> GenerationParams:
         """A copy with `changes` applied (None values ignored), validated."""
@@ -64,6 +76,10 @@ class GenerationParams:
             "repetition_penalty": lambda v: _float(v, "repetition_penalty", 0.0, 10.0, low_open=True),
             "seed": lambda v: _int(v, "seed", 0, MAX_SEED),
             "stop": _stop,
+            "min_p": lambda v: _float(v, "min_p", 0.0, 1.0),
+            "presence_penalty": lambda v: _float(v, "presence_penalty", -2.0, 2.0),
+            "frequency_penalty": lambda v: _float(v, "frequency_penalty", -2.0, 2.0),
+            "logit_bias": _logit_bias,
         }
         cleaned = {name: checks[name](value) for name, value in values.items()}
         return replace(out, **cleaned)
@@ -105,3 +121,58 @@ def _stop(value: Any) -> tuple[str, ...]:
             raise InvalidParamsError(f"stop sequences are at most {MAX_STOP_LENGTH} characters",
                                      param="stop")
     return tuple(value)
+
+
+def _logit_bias(value: Any) -> tuple[tuple[int, float], ...]:
+    """{token id (as a string, OpenAI's JSON): bias in [-100, 100]} or (id, bias) pairs. Whether
+    each id is a token of the model is checked by the backend, which knows its vocabulary."""
+    pairs = value.items() if isinstance(value, dict) else value
+    if not isinstance(pairs, (list, tuple, type({}.items()))):
+        raise InvalidParamsError("logit_bias must map token ids to biases", param="logit_bias")
+    pairs = list(pairs)
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise InvalidParamsError(f"logit_bias takes at most {MAX_LOGIT_BIAS} tokens", param="logit_bias")
+    out = {}
+    for pair in pairs:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise InvalidParamsError("logit_bias must map token ids to biases", param="logit_bias")
+        key, bias = pair
+        try:
+            token = int(key) if not isinstance(key, bool) and str(key).lstrip("-").isdigit() else None
+        except (TypeError, ValueError):
+            token = None
+        if token is None or token < 0:
+            raise InvalidParamsError(f"logit_bias.{key}: not a token id", param=f"logit_bias.{key}")
+        out[token] = _float(bias, f"logit_bias.{key}", -100.0, 100.0)
+    return tuple(sorted(out.items()))
+
+
+MAX_KEEP_ALIVE = 10 * 365 * 86400.0
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def keep_alive_seconds(value: Any, param: str = "keep_alive") -> float | None:
+    """Ollama's keep_alive: seconds (a number), a duration ("30s", "10m", "1h30m"), 0 = unload as
+    soon as idle, a negative value = keep loaded forever (None)."""
+    if isinstance(value, bool) or value is None:
+        raise InvalidParamsError(f"{param}: a number of seconds or a duration such as '10m'", param=param)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = float(text)
+        except ValueError:
+            match = _DURATION.match(text) if text and not text.startswith("-") else None
+            if match is None or not any(match.groups()):
+                if text.startswith("-") and _DURATION.match(text[1:]):
+                    return None  # "-1m": forever, as Ollama reads any negative duration
+                raise InvalidParamsError(f"{param}: '{value}' is not a duration (say 300, '5m' or '1h30m')",
+                                         param=param) from None
+            hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+            value = hours * 3600 + minutes * 60 + seconds
+    if not isinstance(value, (int, float)) or math.isnan(value):
+        raise InvalidParamsError(f"{param}: a number of seconds or a duration such as '10m'", param=param)
+    if value < 0:
+        return None
+    if value > MAX_KEEP_ALIVE:
+        raise InvalidParamsError(f"{param}: at most {MAX_KEEP_ALIVE:.0f} s (or -1: forever)", param=param)
+    return float(value)

@@ -60,6 +60,13 @@ class _Entry:
     attempt: int = 0
     failure: ShoalError | None = None  # why the last load failed
     info: dict[str, Any] = field(default_factory=dict)
+    keep_alive: float | None = None  # idle seconds before it is unloaded; None: until evicted
+
+    def expires_at(self) -> float | None:
+        """Wall-clock time at which this idle model will be unloaded (None: not counting down)."""
+        if self.state != READY or self.keep_alive is None or self.in_flight or self.pinned:
+            return None
+        return time.time() + max(0.0, self.last_used + self.keep_alive - time.monotonic())
 
     def raise_failure(self) -> None:
         error = copy.copy(self.failure) if self.failure else None
@@ -79,6 +86,9 @@ class _Entry:
     @property
     def serving(self) -> bool:
         return self.state == READY and not self.draining and not self.lost
+
+
+KEEP = object()  # submit(keep_alive=KEEP): leave the model's keep-alive as it is
 
 
 def _gb(n: int) -> str:
@@ -113,12 +123,13 @@ class ModelPool:
             catalog.get(*_split(default_model))  # raises ModelNotFoundError for a bad default
         self.default_model = default_model or (names[0] if names else None)
         self._restore_state()
+        threading.Thread(target=self._expire_idle, daemon=True, name="pool-keep-alive").start()
 
     # ------------------------------------------------------------------ names and versions
     def _entry_for(self, spec: ModelSpec) -> _Entry:
         entry = self._entries.get(spec.key)
         if entry is None:
-            entry = self._entries[spec.key] = _Entry(spec)
+            entry = self._entries[spec.key] = _Entry(spec, keep_alive=spec.idle_unload)
         return entry
 
     def _active_version(self, name: str) -> str:
@@ -145,9 +156,10 @@ class ModelPool:
 
     # ------------------------------------------------------------------ generation
     def submit(self, ref: str | None, request: GenerationRequest,
-               timeout: float | None = None) -> GenerationHandle:
-        """Start a generation, loading the model first if needed (waits at most `timeout`)."""
-        entry = self._acquire(ref, self.load_timeout if timeout is None else timeout)
+               timeout: float | None = None, keep_alive: Any = KEEP) -> GenerationHandle:
+        """Start a generation, loading the model first if needed (waits at most `timeout`).
+        `keep_alive` (seconds, None = forever) sets how long the model stays loaded once idle."""
+        entry = self._acquire(ref, self.load_timeout if timeout is None else timeout, keep_alive)
         try:
             handle = entry.backend.submit(request)
         except BaseException:
@@ -156,35 +168,38 @@ class ModelPool:
         handle.on_done(lambda _handle: self._release(entry))
         return handle
 
-    def use(self, ref: str | None, work: Callable[[Backend], T], timeout: float | None = None) -> T:
+    def use(self, ref: str | None, work: Callable[[Backend], T], timeout: float | None = None,
+            keep_alive: Any = KEEP) -> T:
         """Run `work` with the model's backend, loading it first if needed; the model counts as in
         use meanwhile (it is not evicted or swapped out from under `work`)."""
-        entry = self._acquire(ref, self.load_timeout if timeout is None else timeout)
+        entry = self._acquire(ref, self.load_timeout if timeout is None else timeout, keep_alive)
         try:
             return work(entry.backend)
         finally:
             self._release(entry)
 
-    async def ause(self, ref: str | None, work: Callable[[Backend], T], timeout: float | None = None) -> T:
+    async def ause(self, ref: str | None, work: Callable[[Backend], T], timeout: float | None = None,
+                   keep_alive: Any = KEEP) -> T:
         """`use` for event loops (off the loop)."""
         self.resolve(ref)
-        return await asyncio.get_running_loop().run_in_executor(self._waiters, self.use, ref, work, timeout)
+        return await asyncio.get_running_loop().run_in_executor(self._waiters, self.use, ref, work, timeout,
+                                                                keep_alive)
 
     async def asubmit(self, ref: str | None, request: GenerationRequest,
-                      timeout: float | None = None) -> GenerationHandle:
+                      timeout: float | None = None, keep_alive: Any = KEEP) -> GenerationHandle:
         """`submit` for event loops: everything that takes time (tokenizing the prompt, applying
         the chat template, waiting for a load) runs off the loop, so no request, however large,
         holds up the others."""
         self.resolve(ref)  # an unknown model is refused at once
         future = asyncio.get_running_loop().run_in_executor(
-            self._waiters, self.submit, ref, request, timeout)
+            self._waiters, self.submit, ref, request, timeout, keep_alive)
         try:
             return await asyncio.shield(future)
         except asyncio.CancelledError:  # the client left while the model loaded: cancel its handle
             future.add_done_callback(_cancel_result)
             raise
 
-    def _acquire(self, ref: str | None, timeout: float) -> _Entry:
+    def _acquire(self, ref: str | None, timeout: float, keep_alive: Any = KEEP) -> _Entry:
         deadline = time.monotonic() + timeout
         joined: int | None = None
         with self._cond:
@@ -194,6 +209,8 @@ class ModelPool:
                     entry.in_flight += 1
                     entry.served += 1
                     entry.last_used = time.monotonic()
+                    if keep_alive is not KEEP:
+                        entry.keep_alive = keep_alive
                     return entry
                 remaining = deadline - time.monotonic()
                 if entry.lost and entry.in_flight == 0:
@@ -405,6 +422,36 @@ class ModelPool:
         self._unload_backend(entry)
         return self.describe(entry)
 
+    def set_keep_alive(self, ref: str | None, seconds: float | None) -> dict[str, Any]:
+        """How long the model stays loaded once idle (None: until evicted or unloaded)."""
+        entry = self.resolve(ref)
+        with self._cond:
+            entry.keep_alive = seconds
+            entry.last_used = time.monotonic()
+            self._cond.notify_all()
+            return self.describe(entry, locked=True)
+
+    def _expire_idle(self) -> None:
+        """Unloads each model whose keep-alive ran out while idle (never a pinned or busy one)."""
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                due = [e for e in self._entries.values()
+                       if e.state == READY and e.keep_alive is not None and not e.in_flight and not e.pinned
+                       and not e.draining and now - e.last_used >= e.keep_alive]
+                if not due:
+                    self._cond.wait(0.5)
+                    continue
+            for entry in due:
+                log.info("model %s: idle for its keep-alive (%.0f s); unloading it", entry.spec.key,
+                         entry.keep_alive)
+                try:
+                    self.unload(entry.spec.key, timeout=0.1)
+                except ShoalError:
+                    pass  # a request came in meanwhile: it counts down again when idle
+
     def pin(self, ref: str | None) -> dict[str, Any]:
         entry = self.resolve(ref)
         with self._cond:
@@ -571,6 +618,8 @@ class ModelPool:
             "context_length": info.get("context_length") or spec.context_length,
             "queue": entry.backend.load_stats() if entry.backend else {},
             "remote": spec.is_remote, "latency_ms": info.get("latency_ms"), "replicas": info.get("replicas"),
+            "keep_alive": entry.keep_alive,
+            "expires_at": round(expires) if (expires := entry.expires_at()) is not None else None,
         }
 
     def status(self, ref: str | None) -> dict[str, Any]:

@@ -30,20 +30,44 @@ class RowSampler:
         self._seen: torch.Tensor | None = None
         if params.repetition_penalty != 1.0:
             self._seen = torch.tensor(sorted(set(prompt_ids)), dtype=torch.long, device=device)
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias)
+            self._bias = (torch.tensor(ids, dtype=torch.long, device=device),
+                          torch.tensor(values, dtype=torch.float32, device=device))
+        # presence / frequency penalties count generated tokens only (as vLLM and OpenAI do)
+        self._counts: dict[int, int] | None = {} if params.presence_penalty or params.frequency_penalty else None
 
     @property
     def simple_greedy(self) -> bool:
-        return self.params.greedy and self._seen is None and self.constraint is None
+        return (self.params.greedy and self._seen is None and self.constraint is None
+                and not self.params.shapes_logits)
 
     def observe(self, token_id: int) -> None:
         if self.constraint is not None:
             self.constraint.consume(token_id)
         if self._seen is not None:
             self._seen = torch.unique(torch.cat([self._seen, self._seen.new_tensor([token_id])]))
+        if self._counts is not None:
+            self._counts[token_id] = self._counts.get(token_id, 0) + 1
+
+    def _shape(self, logits: torch.Tensor) -> torch.Tensor:
+        params = self.params
+        logits = logits.float().clone()
+        if self._bias is not None:
+            ids, values = self._bias
+            logits[ids] += values
+        if self._counts:
+            ids = torch.tensor(list(self._counts), dtype=torch.long, device=logits.device)
+            counts = torch.tensor(list(self._counts.values()), dtype=torch.float32, device=logits.device)
+            logits[ids] -= counts * params.frequency_penalty + params.presence_penalty
+        return logits
 
     def choose(self, logits: torch.Tensor) -> int:
         """logits: [vocab] float tensor of one row."""
         params = self.params
+        if self._bias is not None or self._counts:
+            logits = self._shape(logits)
         if self.constraint is not None:  # tokens the grammar does not allow next become -inf
             logits = self.constraint.restrict(logits)
         if self._seen is not None and self._seen.numel():
@@ -60,6 +84,8 @@ class RowSampler:
         if params.top_k and params.top_k < logits.numel():
             kth = torch.topk(logits, params.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
+        if params.min_p > 0.0:  # logits are shifted so the best is 0: its probability ratio is exp(logit)
+            logits = logits.masked_fill(logits < torch.log(torch.tensor(params.min_p)), float("-inf"))
         if params.top_p < 1.0:
             sorted_logits, order = torch.sort(logits, descending=True)
             cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)

@@ -10,14 +10,30 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llm_pool import GenerationParams, GenerationRequest
 from llm_pool.errors import InvalidParamsError, ShoalError
 
 from .auth import caller_of
 from .context import services_of
-from .openai_api import ChatMessageIn, timings, usage_dict
+from .openai_api import ChatMessageIn
+from .protocol import (
+    FrequencyPenalty,
+    LogitBias,
+    MaxTokens,
+    MinP,
+    PresencePenalty,
+    RepetitionPenalty,
+    Seed,
+    StopList,
+    Temperature,
+    TopK,
+    TopP,
+    timings,
+    usage_dict,
+)
+from .tool_calls import history
 
 router = APIRouter(tags=["batch"])
 MAX_ITEMS = 256
@@ -31,18 +47,24 @@ class ClientGoneError(ShoalError):
 
 
 class BatchParams(BaseModel):
-    max_tokens: int | None = Field(None, ge=1, le=32768)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, le=1_000_000)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[str] | None = Field(None, max_length=16)
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: MaxTokens = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    top_k: TopK = None
+    min_p: MinP = None
+    repetition_penalty: RepetitionPenalty = None
+    presence_penalty: PresencePenalty = None
+    frequency_penalty: FrequencyPenalty = None
+    logit_bias: LogitBias = None
+    seed: Seed = None
+    stop: StopList = None
 
     def merged(self, base: GenerationParams) -> GenerationParams:
-        return base.updated(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                            top_k=self.top_k, repetition_penalty=self.repetition_penalty, seed=self.seed,
-                            stop=self.stop)
+        values = self.model_dump(exclude_none=True)
+        values["max_new_tokens"] = values.pop("max_tokens", None)
+        return base.updated(**values)
 
 
 class BatchItem(BaseModel):
@@ -77,7 +99,7 @@ async def batch(body: BatchRequest, request: Request) -> dict:
             try:
                 params = item.params.merged(defaults) if item.params else defaults
                 if item.messages is not None:
-                    gen = GenerationRequest(params, messages=[m.to_message() for m in item.messages])
+                    gen = GenerationRequest(params, messages=history(item.messages))
                 else:
                     if not item.prompt:
                         raise InvalidParamsError("prompt must not be empty", param=f"items.{index}.prompt")

@@ -15,7 +15,7 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from llm_pool.errors import InvalidParamsError
+from llm_pool.errors import InvalidParamsError, ShoalError
 
 from .auth import caller_of
 from .context import services_of
@@ -54,7 +54,8 @@ class OllamaEmbedRequest(BaseModel):
     input: str | list[str]
     truncate: bool | None = Field(None, description="Only false: a text longer than the model reads is "
                                   "refused, never cut.")
-    keep_alive: str | int | None = Field(None, description="Not supported yet; refused when given.")
+    keep_alive: str | float | None = Field(None, description="How long the model stays loaded once idle "
+                                           "(Ollama's meaning: seconds, '5m', 0, -1); admins only.")
     options: dict | None = None
 
 
@@ -76,12 +77,44 @@ async def embeddings(body: EmbeddingRequest, request: Request):
 
 @router.post("/api/embed", summary="Embeddings (Ollama's shape)")
 async def ollama_embed(body: OllamaEmbedRequest, request: Request):
-    for name in ("truncate", "keep_alive", "options"):
+    for name in ("truncate", "options"):
         value = getattr(body, name)
         if value not in (None, False) and value != {}:
-            raise InvalidParamsError(f"{name}: not supported (texts are never cut; models stay loaded "
-                                     "until evicted)", param=name)
+            raise InvalidParamsError(f"{name}: not supported (texts are never cut, not truncated)", param=name)
     started = time.monotonic()
-    vectors, tokens, model = await services_of(request).embed(body.model, _texts(body.input), caller_of(request))
+    vectors, tokens, model = await services_of(request).embed(body.model, _texts(body.input), caller_of(request),
+                                                              keep_alive=body.keep_alive)
     return {"model": model, "embeddings": vectors.tolist(), "prompt_eval_count": tokens,
             "total_duration": int((time.monotonic() - started) * 1e9)}
+
+
+class RerankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, max_length=200, description="Default: the catalog's first embedding model.")
+    query: str = Field(min_length=1, description="What the documents are ranked against.")
+    documents: list[str] = Field(min_length=1, max_length=MAX_INPUTS - 1)
+    top_n: int | None = Field(None, ge=1, description="Return only the best n (default: all).")
+    return_documents: bool = Field(False, description="Include each document's text in its result.")
+
+
+@router.post("/v1/rerank", summary="Rank documents against a query (the Jina/Cohere shape llama.cpp and vLLM use)")
+@router.post("/rerank", include_in_schema=False)
+async def rerank(body: RerankRequest, request: Request):
+    """Scores are the cosine similarity of the embedding model's vectors (a bi-encoder: no
+    cross-encoder ships offline), best first."""
+    texts = [body.query, *_texts(body.documents, param="documents")]
+    try:
+        vectors, tokens, model = await services_of(request).embed(body.model, texts, caller_of(request))
+    except ShoalError as exc:  # the model numbers the texts as input.N: name them as this request does
+        if exc.param and exc.param.startswith("input."):
+            index = int(exc.param.split(".")[1])
+            exc.param = "query" if index == 0 else f"documents.{index - 1}"
+            exc.message = exc.message.replace(f"input.{index}", exc.param, 1)
+        raise
+    scores = (vectors[1:] @ vectors[0]).tolist()  # the vectors are normalized
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])[: body.top_n or len(scores)]
+    results = [{"index": i, "relevance_score": scores[i],
+                **({"document": {"text": body.documents[i]}} if body.return_documents else {})} for i in order]
+    return {"object": "list", "model": model, "results": results,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}

@@ -21,11 +21,8 @@ log = logging.getLogger("shoal.http")
 
 # Known fields of the APIs Shoal speaks that it does not support (yet): refused by name, never ignored.
 NOT_SUPPORTED = {
-    "tools": "tool calling is not supported yet", "tool_choice": "tool calling is not supported yet",
-    "parallel_tool_calls": "tool calling is not supported yet",
-    "functions": "function calling is not supported", "function_call": "function calling is not supported",
-    "logit_bias": "not supported yet", "min_p": "not supported yet", "audio": "audio output is not supported",
-    "modalities": "only text is supported",
+    "functions": "the deprecated form of tools: send tools", "function_call": "the deprecated form of tool_choice",
+    "audio": "audio output is not supported", "modalities": "only text is supported",
     "prediction": "predicted outputs are not supported", "web_search_options": "web search is not supported",
     "reasoning_effort": "not a reasoning model", "verbosity": "not supported", "suffix": "not supported",
     "best_of": "only 1 is supported",

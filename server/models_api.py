@@ -15,6 +15,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from llm_pool import spec_from_dict
+from llm_pool.params import keep_alive_seconds
 
 from .auth import admin_caller, caller_of
 from .context import services_of
@@ -74,8 +75,13 @@ class LoadOptions(BaseModel):
 
 
 @router.post("/v1/models/{name}/load", tags=["models"], summary="Load now (waits until ready)")
-async def load_model(name: str, request: Request, wait: bool = Query(True), _admin=Admin) -> dict:
+async def load_model(name: str, request: Request, wait: bool = Query(True),
+                     keep_alive: str | None = Query(None, description="How long it stays loaded once idle "
+                                                    "(Ollama's meaning: 300, '5m', 0, -1 = until evicted)"),
+                     _admin=Admin) -> dict:
     pool = services_of(request).pool
+    if keep_alive is not None:
+        pool.set_keep_alive(name, keep_alive_seconds(keep_alive))
     if not wait:
         pool.resolve(name)  # 404 for unknown names
         import threading

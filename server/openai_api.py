@@ -7,23 +7,45 @@ extensions (top_k, repetition_penalty, chunk_size, stream_delay_ms) are optional
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from llm_pool import Finished, GenerationParams, GenerationRequest, Message
+from llm_pool import Finished, GenerationParams, GenerationRequest
 from llm_pool.constraints import OutputFormat
 from llm_pool.errors import InvalidParamsError
-from llm_pool.stream import Failed
+from llm_pool.stream import Failed, GenerationHandle
 
 from .context import admit
-from .streaming import SSE_HEADERS, Chunk, chunked, result_or_disconnect, sse
+from .protocol import (
+    FrequencyPenalty,
+    KeepAlive,
+    LogitBias,
+    MaxTokens,
+    MinP,
+    ModelRef,
+    PresencePenalty,
+    RepetitionPenalty,
+    Seed,
+    StopText,
+    Temperature,
+    TopK,
+    TopP,
+    timings,
+    usage_dict,
+)
+from .streaming import SSE_HEADERS, Chunk, chunked, merged, result_or_disconnect, sse
+from .tool_calls import NamedToolChoice, ToolCallIn, ToolDef, ToolPlan, history
 
 router = APIRouter(tags=["OpenAI-compatible"])
+MAX_CHOICES = 8  # n: each choice takes a batch slot
 
 
 class TextPart(BaseModel):
@@ -32,13 +54,27 @@ class TextPart(BaseModel):
 
 
 class ChatMessageIn(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart] = Field(description="Text, or a list of text parts.")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = Field(None, description="Text, or a list of text parts (may be "
+                                                 "null on an assistant message with tool_calls).")
     name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCallIn] | None = Field(None, max_length=64, description="An assistant's calls.")
+    tool_call_id: str | None = Field(None, max_length=256, description="On a tool message: the call it answers.")
 
-    def to_message(self) -> Message:
-        content = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-        return Message("system" if self.role == "developer" else self.role, content)
+    @model_validator(mode="after")
+    def _shape(self) -> ChatMessageIn:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls: only an assistant message has tool calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("tool_call_id: a tool message names the call it answers")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content: required (only an assistant message with tool_calls may omit it)")
+        return self
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class StreamOptions(BaseModel):
@@ -91,18 +127,20 @@ class SamplingFields(BaseModel):
             return {k: v for k, v in data.items() if k not in IGNORED_BY_SPEC}
         return data
 
-    model: str | None = Field(None, max_length=200, description="Model name (or name@version); "
-                              "default: the server's default model.")
-    max_tokens: int | None = Field(None, ge=1, le=32768, description="Most tokens to generate.")
-    temperature: float | None = Field(None, ge=0, le=2, description="0 = greedy. Default 0.7.")
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, le=1_000_000, description="Shoal extension; 0 = off.")
-    repetition_penalty: float | None = Field(None, gt=0, le=10, description="Shoal extension.")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 is supported.")
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="Only 0 is supported.")
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = Field(None, description="Up to 16 stop sequences.")
-    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    model: ModelRef = None
+    max_tokens: MaxTokens = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    top_k: TopK = None  # Shoal's extension, as the next four
+    min_p: MinP = None
+    repetition_penalty: RepetitionPenalty = None
+    frequency_penalty: FrequencyPenalty = None
+    presence_penalty: PresencePenalty = None
+    logit_bias: LogitBias = None
+    seed: Seed = None
+    stop: StopText = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES, description="How many answers to the same prompt (choices), "
+                   "generated together in one batch.")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = Field(None, max_length=256)
@@ -111,6 +149,7 @@ class SamplingFields(BaseModel):
                                    "only with your own requests (your API key, or your browser).")
     chunk_size: int = Field(1, ge=1, le=256, description="Shoal extension: tokens per streamed event.")
     stream_delay_ms: int = Field(0, ge=0, le=10_000, description="Shoal extension: pause between events.")
+    keep_alive: KeepAlive = None
     response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: the "
                                                    "answer is constrained to valid JSON (of the schema).")
 
@@ -118,34 +157,46 @@ class SamplingFields(BaseModel):
         return self.response_format.output_format() if self.response_format else None
 
     def params(self, max_tokens: int | None = None) -> GenerationParams:
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise InvalidParamsError(f"{name} is not supported (use repetition_penalty)", param=name)
         return GenerationParams.validated(
             max_new_tokens=max_tokens or self.max_tokens, temperature=self.temperature,
             top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
-            seed=self.seed, stop=self.stop)
+            seed=self.seed, stop=self.stop, min_p=self.min_p, presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty, logit_bias=self.logit_bias)
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=10_000)
-    max_completion_tokens: int | None = Field(None, ge=1, le=32768)
+    max_completion_tokens: MaxTokens = None
     logprobs: bool = Field(False, description="Return each token's log-probability.")
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: the most likely "
                                      "alternatives at each position.")
+    tools: list[ToolDef] | None = Field(None, max_length=128, description="Functions the model may call "
+                                        "(see the README: a generic prompt format on every model).")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="auto (the default with tools), none, required, or a named function: the last "
+        "two are enforced while decoding.")
+    parallel_tool_calls: bool | None = Field(None, description="Accepted: an answer makes at most one call.")
 
-    def request(self) -> GenerationRequest:
+    def tool_plan(self) -> ToolPlan | None:
+        plan = ToolPlan.of(self.tools, self.tool_choice)
+        if plan is not None and self.response_format is not None and self.response_format.type != "text":
+            raise InvalidParamsError("response_format: not with tools (a call's arguments already follow "
+                                     "its schema)", param="response_format")
+        return plan
+
+    def request(self, plan: ToolPlan | None = None) -> GenerationRequest:
         if self.top_logprobs and not self.logprobs:
             raise InvalidParamsError("top_logprobs needs logprobs: true", param="top_logprobs")
+        messages = history(self.messages)
         return GenerationRequest(self.params(self.max_completion_tokens),
-                                 messages=[m.to_message() for m in self.messages],
-                                 output_format=self.output_format(), want_logprobs=self.logprobs,
-                                 top_logprobs=self.top_logprobs or 0)
+                                 messages=plan.messages(messages) if plan else messages,
+                                 output_format=plan.output_format() if plan else self.output_format(),
+                                 want_logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0)
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(description="The text to continue (a list of one is accepted).")
-    max_tokens: int | None = Field(None, ge=1, le=32768)
+    max_tokens: MaxTokens = None
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5, description="Return each token's log-probability and "
                                  "this many most likely alternatives.")
@@ -180,46 +231,117 @@ def completion_logprobs(chunks: list[Chunk], offset: int) -> dict:
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-def usage_dict(finished: Finished) -> dict:
-    usage = finished.usage
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+async def admit_choices(request: Request, body: SamplingFields, make: Callable[[], GenerationRequest]
+                        ) -> list[GenerationHandle]:
+    """`n` generations of one prompt, admitted one by one (each counts for the rate limits and
+    takes a batch slot); with a seed, choice i samples with seed + i so they differ reproducibly.
+    If one is refused, those already admitted are cancelled."""
+    handles: list[GenerationHandle] = []
+    try:
+        for i in range(body.n):
+            gen = make()
+            if i and gen.params.seed is not None:
+                gen.params = replace(gen.params, seed=(gen.params.seed + i) % (2**63))
+            handles.append(await admit(request, body.model, gen, body.cache_salt, body.keep_alive))
+    except BaseException:
+        for handle in handles:
+            handle.cancel()
+        raise
+    return handles
+
+
+async def all_results(handles: list[GenerationHandle], request: Request,
+                      pieces: list[list[Chunk] | None]) -> list[Finished]:
+    """Every choice's result; if one fails, the others are cancelled (their slots freed) first."""
+    try:
+        return list(await asyncio.gather(*(result_or_disconnect(h, request, p) for h, p in zip(handles, pieces))))
+    except BaseException:
+        for handle in handles:
+            handle.cancel()
+        raise
+
+
+def total_usage(finals: list[Finished]) -> dict:
+    """One prompt, n answers: the prompt counted once (as OpenAI does), every answer's tokens."""
+    usage = usage_dict(finals[0])
+    completion = sum(f.usage.completion_tokens for f in finals)
+    return {**usage, "completion_tokens": completion, "total_tokens": usage["prompt_tokens"] + completion}
 
 
 @router.post("/v1/chat/completions", summary="Chat completion (OpenAI-compatible)")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    handle = await admit(request, body.model, body.request(), body.cache_salt)
+    plan = body.tool_plan()
+    handles = await admit_choices(request, body, lambda: body.request(plan))
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-    model = handle.model
+    model = handles[0].model
     if not body.stream:
-        pieces: list[Chunk] | None = [] if body.logprobs else None
-        final = await result_or_disconnect(handle, request, pieces)
+        pieces: list[list[Chunk] | None] = [[] if body.logprobs else None for _ in handles]
+        finals = await all_results(handles, request, pieces)
+        choices = []
+        for index, (final, collected) in enumerate(zip(finals, pieces)):
+            calls = plan.parse(final.text) if plan and final.reason == "stop" else None
+            message = {"role": "assistant", "content": None, "tool_calls": calls} if calls \
+                else {"role": "assistant", "content": final.text}
+            choices.append({"index": index, "finish_reason": "tool_calls" if calls else final.reason,
+                            "logprobs": chat_logprobs(collected) if collected is not None else None,
+                            "message": message})
         return {"id": ident, "object": "chat.completion", "created": created, "model": model,
-                "system_fingerprint": model,
-                "choices": [{"index": 0, "finish_reason": final.reason,
-                             "logprobs": chat_logprobs(pieces) if pieces is not None else None,
-                             "message": {"role": "assistant", "content": final.text}}],
-                "usage": usage_dict(final), "timings": timings(final)}
+                "system_fingerprint": model, "choices": choices,
+                "usage": total_usage(finals), "timings": timings(finals[0])}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
-        return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
-                "system_fingerprint": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
+    def chunk(index: int, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
+        return sse({"id": ident, "object": "chat.completion.chunk", "created": created, "model": model,
+                    "system_fingerprint": model,
+                    "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]})
+
+    def lp(pieces: list[Chunk]) -> dict | None:
+        return chat_logprobs(pieces) if body.logprobs and pieces else None
+
+    async def choice(index: int, handle: GenerationHandle):
+        """One choice's events: SSE strings, then its Finished (or Failed)."""
+        yield chunk(index, {"role": "assistant", "content": ""})
+        held: list[Chunk] | None = [] if plan else None  # an answer that may be a tool call is held back
+        async for item in chunked(handle, body.chunk_size, body.stream_delay_ms):
+            if isinstance(item, Chunk) and held is not None:
+                held.append(item)
+                if plan.choice == "auto" and not plan.may_be_call("".join(c.text for c in held)):
+                    for piece in held:  # plain text after all: stream it as it comes
+                        yield chunk(index, {"content": piece.text}, logprobs=lp([piece]))
+                    held = None
+            elif isinstance(item, Chunk):
+                yield chunk(index, {"content": item.text}, logprobs=lp([item]))
+            elif isinstance(item, Finished):
+                calls = None
+                if held is not None:
+                    text = "".join(c.text for c in held)
+                    calls = plan.parse(text) if item.reason == "stop" else None
+                    for n, call in enumerate(calls or []):
+                        yield chunk(index, {"tool_calls": [{"index": n, "id": call["id"], "type": "function",
+                                                            "function": {"name": call["function"]["name"],
+                                                                         "arguments": ""}}]}, logprobs=lp(held))
+                        yield chunk(index, {"tool_calls": [{"index": n, "function": {
+                            "arguments": call["function"]["arguments"]}}]})
+                    if text and not calls:
+                        yield chunk(index, {"content": text}, logprobs=lp(held))
+                yield chunk(index, {}, "tool_calls" if calls else item.reason)
+                yield item
+            else:
+                yield item
 
     async def events():
-        yield sse(chunk({"role": "assistant", "content": ""}))
-        async for item in chunked(handle, body.chunk_size, body.stream_delay_ms):
-            if isinstance(item, Chunk):
-                yield sse(chunk({"content": item.text}, logprobs=chat_logprobs([item]) if body.logprobs else None))
+        finals: list[Finished] = []
+        async for _index, item in merged([choice(i, h) for i, h in enumerate(handles)]):
+            if isinstance(item, str):
+                yield item
             elif isinstance(item, Finished):
-                yield sse(chunk({}, item.reason))
-                if include_usage:
-                    yield sse({"id": ident, "object": "chat.completion.chunk", "created": created,
-                               "model": model, "choices": [], "usage": usage_dict(item)})
+                finals.append(item)
             elif isinstance(item, Failed):
                 yield sse({"error": item.error.to_dict()})
+                break
+        if include_usage and len(finals) == len(handles):
+            yield sse({"id": ident, "object": "chat.completion.chunk", "created": created,
+                       "model": model, "choices": [], "usage": total_usage(finals)})
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -236,46 +358,51 @@ async def completions(body: CompletionRequest, request: Request):
     wants = body.logprobs is not None
     if wants and body.echo:
         raise InvalidParamsError("logprobs with echo (the prompt's logprobs) is not supported", param="echo")
-    gen = GenerationRequest(body.params(), prompt=prompt, output_format=body.output_format(),
-                            want_logprobs=wants, top_logprobs=body.logprobs or 0)
-    handle = await admit(request, body.model, gen, body.cache_salt)
-    ident, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), handle.model
+    handles = await admit_choices(request, body, lambda: GenerationRequest(
+        body.params(), prompt=prompt, output_format=body.output_format(), want_logprobs=wants,
+        top_logprobs=body.logprobs or 0))
+    ident, created, model = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time()), handles[0].model
     prefix = prompt if body.echo else ""
     if not body.stream:
-        pieces: list[Chunk] | None = [] if wants else None
-        final = await result_or_disconnect(handle, request, pieces)
+        pieces: list[list[Chunk] | None] = [[] if wants else None for _ in handles]
+        finals = await all_results(handles, request, pieces)
         return {"id": ident, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": prefix + final.text, "finish_reason": final.reason,
-                             "logprobs": completion_logprobs(pieces, 0) if pieces is not None else None}],
-                "usage": usage_dict(final), "timings": timings(final)}
+                "choices": [{"index": i, "text": prefix + final.text, "finish_reason": final.reason,
+                             "logprobs": completion_logprobs(collected, 0) if collected is not None else None}
+                            for i, (final, collected) in enumerate(zip(finals, pieces))],
+                "usage": total_usage(finals), "timings": timings(finals[0])}
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-    def chunk(text: str, finish: str | None = None, logprobs: dict | None = None) -> dict:
-        return {"id": ident, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
+    def chunk(index: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
+        return sse({"id": ident, "object": "text_completion", "created": created, "model": model,
+                    "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]})
 
-    async def events():
+    async def choice(index: int, handle: GenerationHandle):
         if prefix:
-            yield sse(chunk(prefix))
+            yield chunk(index, prefix)
         offset = 0
         async for item in chunked(handle, body.chunk_size, body.stream_delay_ms):
             if isinstance(item, Chunk):
-                yield sse(chunk(item.text, logprobs=completion_logprobs([item], offset) if wants else None))
+                yield chunk(index, item.text, logprobs=completion_logprobs([item], offset) if wants else None)
                 offset += len(item.text)
+            else:
+                if isinstance(item, Finished):
+                    yield chunk(index, "", item.reason)
+                yield item
+
+    async def events():
+        finals: list[Finished] = []
+        async for _index, item in merged([choice(i, h) for i, h in enumerate(handles)]):
+            if isinstance(item, str):
+                yield item
             elif isinstance(item, Finished):
-                yield sse(chunk("", item.reason))
-                if include_usage:
-                    yield sse({"id": ident, "object": "text_completion", "created": created,
-                               "model": model, "choices": [], "usage": usage_dict(item)})
+                finals.append(item)
             elif isinstance(item, Failed):
                 yield sse({"error": item.error.to_dict()})
+                break
+        if include_usage and len(finals) == len(handles):
+            yield sse({"id": ident, "object": "text_completion", "created": created,
+                       "model": model, "choices": [], "usage": total_usage(finals)})
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
-
-
-def timings(final: Finished) -> dict:
-    """Shoal extension (like llama.cpp's): where the time went."""
-    return {"ttft_s": round(final.ttft, 4) if final.ttft is not None else None,
-            "duration_s": round(final.duration, 4), "queued_s": round(final.queued, 4),
-            "tokens_per_second": round(final.tokens_per_second, 2)}

@@ -19,7 +19,21 @@ from service.identity import Caller
 
 from .auth import user_caller
 from .context import services_of
-from .openai_api import timings, usage_dict
+from .protocol import (
+    FrequencyPenalty,
+    LogitBias,
+    MaxTokens,
+    MinP,
+    PresencePenalty,
+    RepetitionPenalty,
+    Seed,
+    StopList,
+    Temperature,
+    TopK,
+    TopP,
+    timings,
+    usage_dict,
+)
 from .streaming import SSE_HEADERS, Chunk, chunked, result_or_disconnect, sse
 
 router = APIRouter(tags=["sessions"])
@@ -29,13 +43,17 @@ User = Depends(user_caller)
 class SessionParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int | None = Field(None, ge=1, le=32768)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, le=1_000_000)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[str] | None = Field(None, max_length=16)
+    max_new_tokens: MaxTokens = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    top_k: TopK = None
+    min_p: MinP = None
+    repetition_penalty: RepetitionPenalty = None
+    presence_penalty: PresencePenalty = None
+    frequency_penalty: FrequencyPenalty = None
+    logit_bias: LogitBias = None
+    seed: Seed = None
+    stop: StopList = None
 
     def values(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

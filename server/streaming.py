@@ -77,6 +77,34 @@ async def result_or_disconnect(handle: GenerationHandle, request, chunks: list[C
         watcher.cancel()
 
 
+async def merged(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, object]]:
+    """Items of several streams as they come, as (stream index, item). Closing this (a client that
+    went away) cancels every stream, whose own cleanup then cancels its generation."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(index: int, stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                await queue.put((index, item))
+        finally:
+            queue.put_nowait((index, done))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def sse(data: dict | str) -> str:
     payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
     return f"data: {payload}\n\n"

@@ -22,12 +22,12 @@ from llm_pool.stream import Failed
 
 from .context import admit
 from .errors import error_body
+from .protocol import FrequencyPenalty, MaxTokens, RepetitionPenalty, Seed, StopList, TopK, TopP
 from .streaming import SSE_HEADERS, Chunk, chunked, result_or_disconnect, sse
 
 router = APIRouter(tags=["TGI-compatible"])
 
-UNSUPPORTED = ("watermark", "top_n_tokens", "typical_p", "adapter_id",
-               "frequency_penalty", "decoder_input_details")
+UNSUPPORTED = ("watermark", "top_n_tokens", "typical_p", "adapter_id", "decoder_input_details")
 
 
 class TGIGrammar(BaseModel):
@@ -57,14 +57,14 @@ class TGIGrammar(BaseModel):
 class TGIParameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int | None = Field(None, ge=1, le=32768)
-    temperature: float | None = Field(None, gt=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0, le=1_000_000)
-    repetition_penalty: float | None = Field(None, gt=0, le=10)
+    max_new_tokens: MaxTokens = None
+    temperature: float | None = Field(None, gt=0, le=2, description="TGI's: above 0 (do_sample decides).")
+    top_p: TopP = None
+    top_k: TopK = None
+    repetition_penalty: RepetitionPenalty = None
     do_sample: bool | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: list[str] | None = Field(None, max_length=16)
+    seed: Seed = None
+    stop: StopList = None
     details: bool = False
     return_full_text: bool | None = False
     best_of: int | None = Field(None, ge=1, le=1)
@@ -74,7 +74,7 @@ class TGIParameters(BaseModel):
     top_n_tokens: int | None = None
     typical_p: float | None = None
     adapter_id: str | None = None
-    frequency_penalty: float | None = None
+    frequency_penalty: FrequencyPenalty = None
     decoder_input_details: bool | None = None
 
     def output_format(self) -> OutputFormat | None:
@@ -86,7 +86,7 @@ class TGIParameters(BaseModel):
         return GenerationParams.validated(
             max_new_tokens=self.max_new_tokens, temperature=(self.temperature or 1.0) if sampling else 0.0,
             top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
-            seed=self.seed, stop=self.stop)
+            seed=self.seed, stop=self.stop, frequency_penalty=self.frequency_penalty)
 
 
 class TGIRequest(BaseModel):

@@ -17,6 +17,7 @@ from llm_pool.errors import InvalidParamsError
 from .auth import caller_of
 from .context import services_of
 from .openai_api import ChatMessageIn
+from .tool_calls import history
 
 router = APIRouter(tags=["Tokenizer"])
 
@@ -44,7 +45,7 @@ class TokenizeRequest(BaseModel):
                 raise InvalidParamsError(f"{name}: false is not supported; tokens are counted as "
                                          "generation sees them", param=name)
         if self.messages is not None:
-            return GenerationRequest(GenerationParams(), messages=[m.to_message() for m in self.messages])
+            return GenerationRequest(GenerationParams(), messages=history(self.messages))
         return GenerationRequest(GenerationParams(), prompt=texts[0])
 
 

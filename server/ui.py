@@ -106,6 +106,11 @@ def create_ui(services: Services) -> gr.Blocks:
                     stop_text = gr.Textbox(label="Stop sequences (separate with |)")
                     history_limit = gr.Number(0, label="History to keep (messages, 0 = all that fit)",
                                               precision=0, minimum=0)
+                with gr.Row():
+                    json_mode = gr.Checkbox(False, label="JSON output (the reply is valid JSON)",
+                                            elem_id="json-output")
+                    json_schema = gr.Textbox(label="JSON schema (optional)", lines=2, elem_id="json-schema",
+                                             placeholder='{"type": "object", "properties": {...}}')
 
         with gr.Tab("Complete", id="complete"):
             comp_model = gr.Dropdown(all_models, value=completion_models[0] if completion_models else None,
@@ -163,7 +168,7 @@ def create_ui(services: Services) -> gr.Blocks:
                         api_visibility="private", show_progress="hidden")
 
         turn_out = [chatbot, message, reply_figures, sessions, session_id, edit_index, editing]
-        turn_in = [browser_id, session_id, message, edit_index, *settings]
+        turn_in = [browser_id, session_id, message, edit_index, *settings, json_mode, json_schema]
         sent = message.submit(handlers.send, turn_in, turn_out, api_visibility="private")
         clicked = send.click(handlers.send, turn_in, turn_out, api_visibility="private")
         redo = regenerate.click(handlers.regenerate, [browser_id, session_id], turn_out, api_visibility="private")

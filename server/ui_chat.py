@@ -14,6 +14,7 @@ from typing import Any
 import gradio as gr
 
 from llm_pool import Finished, GenerationParams, GenerationRequest, ShoalError, TextDelta
+from llm_pool.constraints import OutputFormat
 from llm_pool.stream import Failed
 from memory.store import Session
 from service import Services
@@ -263,6 +264,8 @@ class ChatHandlers:
         seed,
         stop,
         history_limit,
+        json_mode,
+        json_schema,
         request: gr.Request,
     ):
         caller = ui_caller(self.services, browser_id, request)
@@ -270,6 +273,7 @@ class ChatHandlers:
         text = (text or "").strip()
         if not text:
             raise gr.Error("Write a message first.")
+        output_format = self._output_format(json_mode, json_schema)
         values = self._settings(
             model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
         )
@@ -280,8 +284,24 @@ class ChatHandlers:
                 session_id = (await asyncio.to_thread(lambda: self.chat.create(user, **values))).id
         except ShoalError as exc:
             raise _error(exc) from None
-        async for update in self._run(caller, session_id, text, edit_index):
+        async for update in self._run(caller, session_id, text, edit_index, output_format):
             yield update
+
+    @staticmethod
+    def _output_format(json_mode: bool, schema_text: str | None) -> OutputFormat | None:
+        """The "JSON output" toggle: the reply is constrained to JSON (of the schema, if one is given)."""
+        if not json_mode:
+            return None
+        schema = None
+        if schema_text and schema_text.strip():
+            try:
+                schema = json.loads(schema_text)
+            except ValueError as exc:
+                raise gr.Error(f"JSON schema: not valid JSON ({exc})") from None
+        try:
+            return OutputFormat.json(schema, param="json_schema")
+        except ShoalError as exc:
+            raise _error(exc) from None
 
     async def regenerate(self, browser_id, session_id, request: gr.Request):
         caller = ui_caller(self.services, browser_id, request)
@@ -305,7 +325,7 @@ class ChatHandlers:
             raise _error(exc) from None
         return text, index, "Editing your last message: send to replace it and its answer."
 
-    async def _run(self, caller, session_id, text, replace_from):
+    async def _run(self, caller, session_id, text, replace_from, output_format=None):
         user = caller.user
         history = await asyncio.to_thread(self.store.messages, user, session_id)
         if replace_from is not None:
@@ -314,7 +334,8 @@ class ChatHandlers:
         radio = await asyncio.to_thread(self._radio, user, session_id)
         yield view, "", "", radio, session_id, None, ""
         try:
-            turn = await self.chat.send(caller, session_id, text, replace_from=replace_from)
+            turn = await self.chat.send(caller, session_id, text, replace_from=replace_from,
+                                        output_format=output_format)
         except ShoalError as exc:
             raise _error(exc) from None
         note = ""

@@ -31,7 +31,7 @@ from llm_pool.errors import AuthenticationError, InvalidParamsError, ShoalError
 from llm_pool.stream import Failed
 
 from .auth import caller_of, peer_of
-from .openai_api import timings, usage_dict
+from .protocol import timings, usage_dict
 from .streaming import Chunk, chunked
 
 router = APIRouter()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from llm_pool import Finished, GenerationHandle, GenerationParams, GenerationRequest, Message
+from llm_pool.constraints import OutputFormat
 from llm_pool.errors import InvalidParamsError, InvalidRequestError, PayloadTooLargeError
 from memory.context import Passage, build_context
 from memory.store import Session, SessionStore, StoredMessage
@@ -96,7 +97,7 @@ class ChatService:
 
     # ------------------------------------------------------------------ turns
     async def send(self, caller: Caller, session_id: str, text: str, *, params: dict | None = None,
-                   replace_from: int | None = None) -> Turn:
+                   replace_from: int | None = None, output_format: OutputFormat | None = None) -> Turn:
         """Start a turn for `caller` (a user). `replace_from`: index of the history message the new
         turn replaces (regenerate / edit); the reply is stored in its place. Reading the store,
         counting tokens and retrieval run off the event loop."""
@@ -116,7 +117,8 @@ class ChatService:
         backend = await self._loaded_backend(model)
         context = await loop.run_in_executor(None, self._context, user, session, history, text, gen_params,
                                              backend)
-        request = GenerationRequest(gen_params, messages=context.messages, cache_key=session_id)
+        request = GenerationRequest(gen_params, messages=context.messages, cache_key=session_id,
+                                    output_format=output_format)
         handle = await self.services.submit(model, request, caller)
         turn = Turn(handle, session, text, context.passages, context.history_dropped)
         turn.saved = loop.create_future()

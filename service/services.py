@@ -20,8 +20,10 @@ import torch
 
 from llm_pool import Catalog, EngineConfig, GenerationHandle, GenerationRequest, ModelPool, ShoalError
 from llm_pool.backends import BackendContext
-from llm_pool.errors import InvalidParamsError, PayloadTooLargeError
+from llm_pool.errors import InvalidParamsError, PayloadTooLargeError, PermissionDeniedError
+from llm_pool.params import keep_alive_seconds
 from llm_pool.policy import SourcePolicy
+from llm_pool.pool import KEEP
 from memory.embeddings import Embedder
 from memory.store import SessionStore
 from parsing import ParseLimits
@@ -67,15 +69,28 @@ class Services:
         about `session_secret`. The browser id inside is signed with the real secret."""
         return hashlib.sha256(b"shoal-browser-state:" + self.session_secret.encode()).hexdigest()
 
-    async def submit(self, model: str | None, request: GenerationRequest, caller: Caller) -> GenerationHandle:
+    def keep_alive(self, value, caller: Caller):
+        """A request's keep_alive (Ollama's meaning) as the pool's seconds, or KEEP when absent.
+        It changes how long the model stays loaded for everyone, so only an admin may send it."""
+        if value is None:
+            return KEEP
+        seconds = keep_alive_seconds(value)
+        if not caller.admin:
+            raise PermissionDeniedError("keep_alive: changes how long a model stays loaded for everyone; "
+                                        + self.identity.admin_refusal(), param="keep_alive", code="admin_required")
+        return seconds
+
+    async def submit(self, model: str | None, request: GenerationRequest, caller: Caller,
+                     keep_alive=None) -> GenerationHandle:
         """Start a generation for `caller`: rate limits, on-demand load, the model's queue. Its
         cached prefixes are shared only within the caller's cache scope."""
         client = caller.rate_key
         request.cache_scope = caller.cache_scope
         try:
             self._check_size(request)
+            seconds = self.keep_alive(keep_alive, caller)
             self.limiter.admit(client)
-            handle = await self.pool.asubmit(model, request)
+            handle = await self.pool.asubmit(model, request, keep_alive=seconds)
         except ShoalError as exc:
             self.metrics.reject(type(exc).__name__)
             raise
@@ -89,7 +104,7 @@ class Services:
         self.limiter.admit(caller.rate_key)
         return await self.pool.ause(model, lambda backend: (backend.tokenize(request), backend.context_length))
 
-    async def embed(self, model: str | None, texts: list[str], caller: Caller):
+    async def embed(self, model: str | None, texts: list[str], caller: Caller, keep_alive=None):
         """(vectors, tokens, model key) from an embedding model of the pool; the default is the
         catalog's first embedding model."""
         if model is None:
@@ -102,12 +117,13 @@ class Services:
                                            f"{self.settings.max_message_chars}", param=f"input.{i}")
         if self.pool.spec(model).kind != "embedding":
             raise InvalidParamsError(f"model: '{model}' is not an embedding model", param="model")
+        seconds = self.keep_alive(keep_alive, caller)
         self.limiter.admit(caller.rate_key)
 
         def work(backend):
             vectors, tokens = backend.embed(texts)
             return vectors, tokens, backend.spec.key
-        return await self.pool.ause(model, work)
+        return await self.pool.ause(model, work, keep_alive=seconds)
 
     async def detokenize(self, model: str | None, ids: list[int], caller: Caller) -> str:
         self.limiter.admit(caller.rate_key)

@@ -96,3 +96,11 @@ def check_token_ids(ids: list[int], vocab: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
             raise InvalidParamsError(f"tokens.{i}: {value!r} is not a token id of this model (0..{vocab - 1})",
                                      param=f"tokens.{i}")
+
+
+def check_logit_bias(params, vocab: int) -> None:
+    """Each logit_bias key must be a token of this model (the params only know it is an id)."""
+    for token, _bias in params.logit_bias:
+        if not 0 <= token < vocab:
+            raise InvalidParamsError(f"logit_bias.{token}: not a token id of this model (0..{vocab - 1})",
+                                     param=f"logit_bias.{token}")

@@ -53,7 +53,7 @@ from ..errors import (
 )
 from ..sources import locate_gguf
 from ..stream import Finished, GenerationHandle, GenerationRequest, TextDelta, Usage
-from .base import Backend, Progress, check_token_ids
+from .base import Backend, Progress, check_logit_bias, check_token_ids
 
 log = logging.getLogger("shoal.llamacpp")
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -390,10 +390,11 @@ class LlamaCppBackend(Backend):
         fmt = request.output_format
         if fmt is not None and fmt.kind != "json":
             raise InvalidRequestError(f"{fmt.param}: a regular expression is enforced on the transformers engine "
-                                     f"only; '{self.spec.key}' runs on llama.cpp (ask for a transformers "
-                                     "version, or a JSON schema)", param=fmt.param)
+                                      f"only; '{self.spec.key}' runs on llama.cpp (ask for a transformers "
+                                      "version, or a JSON schema)", param=fmt.param)
         if fmt is not None:
             fmt.check()
+        check_logit_bias(request.params, self._facts.get("vocab") or 0)
         ids = self.prompt_ids(request)
         limit = self._ctx_slot
         wanted = request.params.max_new_tokens
@@ -487,7 +488,9 @@ class LlamaCppBackend(Backend):
             # llama.cpp keeps these as float32: below 1e-4 a temperature is the argmax (as on transformers),
             # and a positive penalty or top_p must stay positive after the cast
             "temperature": 0.0 if params.greedy or params.temperature < 1e-4 else params.temperature,
-            "top_p": max(params.top_p, _F32_TINY), "top_k": params.top_k, "min_p": 0.0, "typical_p": 1.0,
+            "top_p": max(params.top_p, _F32_TINY), "top_k": params.top_k, "min_p": params.min_p, "typical_p": 1.0,
+            "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
+            "logit_bias": [[token, bias] for token, bias in params.logit_bias],
             "repeat_penalty": max(params.repetition_penalty, _F32_TINY), "repeat_last_n": self._ctx_slot,
             "seed": params.seed if params.seed is not None else secrets.randbits(31),
             "stop": list(params.stop),

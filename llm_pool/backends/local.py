@@ -20,7 +20,7 @@ from ..engine import BatchEngine
 from ..errors import ContextOverflowError, InvalidParamsError, InvalidRequestError, ModelLoadError
 from ..sources import Prepared, constructing, prepare
 from ..stream import GenerationHandle, GenerationRequest
-from .base import Backend, Progress, check_token_ids
+from .base import Backend, Progress, check_logit_bias, check_token_ids
 
 log = logging.getLogger("shoal.local")
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -185,6 +185,7 @@ class LocalBackend(Backend):
             wanted = min(DEFAULT_MAX_NEW_TOKENS, limit - len(ids))
         elif len(ids) + wanted > limit:
             raise ContextOverflowError(len(ids), wanted, limit)
+        check_logit_bias(request.params, self.model.config.get_text_config().vocab_size)
         constraint = None
         if request.output_format is not None and self._grammar is not None:
             constraint = self._grammar.constraint(request.output_format)

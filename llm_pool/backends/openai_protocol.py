@@ -50,9 +50,16 @@ class OpenAIProtocol(ProtocolAdapter):
             common["seed"] = params.seed
         if params.stop:
             common["stop"] = list(params.stop)
+        if params.presence_penalty:
+            common["presence_penalty"] = params.presence_penalty
+        if params.frequency_penalty:
+            common["frequency_penalty"] = params.frequency_penalty
+        if params.logit_bias:
+            common["logit_bias"] = {str(token): bias for token, bias in params.logit_bias}
         extra = {
             k: v
-            for k, v in (("top_k", params.top_k), ("repetition_penalty", params.repetition_penalty))
+            for k, v in (("top_k", params.top_k), ("repetition_penalty", params.repetition_penalty),
+                         ("min_p", params.min_p))
             if v not in (0, 1.0)
         }
         if extra:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ..errors import InvalidRequestError
 from ..stream import GenerationRequest
 from .protocols import Piece, ProtocolAdapter
 
@@ -31,6 +32,10 @@ class TGIProtocol(ProtocolAdapter):
 
     async def pieces(self, client: Any, request: GenerationRequest) -> AsyncIterator[Piece]:
         params = request.params
+        for name in ("min_p", "presence_penalty", "logit_bias"):
+            if getattr(params, name):
+                raise InvalidRequestError(f"{name}: not forwarded to a TGI server (TGI has no such parameter)",
+                                          param=name)
         sampling = params.temperature > 0
         kwargs: dict[str, Any] = {"max_new_tokens": params.max_new_tokens or 512, "stream": True}
         if sampling:
@@ -42,6 +47,8 @@ class TGIProtocol(ProtocolAdapter):
             )
         if params.repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = params.repetition_penalty
+        if params.frequency_penalty:
+            kwargs["frequency_penalty"] = params.frequency_penalty
         if params.seed is not None:
             kwargs["seed"] = params.seed
         if params.stop:
@@ -54,6 +61,7 @@ class TGIProtocol(ProtocolAdapter):
                     temperature=params.temperature if sampling else 0.0,
                     seed=params.seed,
                     stop=list(params.stop) or None,
+                    frequency_penalty=params.frequency_penalty or None,
                     stream=True,
                 )
             except Exception as exc:

@@ -58,3 +58,24 @@ def test_a_page_opened_after_a_model_loaded_shows_it_ready_at_once(page, pool, e
     finally:
         server.stop()
         pool.unload(BASE_MODEL)
+
+
+def test_json_output_toggle_makes_the_reply_valid_json_of_the_schema(page, live_server, artifacts):
+    import json
+
+    import jsonschema
+    schema = {"type": "object", "properties": {"animal": {"type": "string", "maxLength": 20},
+                                               "legs": {"type": "integer", "minimum": 0, "maximum": 10}},
+              "required": ["animal", "legs"], "additionalProperties": False}
+    page.goto(live_server.url)
+    expect(page.locator("#ui-loaded")).to_have_text("loaded")
+    page.locator("#params").get_by_text("Parameters and system prompt").click()
+    page.locator("#json-output input[type='checkbox']").check()
+    page.locator("#json-schema textarea").fill(json.dumps(schema))
+    box = page.locator("#chat-input textarea")
+    box.fill("Tell me about cats.")
+    box.press("Enter")
+    expect(page.locator("#reply-figures")).to_contain_text("tok/s", timeout=90_000)
+    reply = page.locator("#chatbot [data-testid='bot']").last.inner_text().strip()
+    page.screenshot(path=str(artifacts / "json-output.png"), full_page=True)
+    jsonschema.validate(json.loads(reply), schema)

@@ -68,7 +68,7 @@ def test_rate_limit_answers_429_with_retry_after(pool, tmp_path):
     ("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("POST", "/generate"), ("POST", "/"),
     ("GET", "/metrics"), ("POST", "/v1/batch"), ("GET", "/gradio_api/info"), ("GET", "/openapi.json"),
     ("POST", "/v1/models/smollm2-135m/load"), ("POST", "/tokenize"), ("POST", "/detokenize"),
-    ("POST", "/v1/embeddings"), ("POST", "/api/embed"),
+    ("POST", "/v1/embeddings"), ("POST", "/api/embed"), ("POST", "/v1/rerank"), ("POST", "/rerank"),
 ])
 def test_with_keys_every_route_but_health_needs_one(keyed_server, method, path):
     response = httpx.request(method, f"{keyed_server.url}{path}", json={})

@@ -235,12 +235,15 @@ def live_server_models_dir(server):
 @pytest.mark.parametrize("body, field", [
     ({"messages": QUESTION, "max_tokens": 0}, "max_tokens"),
     ({"messages": QUESTION, "top_p": 1.5}, "top_p"),
-    ({"messages": QUESTION, "n": 2}, "n"),
+    ({"messages": QUESTION, "n": 9}, "n"),
     ({"messages": QUESTION, "temperature": "warm"}, "temperature"),
     ({"messages": []}, "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages"),
     ({"messages": QUESTION, "stop": ["a"] * 20}, "stop"),
-    ({"messages": QUESTION, "presence_penalty": 1}, "presence_penalty"),
+    ({"messages": QUESTION, "presence_penalty": 3}, "presence_penalty"),
+    ({"messages": QUESTION, "logit_bias": {"fish": 1}}, "logit_bias.fish"),
+    ({"messages": QUESTION, "logit_bias": {"5": 101}}, "logit_bias.5"),
+    ({"messages": QUESTION, "min_p": 1.5}, "min_p"),
 ])
 def test_bad_parameters_are_422_naming_the_field(live_server, body, field):
     response = httpx.post(f"{live_server.url}/v1/chat/completions", json={"model": CHAT_MODEL, **body})

@@ -68,3 +68,17 @@ def test_the_embedding_model_lives_in_the_pool_like_any_model(live_server, clien
     assert pool.status("all-minilm-l6-v2")["state"] == "unloaded"
     again = client.embeddings.create(model="all-minilm-l6-v2", input="loads again on demand")
     assert len(again.data[0].embedding) == 384
+
+
+def test_rerank_puts_the_relevant_document_first(live_server):
+    documents = ["The stock market fell sharply today.", "Kittens love to sleep on warm rugs.",
+                 "A recipe for tomato soup."]
+    answer = httpx.post(f"{live_server.url}/v1/rerank", timeout=60, json={
+        "model": "all-minilm-l6-v2", "query": "Where do cats like to nap?", "documents": documents,
+        "top_n": 2, "return_documents": True}).json()
+    results = answer["results"]
+    assert len(results) == 2 and results[0]["index"] == 1 and results[0]["document"]["text"] == documents[1]
+    assert results[0]["relevance_score"] > results[1]["relevance_score"]
+    too_long = httpx.post(f"{live_server.url}/rerank", timeout=60, json={
+        "query": "cats", "documents": ["fine", " ".join(["word"] * 2000)]})
+    assert too_long.status_code == 422 and too_long.json()["error"]["param"] == "documents.1"
