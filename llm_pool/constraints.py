@@ -152,17 +152,22 @@ class TokenConstraint:
     """One request's grammar state in the transformers engine: which tokens may come next."""
 
     def __init__(self, matcher: Any, vocab_size: int):
-        import llguidance.torch
+        import torch
         self._matcher = matcher
-        self._mask = llguidance.torch.allocate_token_bitmask(1, vocab_size)
+        self._mask = torch.full(((vocab_size + 31) // 32,), -1, dtype=torch.int32)  # llguidance writes it
 
     def restrict(self, logits):
-        """logits: [vocab] of one row; returns a copy where disallowed tokens are -inf."""
-        import llguidance.torch
-        llguidance.torch.fill_next_token_bitmask(self._matcher, self._mask, 0)
-        logits = logits.float().clone().unsqueeze(0)
-        llguidance.torch.apply_token_bitmask_inplace(logits, self._mask)
-        return logits.squeeze(0)
+        """logits: [vocab] of one row (any device); returns a copy where disallowed tokens are -inf.
+        The bitmask is unpacked here rather than with llguidance.torch's helper, which is
+        torch.compile'd (a compile on the engine thread at first use) and wants both on one device."""
+        import numpy as np
+        import torch
+        self._matcher.unsafe_compute_mask_ptr(self._mask.data_ptr(), self._mask.numel() * 4)
+        allowed = np.unpackbits(self._mask.numpy().view(np.uint8), bitorder="little")  # bit i: token i
+        blocked = torch.ones(logits.shape[-1], dtype=torch.bool)
+        n = min(blocked.shape[0], allowed.shape[0])
+        blocked[:n] = torch.from_numpy(allowed[:n] == 0)
+        return logits.float().masked_fill(blocked.to(logits.device, non_blocking=True), float("-inf"))
 
     def consume(self, token_id: int) -> None:
         self._matcher.consume_token(token_id)

@@ -62,3 +62,55 @@ def test_bitsandbytes_quantization_loads_or_is_refused_by_name(tiny_model_dir, t
         assert ask(pool, "hello world").result(60).usage.completion_tokens == 12
     finally:
         pool.shutdown()
+
+
+def test_structured_output_and_sampling_fields_run_on_the_gpu(tmp_path):
+    """The grammar mask, logit_bias and the penalties act on logits that live on the GPU, in a
+    batch that mixes them (a byte-level BPE tokenizer, so llguidance reads it, and random weights:
+    the grammar, not the model, makes the constrained answers valid)."""
+    import json
+
+    import jsonschema
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from llm_pool.constraints import OutputFormat
+
+    folder = tmp_path / "tiny-bpe"
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["the weather is sunny and warm today", '{"ok": true, "colour": "red"}'] * 20,
+                            vocab_size=400, min_frequency=1, special_tokens=["<pad>", "<eos>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<eos>", pad_token="<pad>")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                               "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 max_position_embeddings=2048, eos_token_id=1, pad_token_id=0)).save_pretrained(folder)
+    pool = pool_for(folder, tmp_path)
+    try:
+        assert pool.load("tiny")["device"].startswith("cuda")
+        schemas = [{"enum": ["red", "green", "blue"]},
+                   {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+                    "additionalProperties": False}]
+
+        def request(output_format=None, **params):
+            params.setdefault("max_new_tokens", 40)
+            return GenerationRequest(GenerationParams.validated(**params), messages=[Message("user", "hello")],
+                                     output_format=output_format)
+
+        forced = tokenizer.convert_tokens_to_ids("Ġsunny")
+        handles = [pool.submit("tiny", request(OutputFormat.json(s), temperature=t))
+                   for s in schemas for t in (0, 1.0)]
+        bias = pool.submit("tiny", request(temperature=0, max_new_tokens=5, logit_bias={str(forced): 100}))
+        penalised = pool.submit("tiny", request(temperature=0.9, presence_penalty=1.5, frequency_penalty=1.0,
+                                                min_p=0.05, seed=3))
+        for handle, schema in zip(handles, [s for s in schemas for _ in (0, 1)]):
+            final = handle.result(120)
+            assert final.reason == "stop", final.text
+            jsonschema.validate(json.loads(final.text), schema)
+        assert bias.result(120).text == tokenizer.decode([forced] * 5)
+        assert penalised.result(120).reason in ("stop", "length")
+    finally:
+        pool.shutdown()
