@@ -394,10 +394,15 @@ def compare_engines(args) -> None:
 
 
 def _children(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return []
+    """Child processes of every thread of `pid` (the pool starts llama-server from a loader
+    thread, so the main thread's own list misses it)."""
+    found: list[str] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += (task / "children").read_text().split()
+        except OSError:
+            pass
+    return found
 
 
 def report(results: list[Result], max_tokens: int, out: Path) -> None:

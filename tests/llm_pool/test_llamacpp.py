@@ -138,17 +138,26 @@ def test_swap_between_engines_under_load_fails_no_request():
         threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
         for thread in threads:
             thread.start()
-        time.sleep(1)
+        def served_by(version: str, count: int) -> None:
+            """Wait (not a fixed time: a loading model slows the other on 2 cores) until `count`
+            more requests were answered by `version`."""
+            start = len(results)
+            deadline = time.monotonic() + 120
+            while sum(1 for r in results[start:] if getattr(r, "model", "") == version) < count:
+                assert time.monotonic() < deadline, f"no traffic reached {version}"
+                time.sleep(0.1)
+
+        served_by(LLAMA_CHAT, 3)
         to_transformers = pool.swap(name, TRANSFORMERS_CHAT.split("@")[1])
-        time.sleep(2)
+        served_by(TRANSFORMERS_CHAT, 3)
         back = pool.swap(name, LLAMA_CHAT.split("@")[1])
-        time.sleep(1)
+        served_by(LLAMA_CHAT, 3)
         stop.set()
         for thread in threads:
             thread.join(120)
         assert to_transformers["engine"] == "transformers" and back["engine"] == "llama.cpp"
         failures = [r for r in results if not isinstance(r, Finished)]
-        assert not failures and len(results) >= 12
+        assert not failures and len(results) >= 9
         deadline = time.monotonic() + 30  # the retired version unloads once idle
         while pool.status(TRANSFORMERS_CHAT)["state"] != "unloaded" and time.monotonic() < deadline:
             time.sleep(0.1)
