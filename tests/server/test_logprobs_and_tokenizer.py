@@ -40,13 +40,26 @@ def test_chat_logprobs_describe_the_tokens_that_were_sent(client, model):
 
     stream = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=8, temperature=0,
                                             logprobs=True, top_logprobs=3, stream=True)
-    streamed = [e for chunk in stream if chunk.choices and chunk.choices[0].logprobs
-                for e in chunk.choices[0].logprobs.content]
-    assert [e.token for e in streamed] == [e.token for e in entries]
-    # transformers computes the same numbers again; llama.cpp reuses the cached prompt, whose KV
-    # came from a batch of another shape, and its logprobs moved by up to ~0.06 in CI
-    tolerance = 1e-3 if model == TRANSFORMERS_CHAT else 0.2
-    assert all(math.isclose(a.logprob, b.logprob, abs_tol=tolerance) for a, b in zip(streamed, entries))
+    streamed, text = [], ""
+    for chunk in stream:
+        if chunk.choices:
+            text += chunk.choices[0].delta.content or ""
+            if chunk.choices[0].logprobs:
+                streamed += chunk.choices[0].logprobs.content
+    # the streamed logprobs describe the streamed text, token by token
+    assert streamed and b"".join(bytes(e.bytes) for e in streamed).decode() == text
+    assert all(e.top_logprobs[0].token == e.token and len(e.top_logprobs) == 3 for e in streamed)
+    if model == TRANSFORMERS_CHAT:
+        # transformers computes the same numbers again
+        assert [e.token for e in streamed] == [e.token for e in entries]
+        assert all(math.isclose(a.logprob, b.logprob, abs_tol=1e-3) for a, b in zip(streamed, entries))
+    else:
+        # llama.cpp reuses the cached prompt, whose KV came from a batch of another shape: its
+        # server README says logits are then not bit-for-bit identical, and in CI a near tie after
+        # two tokens went the other way ("The colour is" / "The colour I'm"). The first token
+        # comes from the same prompt either way.
+        assert streamed[0].token == entries[0].token
+        assert math.isclose(streamed[0].logprob, entries[0].logprob, abs_tol=0.2)
 
 
 @pytest.mark.parametrize("model", CHAT_ENGINES)
