@@ -37,7 +37,7 @@ from .errors import (
     ServiceUnavailableError,
     ShoalError,
 )
-from .kv import KV, cache_from, layers, pad_left
+from .kv import ATTENTION, KV, RowKV, Segment, cache_from, layers, pad_left, register_ragged_attention
 from .params import GenerationParams
 from .prefix_cache import PrefixCache
 from .sampling import RowSampler, choose_tokens
@@ -78,9 +78,17 @@ class EngineConfig:
     kv_cache_bytes: int = 512 * 2**20  # running batch + prefix cache
     prefix_cache_share: float = 0.25  # part of kv_cache_bytes kept for finished prefixes
     min_prefix_tokens: int = 16
+    layout: str = "auto"  # "ragged" (per-row KV, chunked prefill), "padded" (one shared buffer), "auto"
+    prefill_chunk: int = 256  # ragged: prompt tokens prefilled per step beside the running rows
+    bypass_seconds: float = 5.0  # a queued job that does not fit yet lets later ones pass this long
 
 
 class BatchEngine:
+    """The scheduler, over the padded layout: one left-padded KV buffer shared by the batch.
+    `RaggedEngine` runs the same scheduler over per-request KV."""
+
+    layout = "padded"
+
     def __init__(self, model: torch.nn.Module, decode: Callable[[Sequence[int]], str], *,
                  name: str, eos_ids: set[int], context_length: int, config: EngineConfig,
                  token_bytes: Callable[[int], bytes] | None = None):
@@ -225,14 +233,21 @@ class BatchEngine:
         self._remove_rows(gone, dict.fromkeys(gone, "cancelled"))
 
     def _admit(self) -> list[_Job]:
-        """Take waiting jobs, in order, while a slot and KV room are free."""
+        """Take waiting jobs, in order, while a slot and KV room are free. A job that does not fit
+        yet lets later (smaller) ones pass for `bypass_seconds`; after that nobody passes it, so
+        it runs as soon as the room it needs is free."""
         admitted: list[_Job] = []
+        now = time.monotonic()
         with self._cond:
-            while self._waiting and self._active + len(admitted) < self.config.max_batch_size:
-                job = self._waiting[0]
+            i = 0
+            while i < len(self._waiting) and self._active + len(admitted) < self.config.max_batch_size:
+                job = self._waiting[i]
                 if not self._fits(admitted + [job]):
-                    break
-                job = self._waiting.popleft()
+                    if now - job.submitted > self.config.bypass_seconds:
+                        break
+                    i += 1
+                    continue
+                del self._waiting[i]
                 job.holds_slot = True
                 self._owned[id(job)] = job
                 admitted.append(job)
@@ -444,6 +459,11 @@ class BatchEngine:
                                 [(k[row:row + 1, :, real], v[row:row + 1, :, real])
                                  for k, v in layers(self._cache)])
 
+    @property
+    def holds_kv(self) -> bool:
+        """Whether the running batch's KV buffers are allocated."""
+        return self._cache is not None
+
     def _kv_bytes(self) -> int:
         cache = self._cache
         if cache is None:
@@ -457,3 +477,207 @@ class BatchEngine:
                        past_key_values=cache, use_cache=True, logits_to_keep=1)
             return max(1, sum(k.numel() * k.element_size() + v.numel() * v.element_size()
                               for k, v in layers(cache)))
+
+
+class RaggedEngine(BatchEngine):
+    """The same scheduler over the ragged layout (`kv.RowKV`, `kv.ragged_attention`): each row
+    keeps its own KV and reserves only its own prompt + token limit, so one long prompt does not
+    shrink everyone's batch; joining and leaving copy nothing; a prompt is prefilled
+    `prefill_chunk` tokens per step inside the running batch's forward pass, so the streams
+    already running keep getting tokens while it is read."""
+
+    layout = "ragged"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        probe = DynamicCache()
+        with torch.inference_mode():
+            self.model(input_ids=torch.tensor([[self._pad_id()]], device=self.device),
+                       past_key_values=probe, use_cache=True, logits_to_keep=1)
+        shapes = {(k.shape[1], k.shape[3], k.dtype) for k, _ in layers(probe)}
+        if len(shapes) != 1:
+            raise NotImplementedError("layers with different KV shapes")
+        (heads, dim, self._kv_dtype), = shapes
+        self._kv_shape = (len(probe.layers), heads, dim)
+        register_ragged_attention()
+        self.model.set_attn_implementation(ATTENTION)
+        self._kv: dict[int, RowKV] = {}  # id(job) -> its KV, for jobs in the batch
+        self._scratch = RowKV(self._kv_shape, 1, self._kv_dtype, self.device)
+        self._fed: dict[int, int] = {}  # id(job) -> prompt tokens in its KV so far
+
+    def _fits(self, newcomers: list[_Job]) -> bool:
+        reserved = sum(kv.capacity for kv in self._kv.values())
+        wanted = sum(len(j.prompt_ids) + j.max_new + 1 for j in newcomers)
+        return (reserved + wanted) * self.bytes_per_token <= self.batch_kv_bytes
+
+    def _prefill(self, jobs: list[_Job]) -> None:
+        """Give each admitted job its KV (from a cached prefix if its scope has one); the
+        prompt is read by the following steps."""
+        for job in jobs:
+            job.started = time.monotonic()
+            kv = RowKV(self._kv_shape, len(job.prompt_ids) + job.max_new + 1, self._kv_dtype, self.device)
+            hit = self.prefix_cache.lookup(job.handle.request.cache_scope, job.prompt_ids,
+                                           self.config.min_prefix_tokens)
+            if hit is not None:
+                length, prefix = hit
+                kv.load(prefix)
+                job.cached = length
+                self.stats["prefix_hits"] += 1
+                self.stats["prefix_tokens_saved"] += length
+            self._kv[id(job)], self._fed[id(job)] = kv, kv.length
+            with self._cond:
+                self._rows.append(job)
+            self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._rows))
+
+    def _step(self) -> None:
+        """One forward pass: a token for every decoding row, and prompt chunks (up to
+        `prefill_chunk` tokens in all, oldest first) for rows still reading their prompt."""
+        faults.check("engine.step")
+        ids: list[int] = []
+        positions: list[int] = []
+        segments: list[Segment] = []
+        sampled: list[tuple[int, _Job, bool]] = []  # (packed index, job, first token)
+        budget = max(1, self.config.prefill_chunk)
+        for job in self._rows:
+            fed = self._fed[id(job)]
+            if fed < len(job.prompt_ids):  # still reading its prompt
+                if budget <= 0:
+                    continue
+                chunk = job.prompt_ids[fed:fed + budget]
+                budget -= len(chunk)
+                tokens, first = chunk, fed
+            else:
+                tokens, first = [job.next_token], job.position
+            segments.append(Segment(len(ids), len(tokens), self._kv[id(job)]))
+            ids += tokens
+            positions += range(first, first + len(tokens))
+            if first + len(tokens) >= len(job.prompt_ids):  # it needs its next token now
+                sampled.append((len(ids) - 1, job, fed < len(job.prompt_ids)))
+        if len(ids) == 1:
+            # one token alone would take the matrix-vector kernels, whose sums round differently
+            # from the matrix-matrix ones every larger step uses: a seeded answer would then
+            # change with whether it ran alone. A scratch row keeps every step on one path.
+            self._scratch.length = 0
+            segments.append(Segment(1, 1, self._scratch))
+            ids.append(ids[0])
+            positions.append(0)
+        if any(s.count > 1 for s in segments):
+            faults.check("engine.prefill")
+            self.stats["prefills"] += 1
+        keep = torch.tensor([index for index, _, _ in sampled], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=torch.tensor([ids], device=self.device),
+                         position_ids=torch.tensor([positions], device=self.device),
+                         use_cache=False, logits_to_keep=keep, shoal_segments=segments)
+        for segment in segments:
+            segment.kv.length += segment.count
+        for job in self._rows:
+            self._fed[id(job)] = min(len(job.prompt_ids), self._kv[id(job)].length)
+        self.stats["steps"] += 1
+        self.stats["peak_kv_bytes"] = max(self.stats["peak_kv_bytes"], self._kv_bytes())
+        if not sampled:
+            return
+        jobs = [job for _, job, _ in sampled]
+        tokens, logprobs, tops = choose_tokens(out.logits[0].float(), [job.sampler for job in jobs])
+        done: dict[int, str] = {}
+        index = {id(job): i for i, job in enumerate(self._rows)}
+        for i, ((_, job, first), token, logprob) in enumerate(zip(sampled, tokens, logprobs)):
+            job.position = len(job.prompt_ids) if first else job.position + 1
+            reason = self._accept(job, token, logprob, tops[i])
+            if reason:
+                done[index[id(job)]] = reason
+        self._remove_rows(sorted(done), done)
+
+    def _remove_rows(self, indices: list[int], reasons: dict[int, str]) -> None:
+        if not indices:
+            return
+        leaving = [self._rows[i] for i in indices]
+        for i in indices:
+            self._remember_prefix(i)
+        faults.check("engine.remove_rows")
+        gone = set(indices)
+        with self._cond:
+            self._rows = [job for i, job in enumerate(self._rows) if i not in gone]
+        for job in leaving:
+            self._kv.pop(id(job), None)
+            self._fed.pop(id(job), None)
+        for index, job in zip(indices, leaving):
+            self._finish(job, reasons[index])
+
+    def _remember_prefix(self, row: int) -> None:
+        job = self._rows[row]
+        kv = self._kv.get(id(job))
+        if job.handle.cancelled or kv is None or not self.prefix_cache.capacity:
+            return
+        length = min(kv.length, len(job.prompt_ids) + len(job.generated))
+        if length < self.config.min_prefix_tokens or self._fed[id(job)] < len(job.prompt_ids):
+            return
+        self.prefix_cache.store(job.handle.request.cache_scope,
+                                (job.prompt_ids + job.generated)[:length], kv.prefix(length))
+
+    def _fail_all(self, error: ShoalError) -> None:
+        self._kv.clear()
+        self._fed.clear()
+        super()._fail_all(error)
+
+    @property
+    def holds_kv(self) -> bool:
+        return bool(self._kv)
+
+    def _kv_bytes(self) -> int:
+        return sum(kv.reserved_bytes for kv in list(self._kv.values()))
+
+    def stop(self, timeout: float = 30.0) -> None:
+        super().stop(timeout)
+        if not (self._thread and self._thread.is_alive()):
+            self._kv.clear()
+            self._fed.clear()
+
+
+def make_engine(model: torch.nn.Module, decode: Callable[[Sequence[int]], str], **kwargs) -> BatchEngine:
+    """The engine for `config.layout`; "auto" is the ragged layout when this model's attention
+    runs through transformers' attention interface and its packed forward gives the logits of a
+    plain one, else the padded layout."""
+    config: EngineConfig = kwargs["config"]
+    if config.layout == "padded":
+        return BatchEngine(model, decode, **kwargs)
+    attention = model.config._attn_implementation
+    try:
+        engine = RaggedEngine(model, decode, **kwargs)
+        _check_ragged(engine)
+        return engine
+    except Exception as exc:
+        if config.layout == "ragged":
+            raise
+        log.info("engine %s: the padded KV layout (the ragged one does not fit this model: %s)",
+                 kwargs.get("name"), exc)
+        model.set_attn_implementation(attention)
+        return BatchEngine(model, decode, **kwargs)
+
+
+def _check_ragged(engine: RaggedEngine) -> None:
+    """The packed forward of two prompts (one read in two chunks) must give each prompt's last
+    logits as a plain forward does."""
+    prompts = [[engine._pad_id()] + list(range(5, 17)), [engine._pad_id()] + list(range(40, 47))]
+    device, model = engine.device, engine.model
+    with torch.inference_mode():
+        plain = [model(input_ids=torch.tensor([p], device=device), logits_to_keep=1).logits[0, -1].float()
+                 for p in prompts]
+        rows = [RowKV(engine._kv_shape, 32, engine._kv_dtype, device) for _ in prompts]
+        cut = 6
+        first = prompts[0][:cut]
+        model(input_ids=torch.tensor([first], device=device),
+              position_ids=torch.arange(cut, device=device)[None], use_cache=False, logits_to_keep=1,
+              shoal_segments=[Segment(0, cut, rows[0])])
+        rows[0].length = cut
+        rest = prompts[0][cut:]
+        ids = rest + prompts[1]
+        positions = list(range(cut, len(prompts[0]))) + list(range(len(prompts[1])))
+        out = model(input_ids=torch.tensor([ids], device=device), position_ids=torch.tensor([positions], device=device),
+                    use_cache=False, shoal_segments=[Segment(0, len(rest), rows[0]),
+                                                     Segment(len(rest), len(prompts[1]), rows[1])],
+                    logits_to_keep=torch.tensor([len(rest) - 1, len(ids) - 1], device=device))
+    tolerance = 1e-3 if engine._kv_dtype == torch.float32 else 5e-2
+    for got, want in zip(out.logits[0].float(), plain):
+        error = float((got - want).abs().max() / (want.abs().max() + 1e-6))
+        if error > tolerance:
+            raise NotImplementedError(f"packed logits differ from a plain forward's ({error:.2e})")

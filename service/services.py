@@ -227,7 +227,8 @@ def build_services(settings: Settings, pool: ModelPool | None = None, embedder: 
         gpu_total = (torch.cuda.get_device_properties(0).total_memory
                      if settings.device != "cpu" and torch.cuda.is_available() else None)
         engine = EngineConfig(max_batch_size=settings.max_batch_size, queue_size=settings.queue_size,
-                              queue_timeout=settings.queue_timeout, kv_cache_bytes=settings.kv_cache_bytes())
+                              queue_timeout=settings.queue_timeout, kv_cache_bytes=settings.kv_cache_bytes(),
+                              layout=settings.kv_layout, prefill_chunk=settings.prefill_chunk)
         policy = SourcePolicy.for_catalog(catalog.builtin, settings.model_roots, settings.models_dir,
                                           settings.allow_private_remotes)
         context = BackendContext(cache_dir=settings.models_dir, device=settings.device, engine=engine,

@@ -11,7 +11,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, CliApp, NoDecode, SettingsConfigDict
@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=0, description="Requests that may wait per model beyond the batch.")
     queue_timeout: float = Field(120.0, gt=0, description="Seconds a request may wait in the queue.")
     kv_cache_budget: str = Field("512MiB", description="KV-cache bytes per loaded model (counted in the budget).")
+    kv_layout: Literal["auto", "ragged", "padded"] = Field(
+        "auto", description="transformers engine: 'ragged' (each request its own KV, prompts read in chunks "
+        "beside running streams), 'padded' (one shared left-padded buffer, the earlier engine), 'auto' "
+        "(ragged where the model's attention allows it).")
+    prefill_chunk: int = Field(256, ge=16, le=65536, description="transformers engine, ragged layout: prompt "
+                               "tokens read per step while other streams run.")
     rate_limit_rpm: float = Field(0, ge=0, description="Requests per minute per client (0 = off).")
     rate_limit_tpm: float = Field(0, ge=0, description="Generated tokens per minute per client (0 = off).")
     cors_origins: Annotated[list[str], NoDecode] = Field(

@@ -16,7 +16,7 @@ import torch
 
 from ..constraints import TokenizerGrammar
 from ..cpu_linear import pack_linears, packed_bytes
-from ..engine import BatchEngine
+from ..engine import BatchEngine, make_engine
 from ..errors import ContextOverflowError, InvalidParamsError, InvalidRequestError, ModelLoadError
 from ..sources import Prepared, constructing, prepare
 from ..stream import GenerationHandle, GenerationRequest
@@ -128,7 +128,7 @@ class LocalBackend(Backend):
             t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
         progress(0.95, "warming up")
         self._grammar = TokenizerGrammar(tokenizer, config.vocab_size, self._eos_ids())
-        self.engine = BatchEngine(model, self._decode, name=self.spec.key, eos_ids=self._eos_ids(),
+        self.engine = make_engine(model, self._decode, name=self.spec.key, eos_ids=self._eos_ids(),
                                   context_length=self._context_length, config=self.context.engine,
                                   token_bytes=self._grammar.token_bytes)
         self.engine.start()

@@ -30,6 +30,7 @@ def request(text, **params):
 
 
 def engine_of(pool):
+    pool.load(TRANSFORMERS_CHAT)
     return pool.backend(TRANSFORMERS_CHAT).engine
 
 

@@ -26,13 +26,17 @@ from llm_pool.backends import BackendContext
 from llm_pool.stream import Failed
 
 
-@pytest.fixture
-def tiny_pool(tiny_model_dir, tmp_path):
+@pytest.fixture(params=["ragged", "padded"])
+def tiny_pool(request, tiny_model_dir, tmp_path):
+    """Both KV layouts of the transformers engine: ragged (the default) and padded (the fallback
+    for models whose attention the ragged layout cannot run)."""
     spec = spec_from_dict({"name": "tiny", "version": "1", "source": "local", "location": str(tiny_model_dir)})
     context = BackendContext(cache_dir=tmp_path / "cache", device="cpu",
-                             engine=EngineConfig(max_batch_size=4, queue_size=16, kv_cache_bytes=8 * 2**20))
+                             engine=EngineConfig(max_batch_size=4, queue_size=16, kv_cache_bytes=8 * 2**20,
+                                                 layout=request.param))
     pool = ModelPool(Catalog([spec]), context, 10**10)
     pool.load("tiny")
+    assert engine_of(pool).layout == request.param
     yield pool
     faults.disarm_all()
     pool.shutdown()
@@ -172,8 +176,8 @@ def test_stop_that_times_out_leaves_the_running_step_its_buffers(tiny_pool):
     handles = [ask(tiny_pool, max_new=50) for _ in range(2)]
     assert in_step.wait(10)
     engine.stop(timeout=0.05)
-    assert engine._thread.is_alive() and engine._cache is not None  # not pulled from under the step
+    assert engine._thread.is_alive() and engine.holds_kv  # not pulled from under the step
     for handle in handles:
         assert final_of(handle) is not None
     engine._thread.join(10)
-    assert not engine._thread.is_alive() and engine._cache is None and engine._active == 0
+    assert not engine._thread.is_alive() and not engine.holds_kv and engine._active == 0
