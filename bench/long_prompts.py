@@ -7,8 +7,8 @@ and the vectorized sampler against main's per-row sampler (loaded from git) on t
     .venv/bin/python bench/long_prompts.py --only itl   # or: mixed, sampling
 
 - itl: 15 greedy streams run; a ~6k-token prompt arrives, then a short one a second later.
-  Reported: the running streams' inter-token gaps (p50/p99/max) from the long prompt's arrival
-  until its first token, and each newcomer's time to first token.
+  Reported: the running streams' inter-token gaps (p50/p99/max) that overlap the time from the
+  long prompt's arrival to its first token, and each newcomer's time to first token.
 - mixed: 16 clients for 60 s, 13 short chats and 3 with ~4k-token prompts, default KV budget
   (512 MiB): aggregate tok/s and TTFT p50 of each kind.
 - sampling: `choose_tokens` on SmolLM2's real logits at 16 and 32 rows (greedy, t=0.7 top_p=0.9,
@@ -69,9 +69,11 @@ def make_pool(layout: str, kv_bytes: int = 512 * 2**20, batch: int = 16) -> Mode
     return pool
 
 
-def long_prompt(tokens: int) -> str:
-    words = TEXT.split()
-    return "Summarize this text in one sentence:\n\n" + " ".join(words[: int(tokens * 0.72)])
+def long_prompt(pool: ModelPool, tokens: int) -> str:
+    """About `tokens` tokens of the README, asked to be summarized."""
+    tokenizer = pool.backend(MODEL).tokenizer
+    ids = tokenizer(TEXT, add_special_tokens=False).input_ids[:tokens]
+    return "Summarize this text in one sentence:\n\n" + tokenizer.decode(ids)
 
 
 def chat(text: str, max_new: int, **params) -> GenerationRequest:
@@ -110,13 +112,15 @@ def itl(layout: str, prompt_tokens: int) -> str:
         streams = [Timed(pool, chat(f"Write a long story about a lighthouse keeper number {i}.", 400))
                    for i in range(15)]
         time.sleep(6)
-        long = Timed(pool, chat(long_prompt(prompt_tokens), 8))
+        long = Timed(pool, chat(long_prompt(pool, prompt_tokens), 8))
         time.sleep(1)
         short = Timed(pool, chat("Say hi.", 8))
         long.thread.join(600)
         short.thread.join(600)
+        # every gap between two tokens of a running stream that overlaps the time from the long
+        # prompt's arrival to its first token
         window = (long.sent, long.times[0] if long.times else time.monotonic())
-        gaps = [b - a for s in streams for a, b in zip(s.times, s.times[1:]) if window[0] <= b <= window[1] + 1]
+        gaps = [b - a for s in streams for a, b in zip(s.times, s.times[1:]) if a < window[1] and b > window[0]]
         for s in streams:
             s.handle.cancel()
         prompt = long.handle.result(5).usage.prompt_tokens
@@ -128,6 +132,7 @@ def itl(layout: str, prompt_tokens: int) -> str:
 
 def mixed(layout: str, seconds: float, long_tokens: int) -> str:
     pool = make_pool(layout)
+    document = long_prompt(pool, long_tokens)
     stop = time.monotonic() + seconds
     done: dict[str, list[Timed]] = {"short": [], "long": []}
     lock = threading.Lock()
@@ -135,7 +140,7 @@ def mixed(layout: str, seconds: float, long_tokens: int) -> str:
     def client(kind: str, i: int) -> None:
         n = 0
         while time.monotonic() < stop:
-            text = long_prompt(long_tokens) + f" ({i}.{n})" if kind == "long" else f"Tell me about topic {i}.{n}."
+            text = f"({i}.{n}) " + document if kind == "long" else f"Tell me about topic {i}.{n}."
             run = Timed(pool, chat(text, 32 if kind == "long" else 96))
             run.thread.join(600)
             with lock:

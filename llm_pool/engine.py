@@ -531,21 +531,30 @@ class RaggedEngine(BatchEngine):
 
     def _step(self) -> None:
         """One forward pass: a token for every decoding row, and prompt chunks (up to
-        `prefill_chunk` tokens in all, oldest first) for rows still reading their prompt."""
+        `prefill_chunk` tokens in all, shortest remaining first) for rows still reading their
+        prompt."""
         faults.check("engine.step")
         ids: list[int] = []
         positions: list[int] = []
         segments: list[Segment] = []
         sampled: list[tuple[int, _Job, bool]] = []  # (packed index, job, first token)
-        budget = max(1, self.config.prefill_chunk)
+        # the prefill budget goes to the prompts with the least left to read first, so a short
+        # prompt that arrives while a long one is being read starts at once
+        reading = sorted((job for job in self._rows if self._fed[id(job)] < len(job.prompt_ids)),
+                         key=lambda job: len(job.prompt_ids) - self._fed[id(job)])
+        budget, chunks = max(1, self.config.prefill_chunk), {}
+        for job in reading:
+            if budget <= 0:
+                break
+            fed = self._fed[id(job)]
+            chunks[id(job)] = job.prompt_ids[fed:fed + budget]
+            budget -= len(chunks[id(job)])
         for job in self._rows:
             fed = self._fed[id(job)]
             if fed < len(job.prompt_ids):  # still reading its prompt
-                if budget <= 0:
+                if id(job) not in chunks:
                     continue
-                chunk = job.prompt_ids[fed:fed + budget]
-                budget -= len(chunk)
-                tokens, first = chunk, fed
+                tokens, first = chunks[id(job)], fed
             else:
                 tokens, first = [job.next_token], job.position
             segments.append(Segment(len(ids), len(tokens), self._kv[id(job)]))
@@ -634,11 +643,14 @@ class RaggedEngine(BatchEngine):
 
 
 def make_engine(model: torch.nn.Module, decode: Callable[[Sequence[int]], str], **kwargs) -> BatchEngine:
-    """The engine for `config.layout`; "auto" is the ragged layout when this model's attention
-    runs through transformers' attention interface and its packed forward gives the logits of a
-    plain one, else the padded layout."""
+    """The engine for `config.layout`; "auto" is the ragged layout on a CPU when this model's
+    attention runs through transformers' attention interface and its packed forward gives the
+    logits of a plain one, else the padded layout."""
     config: EngineConfig = kwargs["config"]
-    if config.layout == "padded":
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    if config.layout == "padded" or (config.layout == "auto" and not on_cpu):
+        # on CUDA the per-request attention is one kernel launch per request and layer; the
+        # padded layout's batched attention is what was measured there
         return BatchEngine(model, decode, **kwargs)
     attention = model.config._attn_implementation
     try:

@@ -104,7 +104,7 @@ class Settings(BaseSettings):
     kv_layout: Literal["auto", "ragged", "padded"] = Field(
         "auto", description="transformers engine: 'ragged' (each request its own KV, prompts read in chunks "
         "beside running streams), 'padded' (one shared left-padded buffer, the earlier engine), 'auto' "
-        "(ragged where the model's attention allows it).")
+        "(ragged on a CPU where the model's attention allows it).")
     prefill_chunk: int = Field(256, ge=16, le=65536, description="transformers engine, ragged layout: prompt "
                                "tokens read per step while other streams run.")
     rate_limit_rpm: float = Field(0, ge=0, description="Requests per minute per client (0 = off).")

@@ -13,6 +13,7 @@ import pytest
 from llm_pool import (
     Catalog,
     EngineConfig,
+    Finished,
     GenerationParams,
     GenerationRequest,
     Message,
@@ -41,12 +42,15 @@ def ask(pool, words: int, max_new: int):
 
 
 def record(handle, name: str, log: list) -> None:
-    """Append (name, tokens) to `log` for each of the handle's deltas, as the engine sends them."""
+    """Append (name, tokens) to `log` for each of the handle's deltas and (name, "end") for its
+    finish, as the engine sends them."""
     push = handle.push
 
     def logged(event):
         if isinstance(event, TextDelta):
             log.append((name, len(event.token_ids)))
+        elif isinstance(event, Finished):
+            log.append((name, "end"))
         push(event)
     handle.push = logged
 
@@ -106,11 +110,16 @@ def test_once_it_has_waited_its_turn_nobody_passes_it(tiny_model_dir, tmp_path):
     try:
         running = ask(pool, words=3, max_new=300)
         started(running)
+        log: list = []
+        record(running, "running", log)
         big = ask(pool, words=600, max_new=10)
         time.sleep(0.05)
         short = ask(pool, words=3, max_new=5)
+        record(short, "short", log)
         running.result(120)
-        big.result(60), short.result(60)
-        assert big.first_token_at <= short.first_token_at  # FIFO: the big one was not starved
+        assert big.result(60).usage.completion_tokens == 10 and short.result(60).usage.completion_tokens == 5
+        # the short one could have run beside the running one, but the big one was first in line:
+        # it waited with it until there was room for the big one
+        assert log.index(("running", "end")) < next(i for i, (name, _) in enumerate(log) if name == "short")
     finally:
         pool.shutdown()
