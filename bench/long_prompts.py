@@ -9,8 +9,8 @@ and the vectorized sampler against main's per-row sampler (loaded from git) on t
 - itl: 15 greedy streams run; a ~6k-token prompt arrives, then a short one a second later.
   Reported: the running streams' inter-token gaps (p50/p99/max) that overlap the time from the
   long prompt's arrival to its first token, and each newcomer's time to first token.
-- mixed: 16 clients for 60 s, 13 short chats and 3 with ~4k-token prompts, default KV budget
-  (512 MiB): aggregate tok/s and TTFT p50 of each kind.
+- mixed: 16 clients for 60 s, 13 short chats and 3 with ~4k-token prompts, KV budget 1 GiB
+  (`--mixed-kv-gb`): aggregate tok/s and TTFT p50 of each kind.
 - sampling: `choose_tokens` on SmolLM2's real logits at 16 and 32 rows (greedy, t=0.7 top_p=0.9,
   t=1.0, t=0.8 top_p=0.95 repetition_penalty=1.1), and an engine step at 16 and 32 sampled rows.
 
@@ -107,7 +107,7 @@ class Timed:
 def itl(layout: str, prompt_tokens: int) -> str:
     # a KV budget that lets the padded layout take the long prompt beside the streams (its
     # reservation is rows x (longest + max remaining)), so both layouts read it while they run
-    pool = make_pool(layout, kv_bytes=8 * 2**30)
+    pool = make_pool(layout, kv_bytes=8 * 2**30, batch=32)  # room for the newcomers beside 15 streams
     try:
         streams = [Timed(pool, chat(f"Write a long story about a lighthouse keeper number {i}.", 400))
                    for i in range(15)]
@@ -130,8 +130,8 @@ def itl(layout: str, prompt_tokens: int) -> str:
         pool.shutdown()
 
 
-def mixed(layout: str, seconds: float, long_tokens: int) -> str:
-    pool = make_pool(layout)
+def mixed(layout: str, seconds: float, long_tokens: int, kv_bytes: int) -> str:
+    pool = make_pool(layout, kv_bytes=kv_bytes)
     document = long_prompt(pool, long_tokens)
     stop = time.monotonic() + seconds
     done: dict[str, list[Timed]] = {"short": [], "long": []}
@@ -230,6 +230,8 @@ def main() -> None:
     parser.add_argument("--only", choices=["itl", "mixed", "sampling"])
     parser.add_argument("--prompt-tokens", type=int, default=6000)
     parser.add_argument("--seconds", type=float, default=60)
+    parser.add_argument("--mixed-kv-gb", type=float, default=1.0,
+                        help="KV budget of the mixed run (1 GiB holds all 16 requests on the ragged layout)")
     parser.add_argument("--previous", default="62bb1c9", help="commit whose sampler is the baseline")
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -242,11 +244,12 @@ def main() -> None:
             out.append(itl(layout, args.prompt_tokens))
             print(out[-1], flush=True)
     if args.only in (None, "mixed"):
-        out += ["", f"### 16 clients, mixed lengths, {args.seconds:.0f} s (13 short chats, 3 with ~4k-token prompts)",
+        out += ["", f"### 16 clients, mixed lengths, {args.seconds:.0f} s (13 short chats, 3 with ~4k-token prompts), "
+                f"KV budget {args.mixed_kv_gb:g} GiB",
                 "| layout | tok/s | short answers | long answers | short TTFT p50 s | long TTFT p50 s |",
                 "|---|---|---|---|---|---|"]
         for layout in ("padded", "ragged"):
-            out.append(mixed(layout, args.seconds, 4000))
+            out.append(mixed(layout, args.seconds, 4000, int(args.mixed_kv_gb * 2**30)))
             print(out[-1], flush=True)
     if args.only in (None, "sampling"):
         out += ["", f"### Sampling: previous (per-row, {args.previous}) vs vectorized, ms",
