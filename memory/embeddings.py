@@ -16,29 +16,33 @@ def bundled_model_path() -> Path:
 
 
 class Embedder:
-    """Loads the model on first use; `embed` returns L2-normalised float32 vectors."""
+    """Loads the model on first use; `embed` returns L2-normalised float32 vectors.
+
+    Two copies of the model (22 M parameters each): one for questions, one for indexing files in
+    the background, so a question is never queued behind a large file's batch (a tokenizer
+    cannot be used by two threads at once, hence one lock per copy)."""
 
     def __init__(self, model_path: Path | None = None, batch_size: int = 32):
         self.model_path = model_path
         self.batch_size = batch_size
-        self._model = None
-        self._lock = threading.Lock()
+        self._models: dict[bool, object] = {}
+        self._locks = {False: threading.Lock(), True: threading.Lock()}
 
-    def _load(self):
-        if self._model is None:
+    def _load(self, background: bool):
+        if background not in self._models:
             from sentence_transformers import SentenceTransformer
 
             from llm_pool.sources import constructing
             with constructing:  # never beside an LLM being built (see llm_pool.sources)
-                self._model = SentenceTransformer(str(self.model_path or bundled_model_path()), device="cpu",
-                                                  local_files_only=True)
-        return self._model
+                self._models[background] = SentenceTransformer(str(self.model_path or bundled_model_path()),
+                                                               device="cpu", local_files_only=True)
+        return self._models[background]
 
-    def embed(self, texts: list[str]) -> np.ndarray:
+    def embed(self, texts: list[str], background: bool = False) -> np.ndarray:
         if not texts:
             return np.zeros((0, DIMENSIONS), dtype=np.float32)
-        with self._lock:
-            model = self._load()
+        with self._locks[background]:
+            model = self._load(background)
             vectors = model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
                                    convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)

@@ -1,80 +1,211 @@
-"""A session's vector index on disk: passages and their embeddings, searched by cosine similarity.
+"""A session's passages, searched by meaning and by words, kept in SQLite beside the sessions.
 
-One folder per session with `vectors.npy` (float32, normalised) and `chunks.json`, replaced
-atomically on every change. Brute-force search over thousands of passages takes well under a
-millisecond of numpy; nothing else is needed at this scale.
+Each passage is one row of `shoal_passages` (its text, where it came from, its embedding as a
+float32 blob) with its terms in `shoal_postings`, in the same database file and the same
+transactions as the session store: adding a file's passages, marking the file ready, removing a
+file or deleting a session each commit whole or not at all, and an insert touches only its own
+rows. Search is hybrid: cosine similarity over the session's vectors and BM25 over its postings,
+fused by reciprocal rank; a passage is only returned when one of the two says it is relevant on
+its own (a question answered by no file cites nothing).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import threading
-from pathlib import Path
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import numpy as np
 
+from . import lexical
 from .chunking import Chunk
 from .embeddings import DIMENSIONS
 
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS shoal_passages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    session_id TEXT NOT NULL,
+    file_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    turn INTEGER,
+    text TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    length INTEGER NOT NULL,
+    vector BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS shoal_passages_session ON shoal_passages (session_id, file_id);
+CREATE TABLE IF NOT EXISTS shoal_postings (
+    session_id TEXT NOT NULL,
+    term TEXT NOT NULL,
+    passage_id INTEGER NOT NULL,
+    tf INTEGER NOT NULL,
+    PRIMARY KEY (session_id, term, passage_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS shoal_postings_passage ON shoal_postings (passage_id);
+"""
 
-class SessionIndex:
-    def __init__(self, folder: Path):
-        self.folder = folder
+Sql = Callable[..., object]  # sqlite3 Connection.execute of the store's transaction
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """How passages are found. The defaults are what measured best in bench/retrieval_eval.py."""
+
+    mode: str = "hybrid"  # hybrid | dense | lexical
+    k: int = 4
+    candidates: int = 40  # from each of the two rankings, before fusion
+    rrf_k: int = 60
+    lexical_weight: float = 1.0  # weight of the BM25 ranking in the fusion (the dense one has 1)
+    min_similarity: float = 0.25  # a passage this close in meaning is relevant on its own
+    min_coverage: float = 0.6  # ... or one holding this share of the question's (idf-weighted) words
+
+
+@dataclass
+class Hit:
+    chunk: Chunk
+    score: float  # fused score (ranking)
+    similarity: float  # cosine similarity to the question
+    coverage: float  # share of the question's idf mass among this passage's terms
+
+
+def create_schema(sql: Sql) -> None:
+    for statement in SCHEMA.split(";"):
+        if statement.strip():
+            sql(statement)
+
+
+def insert(sql: Sql, session_id: str, chunks: list[Chunk], vectors: np.ndarray) -> None:
+    """Add passages (inside the caller's transaction)."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    for chunk, vector in zip(chunks, vectors, strict=True):
+        counts = lexical.term_counts(chunk.index_text())
+        meta = {k: v for k, v in chunk.to_dict().items() if k != "text"}
+        cursor = sql("INSERT INTO shoal_passages (session_id, file_id, kind, turn, text, meta, length, vector) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                     (session_id, chunk.file_id or "", chunk.kind, chunk.turn, chunk.text,
+                      json.dumps(meta, ensure_ascii=False), sum(counts.values()), vector.tobytes()))
+        passage_id = cursor.lastrowid
+        sql_many = [(session_id, term, passage_id, tf) for term, tf in counts.items()]
+        for row in sql_many:
+            sql("INSERT INTO shoal_postings (session_id, term, passage_id, tf) VALUES (?, ?, ?, ?)", row)
+
+
+def delete(sql: Sql, session_id: str, *, file_id: str | None = None, turns_from: int | None = None) -> int:
+    """Remove a file's passages, the remembered turns from `turns_from` on, or (neither given) all
+    of the session's passages; inside the caller's transaction. Returns how many went."""
+    where, args = "session_id = ?", [session_id]
+    if file_id is not None:
+        where, args = where + " AND file_id = ?", args + [file_id]
+    if turns_from is not None:
+        where, args = where + " AND kind = 'turn' AND turn >= ?", args + [turns_from]
+    sql(f"DELETE FROM shoal_postings WHERE passage_id IN (SELECT id FROM shoal_passages WHERE {where})", args)
+    return sql(f"DELETE FROM shoal_passages WHERE {where}", args).rowcount
+
+
+def count(sql: Sql, session_id: str, file_id: str | None = None) -> int:
+    if file_id is None:
+        return sql("SELECT count(*) FROM shoal_passages WHERE session_id = ?", (session_id,)).fetchone()[0]
+    return sql("SELECT count(*) FROM shoal_passages WHERE session_id = ? AND file_id = ?",
+               (session_id, file_id)).fetchone()[0]
+
+
+class Searcher:
+    """Searches one store's passages; keeps each recently searched session's vectors in memory and
+    reloads them when the session's passages changed (ids only grow, so count and max id tell)."""
+
+    def __init__(self, sql: Callable[[], Sql], sessions_in_memory: int = 64):
+        self._sql = sql
+        self._vectors: OrderedDict[str, tuple[tuple[int, int], np.ndarray, np.ndarray]] = OrderedDict()
         self._lock = threading.Lock()
-        self.chunks: list[Chunk] = []
-        self.vectors = np.zeros((0, DIMENSIONS), dtype=np.float32)
-        if (folder / "chunks.json").exists():
-            self.chunks = [Chunk(**c) for c in json.loads((folder / "chunks.json").read_text())]
-            self.vectors = np.load(folder / "vectors.npy")
+        self._limit = sessions_in_memory
 
-    def _save(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp_vectors, tmp_chunks = self.folder / "vectors.tmp.npy", self.folder / "chunks.tmp.json"
-        np.save(tmp_vectors, self.vectors)
-        tmp_chunks.write_text(json.dumps([c.to_dict() for c in self.chunks], ensure_ascii=False))
-        os.replace(tmp_vectors, self.folder / "vectors.npy")
-        os.replace(tmp_chunks, self.folder / "chunks.json")
-
-    def add(self, chunks: list[Chunk], vectors: np.ndarray) -> None:
+    def _dense(self, sql: Sql, session_id: str) -> tuple[np.ndarray, np.ndarray]:
+        stamp = tuple(sql("SELECT count(*), coalesce(max(id), 0) FROM shoal_passages WHERE session_id = ?",
+                          (session_id,)).fetchone())
         with self._lock:
-            self.chunks = self.chunks + chunks
-            self.vectors = np.vstack([self.vectors, vectors.astype(np.float32)])
-            self._save()
-
-    def remove(self, *, file_id: str | None = None, turns_from: int | None = None) -> int:
-        """Drop a file's passages, or the remembered turns at or after `turns_from`."""
+            cached = self._vectors.get(session_id)
+            if cached and cached[0] == stamp:
+                self._vectors.move_to_end(session_id)
+                return cached[1], cached[2]
+        rows = sql("SELECT id, vector FROM shoal_passages WHERE session_id = ? ORDER BY id", (session_id,)).fetchall()
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        matrix = (np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), DIMENSIONS)
+                  if rows else np.zeros((0, DIMENSIONS), dtype=np.float32))
         with self._lock:
-            keep = [i for i, c in enumerate(self.chunks)
-                    if not ((file_id is not None and c.file_id == file_id)
-                            or (turns_from is not None and c.kind == "turn" and (c.turn or 0) >= turns_from))]
-            removed = len(self.chunks) - len(keep)
-            if removed:
-                self.chunks = [self.chunks[i] for i in keep]
-                self.vectors = self.vectors[keep] if keep else np.zeros((0, DIMENSIONS), dtype=np.float32)
-                self._save()
-            return removed
+            self._vectors[session_id] = (stamp, ids, matrix)
+            self._vectors.move_to_end(session_id)
+            while len(self._vectors) > self._limit:
+                self._vectors.popitem(last=False)
+        return ids, matrix
 
-    def search(self, query: np.ndarray, k: int, threshold: float,
-               exclude_turns_from: int | None = None) -> list[tuple[Chunk, float]]:
+    def forget(self, session_id: str) -> None:
         with self._lock:
-            if not self.chunks:
-                return []
-            scores = self.vectors @ query.astype(np.float32)
-            order = np.argsort(-scores)
-            hits = []
-            for i in order:
-                score = float(scores[i])
-                if score < threshold or len(hits) >= k:
-                    break
-                chunk = self.chunks[i]
-                if chunk.kind == "turn" and exclude_turns_from is not None and (chunk.turn or 0) >= exclude_turns_from:
-                    continue
-                hits.append((chunk, score))
-            return hits
+            self._vectors.pop(session_id, None)
 
-    def destroy(self) -> None:
-        with self._lock:
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.chunks, self.vectors = [], np.zeros((0, DIMENSIONS), dtype=np.float32)
+    def _lexical(self, sql: Sql, session_id: str, query: str) -> tuple[dict[int, float], dict[int, float]]:
+        """BM25 score and idf coverage of every passage sharing a term with the query."""
+        query_terms = sorted(set(lexical.terms(query)))
+        if not query_terms:
+            return {}, {}
+        total, average = sql("SELECT count(*), avg(length) FROM shoal_passages WHERE session_id = ?",
+                             (session_id,)).fetchone()
+        if not total:
+            return {}, {}
+        marks = ",".join("?" * len(query_terms))
+        frequency = dict(sql(f"SELECT term, count(*) FROM shoal_postings WHERE session_id = ? AND term IN ({marks}) "
+                             "GROUP BY term", [session_id, *query_terms]).fetchall())
+        weights = {t: lexical.idf(total, frequency.get(t, 0)) for t in query_terms}
+        mass = sum(weights.values()) or 1.0
+        scores: dict[int, float] = {}
+        covered: dict[int, float] = {}
+        for passage_id, term, tf, length in sql(
+                f"SELECT p.passage_id, p.term, p.tf, s.length FROM shoal_postings p JOIN shoal_passages s "
+                f"ON s.id = p.passage_id WHERE p.session_id = ? AND p.term IN ({marks})",
+                [session_id, *query_terms]):
+            scores[passage_id] = scores.get(passage_id, 0.0) + lexical.bm25(tf, length, average, weights[term])
+            covered[passage_id] = covered.get(passage_id, 0.0) + weights[term] / mass
+        return scores, covered
+
+    def search(self, session_id: str, query: str, vector: np.ndarray, how: Retrieval = Retrieval(), *,
+               k: int | None = None, exclude_turns_from: int | None = None) -> list[Hit]:
+        sql = self._sql()
+        k = k or how.k
+        ids, matrix = self._dense(sql, session_id)
+        if not len(ids):
+            return []
+        similarity = matrix @ vector.astype(np.float32)
+        by_id = dict(zip(ids.tolist(), similarity.tolist(), strict=True))
+        lexical_scores, coverage = self._lexical(sql, session_id, query) if how.mode != "dense" else ({}, {})
+        rankings: list[tuple[float, Iterable[int]]] = []
+        if how.mode in ("hybrid", "dense"):
+            top = np.argsort(-similarity)[:how.candidates]
+            rankings.append((1.0, ids[top].tolist()))
+        if how.mode in ("hybrid", "lexical"):
+            rankings.append((how.lexical_weight,
+                             sorted(lexical_scores, key=lambda i: -lexical_scores[i])[:how.candidates]))
+        fused: dict[int, float] = {}
+        for weight, ranking in rankings:
+            for rank, passage_id in enumerate(ranking, 1):
+                fused[passage_id] = fused.get(passage_id, 0.0) + weight / (how.rrf_k + rank)
+        relevant = [i for i in fused
+                    if (how.mode != "lexical" and by_id[i] >= how.min_similarity)
+                    or (how.mode != "dense" and coverage.get(i, 0.0) >= how.min_coverage)]
+        relevant.sort(key=lambda i: -fused[i])
+        if not relevant:
+            return []
+        wanted = relevant[:k + 16]  # room for remembered turns that are still in the window
+        marks = ",".join("?" * len(wanted))
+        rows = {r[0]: r for r in sql(f"SELECT id, text, meta FROM shoal_passages WHERE id IN ({marks})", wanted)}
+        hits: list[Hit] = []
+        for passage_id in wanted:
+            if passage_id not in rows:
+                continue  # deleted between the two reads
+            chunk = Chunk(text=rows[passage_id][1], **json.loads(rows[passage_id][2]))
+            if chunk.kind == "turn" and exclude_turns_from is not None and (chunk.turn or 0) >= exclude_turns_from:
+                continue
+            hits.append(Hit(chunk, fused[passage_id], by_id[passage_id], coverage.get(passage_id, 0.0)))
+            if len(hits) >= k:
+                break
+        return hits

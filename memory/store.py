@@ -21,6 +21,7 @@ import diskcache
 
 from llm_pool import faults
 from llm_pool.errors import InvalidParamsError, NotFoundError, ServiceUnavailableError
+from memory import index as passages
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_TITLE = 200
@@ -88,11 +89,25 @@ class SessionStore:
         # so a crash or a full disk mid-turn could lose or leak a long history.
         self._db = diskcache.Cache(str(directory), disk=diskcache.JSONDisk, eviction_policy="none",
                                    size_limit=2**62, sqlite_synchronous=2, disk_min_file_size=2**30)
+        # The sessions' passages (memory/index.py) live in the same database, so removing a file
+        # or a session removes its passages in the same transaction.
+        with self._db.transact():
+            passages.create_schema(self._db._sql)
 
     def close(self) -> None:
         self._db.close()
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def sql(self):
+        """This thread's `execute` on the store's database: for reads, and for writes inside
+        `transaction`."""
+        return self._db._sql
+
+    def transaction(self, func):
+        """Run `func(sql)` in one write transaction of the store (nested calls join it)."""
+        return self._write(lambda: func(self._db._sql))
+
     def _write(self, func):
         try:
             with self._db.transact():
@@ -168,6 +183,7 @@ class SessionStore:
             self._db.delete(f"s:{session_id}")
             self._db.delete(f"m:{session_id}")
             self._db.delete(f"f:{session_id}")
+            passages.delete(self._db._sql, session_id)
             self._db.set(f"u:{user}", [s for s in self._index(user) if s != session_id])
         self._write(write)
 
@@ -242,6 +258,7 @@ class SessionStore:
             if found is None:
                 raise FileNotFoundInSessionError(file_id)
             self._db.set(f"f:{session_id}", [r for r in records if r["id"] != file_id])
+            passages.delete(self._db._sql, session_id, file_id=file_id)
             return found
         return self._write(write)
 
@@ -288,4 +305,9 @@ class SessionStore:
                     problems.append(f"session {sid} has no message list")
                 elif len(self._db.get(f"m:{sid}")) != data.get("message_count"):
                     problems.append(f"session {sid} message count mismatch")
+        for sid, file_id in self._db._sql("SELECT DISTINCT session_id, file_id FROM shoal_passages").fetchall():
+            if self._db.get(f"s:{sid}") is None:
+                problems.append(f"passages of deleted session {sid}")
+            elif file_id and file_id not in {r["id"] for r in self._db.get(f"f:{sid}", [])}:
+                problems.append(f"passages of removed file {file_id} in session {sid}")
         return problems

@@ -8,6 +8,7 @@ is up. The server and its other users do not notice.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
 from dataclasses import dataclass
 
@@ -19,12 +20,17 @@ from .registry import parse_file
 class ParseLimits:
     seconds: float = 60.0
     memory_bytes: int = 2 * 2**30  # address space of the parsing process
+    niceness: int = 10  # parsing is background work: running chats come first
 
 
-def _worker(conn, filename: str, data: bytes, memory_bytes: int) -> None:
+def _worker(conn, filename: str, data: bytes, memory_bytes: int, niceness: int = 0) -> None:
     try:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     except (ValueError, OSError):
+        pass
+    try:
+        os.nice(niceness)
+    except OSError:
         pass
     try:
         conn.send(("ok", parse_file(filename, data).to_dict()))
@@ -43,7 +49,8 @@ def _worker(conn, filename: str, data: bytes, memory_bytes: int) -> None:
 def parse_isolated(filename: str, data: bytes, limits: ParseLimits = ParseLimits()) -> Document:
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_worker, args=(sender, filename, data, limits.memory_bytes), daemon=True)
+    process = context.Process(target=_worker, args=(sender, filename, data, limits.memory_bytes, limits.niceness),
+                              daemon=True)
     process.start()
     sender.close()
     try:

@@ -1,31 +1,37 @@
 """Files in a session and the session's memory: upload, parse, chunk, embed, retrieve, remove.
 
 `add` stores the bytes under a server-chosen name and answers at once; a small worker pool then
-parses the file in a sandboxed process (time and memory bound), chunks it, embeds the chunks and
-adds them to the session's index, updating the file's status and progress as it goes (queued,
-parsing, indexing, ready, or failed with a reason). Removing a file drops its passages from the
-index at once. Finished chat turns are embedded too, so turns that fall out of the model's window
-can still be retrieved when relevant. Knows nothing about HTTP or Gradio.
+parses the file in a sandboxed process (time and memory bound), chunks it by its structure, embeds
+the chunks, and stores the passages in the session store's database in the same transaction that
+marks the file ready, updating the file's status and progress as it goes (queued, parsing,
+indexing, ready, or failed with a reason). Removing a file or a session removes its passages in
+the transaction that removes its record. Finished chat turns are embedded too, so turns that fall
+out of the model's window can still be retrieved when relevant. Retrieval is hybrid (meaning and
+words; memory/index.py). Reading and embedding a file run at a lower CPU priority (`index_niceness`), so chats running
+beside it keep their pace. Knows nothing about HTTP or Gradio.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
 import shutil
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from llm_pool.errors import ConflictError, InvalidParamsError, PayloadTooLargeError
+from memory import index as passages
 from memory.chunking import Chunk, chunk_document
 from memory.context import Passage
 from memory.embeddings import Embedder
-from memory.index import SessionIndex
+from memory.index import Retrieval, Searcher
 from memory.store import SessionStore
 from parsing import ParseError, ParseLimits, parse_isolated
 
@@ -42,6 +48,15 @@ class DocumentsNotReadyError(ConflictError):
         self.retry_after = 5.0
 
 
+def _background_priority(niceness: int) -> None:
+    """Indexing threads (and the torch threads they start, which inherit it) run at a lower CPU
+    priority than the engine, so a large file does not slow running chats (Linux: per thread)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+    except (AttributeError, OSError):
+        pass
+
+
 def display_name(name: str) -> str:
     """The name to show: no folders, no control characters, at most 200 characters."""
     base = _UNSAFE.sub("_", (name or "").replace("\\", "/").rsplit("/", 1)[-1]).strip(" .")
@@ -50,32 +65,45 @@ def display_name(name: str) -> str:
 
 class DocumentService:
     def __init__(self, store: SessionStore, folder: Path, embedder: Embedder, *, max_bytes: int,
-                 limits: ParseLimits = ParseLimits(), workers: int = 2, top_k: int = 4, threshold: float = 0.2):
+                 limits: ParseLimits = ParseLimits(), workers: int = 2, retrieval: Retrieval = Retrieval(),
+                 embed_batch: int = 16, busy: Callable[[], bool] | None = None, yield_seconds: float = 1.0):
         self.store = store
         self.folder = folder
         self.embedder = embedder
         self.max_bytes = max_bytes
         self.limits = limits
-        self.top_k = top_k
-        self.threshold = threshold
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="documents")
-        self._indexes: OrderedDict[str, SessionIndex] = OrderedDict()
-        self._lock = threading.Lock()
+        self.retrieval = retrieval
+        self.embed_batch = embed_batch
+        self.busy = busy  # are chats generating? then indexing steps aside (see _yield_to_chats)
+        self.yield_seconds = yield_seconds
+        self.searcher = Searcher(lambda: store.sql)
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="documents",
+                                        initializer=_background_priority, initargs=(limits.niceness,))
+        self._migrate()
         for user, session_id, record in store.unfinished_files():  # a restart interrupted these
             self._pool.submit(self._process, user, session_id, record["id"], record["name"])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def _index(self, session_id: str) -> SessionIndex:
-        with self._lock:
-            index = self._indexes.get(session_id)
-            if index is None:
-                index = self._indexes[session_id] = SessionIndex(self.folder / "index" / session_id)
-                while len(self._indexes) > 64:
-                    self._indexes.popitem(last=False)
-            self._indexes.move_to_end(session_id)
-            return index
+    def _migrate(self) -> None:
+        """Passages of an older version (index/<session>/vectors.npy + chunks.json) move into the store."""
+        old = self.folder / "index"
+        if not old.is_dir():
+            return
+        import numpy as np
+        for folder in sorted(old.iterdir()):
+            try:
+                chunks = [Chunk(**c) for c in json.loads((folder / "chunks.json").read_text())]
+                vectors = np.load(folder / "vectors.npy")
+                if self.store._db.get(f"s:{folder.name}") is not None and chunks:
+                    self.store.transaction(lambda sql, f=folder, c=chunks, v=vectors: passages.insert(
+                        sql, f.name, c, v) if not passages.count(sql, f.name) else None)
+            except (OSError, ValueError, TypeError) as exc:
+                log.warning("could not move the old index of session %s: %s", folder.name, exc)
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
     def _raw_path(self, session_id: str, file_id: str) -> Path:
         return self.folder / "files" / session_id / file_id
@@ -105,15 +133,13 @@ class DocumentService:
         return self.store.file(user, session_id, file_id)
 
     def remove(self, user: str, session_id: str, file_id: str) -> dict[str, Any]:
-        record = self.store.remove_file(user, session_id, file_id)
-        self._index(session_id).remove(file_id=file_id)
+        record = self.store.remove_file(user, session_id, file_id)  # its passages go in that transaction
         self._raw_path(session_id, file_id).unlink(missing_ok=True)
         return record
 
     def delete_session(self, session_id: str) -> None:
-        self._index(session_id).destroy()
-        with self._lock:
-            self._indexes.pop(session_id, None)
+        """After the store deleted the session (and its passages in that transaction): its bytes."""
+        self.searcher.forget(session_id)
         shutil.rmtree(self.folder / "files" / session_id, ignore_errors=True)
 
     def pending(self, user: str, session_id: str) -> list[dict[str, Any]]:
@@ -135,17 +161,23 @@ class DocumentService:
                       pages=document.pages) is None:
                 return
             vectors = []
-            for start in range(0, len(chunks), 64):
-                vectors.append(self.embedder.embed([c.text for c in chunks[start:start + 64]]))
-                if update(progress=0.3 + 0.65 * min(1.0, (start + 64) / len(chunks))) is None:
+            start = 0
+            while start < len(chunks):
+                step = self._yield_to_chats()
+                vectors.append(self.embedder.embed([c.index_text() for c in chunks[start:start + step]],
+                                                   background=True))
+                start += step
+                if update(progress=0.3 + 0.65 * min(1.0, start / len(chunks))) is None:
                     return
             import numpy as np
-            index = self._index(session_id)
-            if self.store.update_file(session_id, file_id) is None:
-                return  # removed while we embedded: keep nothing
-            index.add(chunks, np.vstack(vectors))
-            if update(status="ready", progress=1.0, chunks=len(chunks)) is None:
-                index.remove(file_id=file_id)  # removed in the last moment
+            matrix = np.vstack(vectors)
+
+            def commit(sql):  # passages and "ready" in one transaction, unless the file went meanwhile
+                if self.store.update_file(session_id, file_id, status="ready", progress=1.0,
+                                          chunks=len(chunks)) is not None:
+                    passages.delete(sql, session_id, file_id=file_id)  # a restarted run replaces its own
+                    passages.insert(sql, session_id, chunks, matrix)
+            self.store.transaction(commit)
         except ParseError as exc:
             update(status="failed", progress=1.0, reason=exc.reason)
         except FileNotFoundError:
@@ -154,28 +186,47 @@ class DocumentService:
             log.exception("indexing %s failed", name)
             update(status="failed", progress=1.0, reason=f"indexing failed: {exc}")
 
+    def _yield_to_chats(self) -> int:
+        """Before an embedding batch: while chats are generating, wait for a pause (at most
+        `yield_seconds`) and then embed a small batch, so a running stream loses at most one small
+        batch's time per `yield_seconds` (on two cores, llama.cpp's threads stall at every barrier
+        while anything else runs; CPU priority alone does not help). Returns the batch size."""
+        if self.busy is None or not self.busy():
+            return self.embed_batch
+        deadline = time.monotonic() + self.yield_seconds
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            if not self.busy():
+                return self.embed_batch
+        return max(1, self.embed_batch // 4)
+
     # ------------------------------------------------------------------ memory
     def remember_turn(self, session_id: str, turn: int, question: str, answer: str) -> None:
         """Embed a finished turn (in the background) so it can be recalled later."""
         def work():
             try:
                 text = f"User: {question}\nAssistant: {answer}"
-                index = self._index(session_id)
-                index.remove(turns_from=turn)  # a regenerated turn replaces the old one
-                index.add([Chunk(text, "", "", kind="turn", turn=turn)], self.embedder.embed([text]))
+                vector = self.embedder.embed([text], background=True)
+
+                def commit(sql):
+                    if self.store._db.get(f"s:{session_id}") is None:
+                        return  # deleted meanwhile
+                    passages.delete(sql, session_id, turns_from=turn)  # a regenerated turn replaces the old one
+                    passages.insert(sql, session_id, [Chunk(text, "", "", kind="turn", turn=turn)], vector)
+                self.store.transaction(commit)
             except Exception:
                 log.exception("could not remember a turn of session %s", session_id)
         self._pool.submit(work)
 
     def retrieve(self, user: str, session_id: str, query: str, *, exclude_turns_from: int | None = None,
                  k: int | None = None) -> list[Passage]:
-        self.store.get(user, session_id)
-        index = self._index(session_id)
-        if not index.chunks:
+        self.store.get(user, session_id)  # not found for other users' sessions
+        if not passages.count(self.store.sql, session_id):
             return []
         vector = self.embedder.embed([query])[0]
-        hits = index.search(vector, k or self.top_k, self.threshold, exclude_turns_from)
-        return [Passage(c.text, c.source(), score,
-                        {"file": c.file_name or None, "file_id": c.file_id or None, "page": c.page,
-                         "lines": [c.first_line, c.last_line] if c.first_line is not None else None,
-                         "kind": c.kind}) for c, score in hits]
+        hits = self.searcher.search(session_id, query, vector, self.retrieval, k=k,
+                                    exclude_turns_from=exclude_turns_from)
+        return [Passage(h.chunk.text, h.chunk.source(), h.similarity,
+                        {"file": h.chunk.file_name or None, "file_id": h.chunk.file_id or None, "page": h.chunk.page,
+                         "lines": [h.chunk.first_line, h.chunk.last_line] if h.chunk.first_line is not None else None,
+                         "section": h.chunk.context, "kind": h.chunk.kind}) for h in hits]

@@ -240,7 +240,9 @@ def build_services(settings: Settings, pool: ModelPool | None = None, embedder: 
     store = SessionStore(data_dir / "sessions")
     documents = DocumentService(store, data_dir, embedder or Embedder(), max_bytes=int(settings.max_upload_mb * 1e6),
                                 limits=ParseLimits(seconds=settings.parse_timeout,
-                                                   memory_bytes=parse_size(settings.parse_memory)))
+                                                   memory_bytes=parse_size(settings.parse_memory),
+                                                   niceness=settings.index_niceness),
+                                busy=lambda: pool.in_flight() > 0)
     return Services(settings=settings, catalog=pool.catalog, pool=pool, store=store, limiter=limiter,
                     documents=documents, session_secret=settings.session_secret or _stored_secret(data_dir))
 

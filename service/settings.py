@@ -114,6 +114,8 @@ class Settings(BaseSettings):
     max_upload_mb: float = Field(25.0, gt=0, description="Largest file a user may upload, in MB.")
     parse_timeout: float = Field(60.0, gt=0, description="Seconds one file may take to parse before it is stopped.")
     parse_memory: str = Field("2GiB", description="Memory one file's parser may use before it is stopped.")
+    index_niceness: int = Field(10, ge=0, le=19, description="CPU niceness of reading and embedding uploaded "
+                                "files, so running chats come first (0 = same priority as chats).")
     share: bool = Field(False, description="Ask Gradio for a public share link.")
     drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds in-flight requests get to finish.")
 
