@@ -3,7 +3,8 @@
 
     .venv/bin/python bench/indexing_itl.py [--pages 300] [--clients 2] [--niceness 0 10]
 
-Starts `python app.py` on loopback once per model (SmolLM2 on llama.cpp, where it is built, and on the
+Starts `python app.py` on loopback once per run (SmolLM2 on llama.cpp, where it is built, with indexing
+as it was before (same CPU priority as chats, never stepping aside) and as it is now; and on the
 transformers engine), keeps `clients` streaming chats running, measures their token gaps for a
 baseline window, then uploads a PDF of `pages` real pages (the libtasn1 manual's pages repeated;
 a real Debian PDF) into another session and measures the same streams while it is read (parsed)
@@ -29,6 +30,13 @@ from bench import throughput  # noqa: E402
 from bench.throughput import PROMPTS, free_port, percentile, start_server  # noqa: E402
 
 SOURCES = ["/usr/share/doc/libtasn1-doc/libtasn1.pdf", "/usr/share/doc/shared-mime-info/shared-mime-info-spec.pdf"]
+
+
+RUNS = [  # label=model=flags: before (same priority, no stepping aside) and after, on both engines
+    "before=smollm2-135m=--index-niceness 0 --index-yield-seconds 0",
+    "after=smollm2-135m=",
+    "after=smollm2-135m@instruct-transformers=",
+]
 
 
 def big_pdf(pages: int) -> bytes:
@@ -137,38 +145,38 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--baseline-seconds", type=float, default=40)
-    parser.add_argument("--models", nargs="+", default=["smollm2-135m", "smollm2-135m@instruct-transformers"],
-                        help="the chat's model: the default version runs on llama.cpp where it is built")
-    parser.add_argument("--server-args", default="", help="extra flags for app.py, e.g. '--index-niceness 0'")
+    parser.add_argument("--runs", nargs="+", default=RUNS, help="label=model=app.py flags, one server each")
     args = parser.parse_args()
     pdf = big_pdf(args.pages)
     print(f"PDF: {args.pages} pages, {len(pdf) / 1e6:.1f} MB", flush=True)
     rows = []
-    for model in args.models:
+    for run in args.runs:
+        label, model, flags = run.split("=", 2)
         port = free_port()
         with tempfile.TemporaryDirectory() as data:
             throughput.MODEL = model.split("@")[0]  # what start_server preloads (a name, not a version)
             proc = start_server(port, Path(data), ["--parse-timeout", "900", "--max-upload-mb", "500",
-                                                   *args.server_args.split()])
+                                                   *flags.split()])
             try:
                 url = f"http://127.0.0.1:{port}"
                 asyncio.run(measure(url, model, args.clients, 16, 3, None))  # warm up (loads the version)
                 listed = httpx.get(f"{url}/v1/models").json()["data"]
-                engine = next((v["engine"] for m in listed for v in m.get("versions", [m])
-                               if v["id"] == model or (v["id"] == m["id"] == model)), "?")
+                engine = next((v["engine"] for m in listed for v in [m, *m.get("versions", [])]
+                               if v["id"] == model), "?")
                 print(f"{model}: baseline", flush=True)
                 windows = asyncio.run(measure(url, model, args.clients, args.max_tokens, args.baseline_seconds, None))
                 print(f"{model}: while indexing", flush=True)
                 windows |= asyncio.run(measure(url, model, args.clients, args.max_tokens, 0, pdf))
                 for name, (tokens, gaps, seconds) in windows.items():
-                    rows.append(row(f"{model} ({engine}): {name}", tokens, gaps, seconds))
+                    rows.append(row(f"{label}, {model} ({engine}): {name}", tokens, gaps, seconds))
                     print(rows[-1], flush=True)
             finally:
                 proc.terminate()
                 proc.wait(30)
     print(f"\n{args.clients} streaming chats, {args.max_tokens} tokens each, one after another; "
           f"a {args.pages}-page PDF uploaded into another session\n")
-    print("| model: window | seconds | chat tok/s | ITL p50 ms | ITL p99 ms | ITL max ms |\n|---|---|---|---|---|---|")
+    print("| run, model: window | seconds | chat tok/s | ITL p50 ms | ITL p99 ms | ITL max ms |")
+    print("|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -242,7 +242,8 @@ def build_services(settings: Settings, pool: ModelPool | None = None, embedder: 
                                 limits=ParseLimits(seconds=settings.parse_timeout,
                                                    memory_bytes=parse_size(settings.parse_memory),
                                                    niceness=settings.index_niceness),
-                                busy=lambda: pool.in_flight() > 0)
+                                busy=(lambda: pool.in_flight() > 0) if settings.index_yield_seconds else None,
+                                yield_seconds=settings.index_yield_seconds)
     return Services(settings=settings, catalog=pool.catalog, pool=pool, store=store, limiter=limiter,
                     documents=documents, session_secret=settings.session_secret or _stored_secret(data_dir))
 
