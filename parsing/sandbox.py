@@ -10,10 +10,15 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
+import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .base import Document, ParseError
 from .registry import parse_file
+
+RUN_SLICE = 0.1  # seconds a paused parse runs between pauses while chats generate
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,11 @@ def _worker(conn, filename: str, data: bytes, memory_bytes: int, niceness: int =
         conn.close()
 
 
-def parse_isolated(filename: str, data: bytes, limits: ParseLimits = ParseLimits()) -> Document:
+def parse_isolated(filename: str, data: bytes, limits: ParseLimits = ParseLimits(),
+                   busy: Callable[[], bool] | None = None, yield_seconds: float = 1.0) -> Document:
+    """Parse in a child process. With `busy` (are chats generating?), the child is paused while it
+    says so, running one `RUN_SLICE` per `yield_seconds` (on two cores even a niced process stalls
+    llama.cpp's threads); the time limit counts only the time the child was let run."""
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_worker, args=(sender, filename, data, limits.memory_bytes, limits.niceness),
@@ -54,9 +63,17 @@ def parse_isolated(filename: str, data: bytes, limits: ParseLimits = ParseLimits
     process.start()
     sender.close()
     try:
-        if not receiver.poll(limits.seconds):
-            raise ParseError(f"reading this file took longer than {limits.seconds:.0f} s; it was stopped "
-                             "(a hostile or very complex file?)")
+        ran = 0.0
+        while True:
+            began = time.monotonic()
+            if receiver.poll(min(RUN_SLICE, max(0.0, limits.seconds - ran))):
+                break
+            ran += time.monotonic() - began
+            if ran >= limits.seconds:
+                raise ParseError(f"reading this file took longer than {limits.seconds:.0f} s; it was stopped "
+                                 "(a hostile or very complex file?)")
+            if busy is not None and busy():
+                _pause_while(process, busy, yield_seconds - RUN_SLICE)
         try:
             status, payload = receiver.recv()
         except EOFError:
@@ -69,3 +86,20 @@ def parse_isolated(filename: str, data: bytes, limits: ParseLimits = ParseLimits
     if status == "error":
         raise ParseError(payload)
     return Document.from_dict(payload)
+
+
+def _pause_while(process, busy: Callable[[], bool], seconds: float) -> None:
+    """Stop the child (SIGSTOP) for up to `seconds` while `busy()` holds, then let it go on."""
+    try:
+        os.kill(process.pid, signal.SIGSTOP)
+    except (OSError, TypeError):
+        return
+    try:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and busy():
+            time.sleep(0.05)
+    finally:
+        try:
+            os.kill(process.pid, signal.SIGCONT)
+        except OSError:
+            pass

@@ -153,7 +153,7 @@ class DocumentService:
             if update(status="parsing", progress=0.1) is None:
                 return  # removed before we started
             data = self._raw_path(session_id, file_id).read_bytes()
-            document = parse_isolated(name, data, self.limits)
+            document = parse_isolated(name, data, self.limits, busy=self.busy, yield_seconds=self.yield_seconds)
             chunks = chunk_document(document, file_id, name)
             if not chunks:
                 raise ParseError("no text to index in this file")

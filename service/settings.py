@@ -117,7 +117,8 @@ class Settings(BaseSettings):
     index_niceness: int = Field(10, ge=0, le=19, description="CPU niceness of reading and embedding uploaded "
                                 "files, so running chats come first (0 = same priority as chats).")
     index_yield_seconds: float = Field(1.0, ge=0, le=60, description="While chats are generating, indexing embeds "
-                                       "one small batch per this many seconds (0 = never step aside).")
+                                       "one small batch, and the file's parser runs 0.1 s, per this many seconds "
+                                       "(0 = never step aside).")
     share: bool = Field(False, description="Ask Gradio for a public share link.")
     drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds in-flight requests get to finish.")
 

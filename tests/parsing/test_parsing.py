@@ -70,3 +70,16 @@ def test_parsing_is_stopped_by_its_memory_bound():
 
 def test_isolated_parse_returns_the_same_document():
     assert parse_isolated("budget.docx", files.docx_bytes()) == parse_file("budget.docx", files.docx_bytes())
+
+
+def test_a_parse_paused_for_busy_chats_still_finishes_and_only_its_running_time_counts():
+    asked = []
+
+    def chats_generating():
+        asked.append(1)
+        return True  # chats never stop: the parse runs only in short slices
+
+    document = parse_isolated("story.pdf", files.pdf_bytes(), ParseLimits(seconds=30), busy=chats_generating,
+                              yield_seconds=0.3)
+    assert document == parse_file("story.pdf", files.pdf_bytes())
+    assert asked  # it was paused at least once
