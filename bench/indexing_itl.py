@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
 import sys
 import tempfile
 import time
@@ -27,7 +26,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import throughput  # noqa: E402
-from bench.throughput import PROMPTS, free_port, percentile, start_server  # noqa: E402
+from bench.throughput import PROMPTS, api_stream, free_port, percentile, start_server  # noqa: E402
 
 SOURCES = ["/usr/share/doc/libtasn1-doc/libtasn1.pdf", "/usr/share/doc/shared-mime-info/shared-mime-info-spec.pdf"]
 
@@ -54,26 +53,6 @@ def big_pdf(pages: int) -> bytes:
     return out.getvalue()
 
 
-async def timed_stream(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int,
-                       gaps: list[tuple[float, float]]) -> int:
-    """One streamed chat; appends (time, gap) for every token after the first; returns tokens."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
-    tokens, last = 0, None
-    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
-        async for line in response.aiter_lines():
-            if not line.startswith("data: {"):
-                continue
-            event = json.loads(line[6:])
-            if not event.get("choices") or not event["choices"][0]["delta"].get("content"):
-                continue
-            now = time.perf_counter()
-            if last is not None:
-                gaps.append((now, now - last))
-            last, tokens = now, tokens + 1
-    return tokens
-
-
 async def keep_streaming(url: str, model: str, clients: int, max_tokens: int, until: asyncio.Event,
                          gaps: list[tuple[float, float]]) -> int:
     """`clients` chats, each sending a new request when its previous one ends, until `until` is set."""
@@ -82,7 +61,9 @@ async def keep_streaming(url: str, model: str, clients: int, max_tokens: int, un
     async def client_loop(i: int, client: httpx.AsyncClient) -> None:
         n = i
         while not until.is_set():
-            done.append(await timed_stream(client, url, model, PROMPTS[n % len(PROMPTS)], max_tokens, gaps))
+            stream = await api_stream(client, url, PROMPTS[n % len(PROMPTS)], max_tokens, model)
+            gaps.extend(zip(stream.at, stream.gaps, strict=True))
+            done.append(stream.tokens)
             n += clients
 
     async with httpx.AsyncClient(timeout=600) as client:

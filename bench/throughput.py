@@ -49,6 +49,7 @@ PROMPTS = [
 class Stream:
     ttft: float | None = None
     gaps: list[float] = field(default_factory=list)
+    at: list[float] = field(default_factory=list)  # perf_counter time of the token ending each gap
     tokens: int = 0
     error: str | None = None
 
@@ -84,10 +85,11 @@ class Result:
 
 
 # ------------------------------------------------------------------------------------- the API
-async def api_stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> Stream:
+async def api_stream(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int,
+                     model: str | None = None) -> Stream:
     stream = Stream()
     body = {
-        "model": MODEL,
+        "model": model or MODEL,
         "messages": [{"role": "user", "content": prompt}],
         "max_tokens": max_tokens,
         "temperature": 0,
@@ -110,6 +112,7 @@ async def api_stream(client: httpx.AsyncClient, url: str, prompt: str, max_token
                     stream.ttft = now - started
                 else:
                     stream.gaps.append(now - last)
+                    stream.at.append(now)
                 last = now
                 stream.tokens += 1
     except httpx.HTTPError as exc:

@@ -147,15 +147,8 @@ def _blocks(text: str, kind: str, headings: _Headings, section_heading: str | No
             if last is not None:
                 last.closed = True  # a blank line ends a paragraph, an item, a table
             continue
-        heading = None
-        if fenced or stripped.startswith(("```", "~~~")):
-            pass
-        elif kind == "markdown" and (match := _MD_HEADING.match(stripped)):
-            heading = (len(match.group(1)), match.group(2))
-        elif kind in ("pdf", "text"):
-            heading = headings.numbered(stripped)
-        elif kind == "docx" and number == 0 and section_heading and stripped == section_heading:
-            heading = (1, stripped)
+        code = fenced or stripped.startswith(("```", "~~~"))  # nothing in a code block is a heading
+        heading = None if code else _heading(stripped, kind, number, headings, section_heading)
         if heading:
             blocks.append(_Block("heading", [line], number, number, heading[0], heading[1], closed=True))
             continue
@@ -177,6 +170,18 @@ def _blocks(text: str, kind: str, headings: _Headings, section_heading: str | No
         else:
             blocks.append(_Block("para", [line], number, number))
     return blocks
+
+
+def _heading(stripped: str, kind: str, number: int, headings: _Headings,
+             section_heading: str | None) -> tuple[int, str] | None:
+    """(level, title) when this line is a heading of a document of this kind."""
+    if kind == "markdown" and (match := _MD_HEADING.match(stripped)):
+        return len(match.group(1)), match.group(2)
+    if kind in ("pdf", "text"):
+        return headings.numbered(stripped)
+    if kind == "docx" and number == 0 and section_heading and stripped == section_heading:
+        return 1, stripped
+    return None
 
 
 def _pieces(block: _Block, size: int) -> list[_Block]:

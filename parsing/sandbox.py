@@ -7,6 +7,7 @@ is up. The server and its other users do not notice.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import resource
@@ -29,14 +30,10 @@ class ParseLimits:
 
 
 def _worker(conn, filename: str, data: bytes, memory_bytes: int, niceness: int = 0) -> None:
-    try:
+    with contextlib.suppress(ValueError, OSError):  # an unlimited or lower hard limit stays
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    except (ValueError, OSError):
-        pass
-    try:
+    with contextlib.suppress(OSError):
         os.nice(niceness)
-    except OSError:
-        pass
     try:
         conn.send(("ok", parse_file(filename, data).to_dict()))
     except ParseError as exc:
@@ -99,7 +96,5 @@ def _pause_while(process, busy: Callable[[], bool], seconds: float) -> None:
         while time.monotonic() < deadline and busy():
             time.sleep(0.05)
     finally:
-        try:
+        with contextlib.suppress(OSError):  # it ended meanwhile
             os.kill(process.pid, signal.SIGCONT)
-        except OSError:
-            pass

@@ -13,6 +13,7 @@ beside it keep their pace. Knows nothing about HTTP or Gradio.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -51,10 +52,8 @@ class DocumentsNotReadyError(ConflictError):
 def _background_priority(niceness: int) -> None:
     """Indexing threads (and the torch threads they start, which inherit it) run at a lower CPU
     priority than the engine, so a large file does not slow running chats (Linux: per thread)."""
-    try:
+    with contextlib.suppress(AttributeError, OSError):  # not Linux: the default priority
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
-    except (AttributeError, OSError):
-        pass
 
 
 def display_name(name: str) -> str:
