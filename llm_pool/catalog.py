@@ -109,8 +109,8 @@ def _validate(spec: ModelSpec) -> None:
     if spec.kind not in KINDS:
         raise bad("kind", "must be 'chat', 'completion' or 'embedding'")
     if spec.kind == "embedding" and (spec.is_remote or spec.engine != "auto" or spec.quantization):
-        raise bad("kind", "an embedding model runs here on sentence-transformers: a pypi, local or hub "
-                          "folder, with no engine or quantization")
+        raise bad("kind", "an embedding model runs here on sentence-transformers: a model folder or a "
+                          "GGUF (pypi, local, gguf or hub), with no engine or quantization")
     if spec.dtype not in DTYPES:
         raise bad("dtype", f"must be one of {', '.join(DTYPES)}")
     if spec.engine not in ENGINES:

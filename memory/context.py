@@ -44,8 +44,9 @@ class Context:
 
 def build_context(*, system_prompt: str, history: Sequence[Message], user_text: str,
                   count_tokens: Callable[[str], int], budget: int, max_history_messages: int | None = None,
-                  passages: Sequence[Passage] = ()) -> Context:
-    """Fit the conversation into `budget` tokens (the window minus the reply's tokens)."""
+                  passages: Sequence[Passage] = (), reply_to: str | None = None) -> Context:
+    """Fit the conversation into `budget` tokens (the window minus the reply's tokens).
+    `reply_to`: the user's text is the result of this tool call (a `tool` message)."""
     used = 0
     system_text = system_prompt.strip()
 
@@ -69,7 +70,7 @@ def build_context(*, system_prompt: str, history: Sequence[Message], user_text: 
     turns = _turns(history)
     limit = max_history_messages if max_history_messages is not None else len(history)
     for turn in reversed(turns):
-        turn_cost = sum(cost(m.content) for m in turn)
+        turn_cost = sum(cost(m.content + "".join(c.name + c.arguments for c in m.tool_calls)) for m in turn)
         if used + turn_cost > budget or len(chosen) + len(turn) > limit:
             break
         chosen = turn + chosen
@@ -81,7 +82,7 @@ def build_context(*, system_prompt: str, history: Sequence[Message], user_text: 
     if system_parts:
         messages.append(Message("system", "\n\n".join(system_parts)))
     messages += chosen
-    messages.append(Message("user", user_text))
+    messages.append(Message("tool", user_text, tool_call_id=reply_to) if reply_to else Message("user", user_text))
     return Context(messages, used, len(chosen), len(history) - len(chosen), kept_passages)
 
 

@@ -171,14 +171,17 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20, description="With logprobs: the most likely "
                                      "alternatives at each position.")
     tools: list[ToolDef] | None = Field(None, max_length=128, description="Functions the model may call "
-                                        "(see the README: a generic prompt format on every model).")
+                                        "(shown through the model's chat template when it renders tools, "
+                                        "else in Shoal's generic format; see the README).")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, description="auto (the default with tools), none, required, or a named function: the last "
         "two are enforced while decoding.")
-    parallel_tool_calls: bool | None = Field(None, description="Accepted: an answer makes at most one call.")
+    parallel_tool_calls: bool | None = Field(None, description="An answer in <tool_call> blocks may make "
+                                             "several calls; false keeps the first. A constrained answer "
+                                             "(required, a named tool) makes one.")
 
     def tool_plan(self) -> ToolPlan | None:
-        plan = ToolPlan.of(self.tools, self.tool_choice)
+        plan = ToolPlan.of(self.tools, self.tool_choice, self.parallel_tool_calls)
         if plan is not None and self.response_format is not None and self.response_format.type != "text":
             raise InvalidParamsError("response_format: not with tools (a call's arguments already follow "
                                      "its schema)", param="response_format")
@@ -187,11 +190,11 @@ class ChatCompletionRequest(SamplingFields):
     def request(self, plan: ToolPlan | None = None) -> GenerationRequest:
         if self.top_logprobs and not self.logprobs:
             raise InvalidParamsError("top_logprobs needs logprobs: true", param="top_logprobs")
-        messages = history(self.messages)
-        return GenerationRequest(self.params(self.max_completion_tokens),
-                                 messages=plan.messages(messages) if plan else messages,
+        return GenerationRequest(self.params(self.max_completion_tokens), messages=history(self.messages),
                                  output_format=plan.output_format() if plan else self.output_format(),
-                                 want_logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0)
+                                 want_logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0,
+                                 tools=plan.tool_dicts() if plan else None,
+                                 tool_prompt=plan.prompt() if plan else None)
 
 
 class CompletionRequest(SamplingFields):

@@ -6,7 +6,7 @@ touch the store are plain functions, which FastAPI runs off the event loop."""
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
@@ -35,6 +35,7 @@ from .protocol import (
     usage_dict,
 )
 from .streaming import SSE_HEADERS, Chunk, chunked, result_or_disconnect, sse
+from .tool_calls import ToolDef, session_tools
 
 router = APIRouter(tags=["sessions"])
 User = Depends(user_caller)
@@ -65,6 +66,11 @@ class ContextPolicy(BaseModel):
                                              description="Most history messages to send (None: all that fit).")
 
 
+TOOLS = ("Functions the model may call in this session (OpenAI tool objects). A reply that calls one is "
+         "stored with its tool_calls; the next message you send is that call's result.")
+TOOL_CHOICE = "auto, or required: every message you write is answered with a call (the turn after a result: auto)."
+
+
 class NewSession(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -73,6 +79,8 @@ class NewSession(BaseModel):
     system_prompt: str = Field("", max_length=100_000)
     params: SessionParams = Field(default_factory=SessionParams)
     context_policy: ContextPolicy = Field(default_factory=ContextPolicy)
+    tools: list[ToolDef] = Field(default_factory=list, max_length=128, description=TOOLS)
+    tool_choice: Literal["auto", "required"] = Field("auto", description=TOOL_CHOICE)
 
 
 class SessionChanges(BaseModel):
@@ -83,6 +91,8 @@ class SessionChanges(BaseModel):
     system_prompt: str | None = Field(None, max_length=100_000)
     params: SessionParams | None = None
     context_policy: ContextPolicy | None = None
+    tools: list[ToolDef] | None = Field(None, max_length=128, description=TOOLS + " [] removes them.")
+    tool_choice: Literal["auto", "required"] | None = Field(None, description=TOOL_CHOICE)
 
 
 class NewMessage(BaseModel):
@@ -106,7 +116,8 @@ def create_session(body: NewSession, request: Request, caller: Caller = User) ->
     chat = services_of(request).chat
     session = chat.create(caller.user, title=body.title, model=body.model,
                           system_prompt=body.system_prompt, params=body.params.values(),
-                          context_policy=_policy(body.context_policy))
+                          context_policy=_policy(body.context_policy), tools=session_tools(body.tools),
+                          tool_choice=body.tool_choice)
     return session.public()
 
 
@@ -130,7 +141,8 @@ def change_session(session_id: str, body: SessionChanges, request: Request, call
     chat = services_of(request).chat
     changes = {"title": body.title, "model": body.model, "system_prompt": body.system_prompt,
                "params": body.params.values() if body.params else None,
-               "context_policy": _policy(body.context_policy)}
+               "context_policy": _policy(body.context_policy), "tools": session_tools(body.tools),
+               "tool_choice": body.tool_choice}
     return chat.update(caller.user, session_id, **changes).public()
 
 
@@ -183,7 +195,9 @@ def _raise_if_failed(saved) -> None:
 
 
 def _assistant(final: Finished, turn) -> dict:
-    return {"role": "assistant", "content": final.text, "model": final.model, "finish_reason": final.reason,
+    calls = {"tool_calls": turn.tool_calls} if turn.tool_calls else {}
+    return {"role": "assistant", "content": final.text, "model": final.model,
+            "finish_reason": "tool_calls" if calls else final.reason, **calls,
             "usage": usage_dict(final), "timings": timings(final),
             "sources": [p.citation() for p in turn.passages],
             "history_dropped": turn.history_dropped}

@@ -1,7 +1,7 @@
 """Tokenizer routes: POST /tokenize and /detokenize, in the shapes vLLM and llama.cpp's server use.
 
 `/tokenize` takes a `prompt` (vLLM) or `content` (llama.cpp), or chat `messages` (the chat
-template applied, as the model will see them), and answers `tokens`, `count` and
+template applied, as the model will see them, with `tools` if given), and answers `tokens`, `count` and
 `max_model_len`. `/detokenize` takes `tokens` and answers `prompt` (vLLM) and `content`
 (llama.cpp). Same owner as generation: anyone with keys off, a key holder with keys on.
 """
@@ -17,7 +17,7 @@ from llm_pool.errors import InvalidParamsError
 from .auth import caller_of
 from .context import services_of
 from .openai_api import ChatMessageIn
-from .tool_calls import history
+from .tool_calls import ToolDef, ToolPlan, history
 
 router = APIRouter(tags=["Tokenizer"])
 
@@ -30,6 +30,8 @@ class TokenizeRequest(BaseModel):
     content: str | None = Field(None, description="Text to tokenize (llama.cpp's field).")
     messages: list[ChatMessageIn] | None = Field(None, min_length=1, max_length=10_000,
                                                  description="A chat, with the model's template applied.")
+    tools: list[ToolDef] | None = Field(None, max_length=128, description="With messages: the tools, shown "
+                                        "as a chat completion with tool_choice auto shows them.")
     add_special_tokens: bool | None = Field(None, description="Accepted when true (the default): "
                                             "the model's own special tokens are always added.")
     add_special: bool | None = Field(None, description="llama.cpp's name for add_special_tokens.")
@@ -44,8 +46,13 @@ class TokenizeRequest(BaseModel):
             if getattr(self, name) is False:  # refused rather than ignored: the ids would not be what was asked
                 raise InvalidParamsError(f"{name}: false is not supported; tokens are counted as "
                                          "generation sees them", param=name)
+        if self.tools is not None and self.messages is None:
+            raise InvalidParamsError("tools: only with messages", param="tools")
         if self.messages is not None:
-            return GenerationRequest(GenerationParams(), messages=history(self.messages))
+            plan = ToolPlan.of(self.tools, None)
+            return GenerationRequest(GenerationParams(), messages=history(self.messages),
+                                     tools=plan.tool_dicts() if plan else None,
+                                     tool_prompt=plan.prompt() if plan else None)
         return GenerationRequest(GenerationParams(), prompt=texts[0])
 
 

@@ -111,6 +111,13 @@ def create_ui(services: Services) -> gr.Blocks:
                                             elem_id="json-output")
                     json_schema = gr.Textbox(label="JSON schema (optional)", lines=2, elem_id="json-schema",
                                              placeholder='{"type": "object", "properties": {...}}')
+                with gr.Row():
+                    tools_text = gr.Textbox(label="Tools the model may call (a JSON list of OpenAI function tools)",
+                                            lines=2, elem_id="tools", scale=3,
+                                            placeholder='[{"type": "function", "function": {"name": "get_weather", '
+                                                        '"parameters": {"type": "object", ...}}}]')
+                    tool_choice = gr.Radio(["auto", "required"], value="auto", label="Tool use", elem_id="tool-choice",
+                                           info="required: each message you write is answered with a call")
 
         with gr.Tab("Complete", id="complete"):
             comp_model = gr.Dropdown(all_models, value=completion_models[0] if completion_models else None,
@@ -142,7 +149,8 @@ def create_ui(services: Services) -> gr.Blocks:
 
         params = [temperature, top_p, top_k, max_new, repetition, seed, stop_text]
         settings = [model, system, *params, history_limit]
-        view = [session_id, sessions, chatbot, title, reply_figures, *settings]
+        tool_settings = [tools_text, tool_choice]  # saved on their own: a half-typed JSON list is not saved
+        view = [session_id, sessions, chatbot, title, reply_figures, *settings, *tool_settings]
 
         demo.load(handlers.start, [browser_id], [browser_id, *view, model_controls, status, table],
                   api_visibility="private").then(
@@ -167,8 +175,11 @@ def create_ui(services: Services) -> gr.Blocks:
         sessions.change(handlers.files_view, [browser_id, session_id], [files_table, file_pick],
                         api_visibility="private", show_progress="hidden")
 
+        gr.on([tools_text.blur, tool_choice.input], handlers.save_tools, [browser_id, session_id, *tool_settings],
+              [status], api_visibility="private", show_progress="hidden")
+
         turn_out = [chatbot, message, reply_figures, sessions, session_id, edit_index, editing]
-        turn_in = [browser_id, session_id, message, edit_index, *settings, json_mode, json_schema]
+        turn_in = [browser_id, session_id, message, edit_index, *settings, json_mode, json_schema, *tool_settings]
         sent = message.submit(handlers.send, turn_in, turn_out, api_visibility="private")
         clicked = send.click(handlers.send, turn_in, turn_out, api_visibility="private")
         redo = regenerate.click(handlers.regenerate, [browser_id, session_id], turn_out, api_visibility="private")

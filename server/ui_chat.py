@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from pydantic import TypeAdapter, ValidationError
 
 from llm_pool import Finished, GenerationParams, GenerationRequest, ShoalError, TextDelta
 from llm_pool.constraints import OutputFormat
@@ -19,6 +20,7 @@ from llm_pool.stream import Failed
 from memory.store import Session
 from service import Services
 
+from .tool_calls import ToolDef, session_tools
 from .ui_common import (
     admin_check,
     chat_view,
@@ -73,6 +75,8 @@ class ChatHandlers:
                 "",
                 *self._param_values(values),
                 0,
+                "",
+                "auto",
             ]
         messages = self.store.messages(user, session.id)
         values = {**DEFAULTS, **session.params}
@@ -87,6 +91,8 @@ class ChatHandlers:
             session.system_prompt,
             *self._param_values(values),
             session.context_policy.get("max_history_messages") or 0,
+            json.dumps(session.tools, indent=1) if session.tools else "",
+            session.tool_choice,
         ]
 
     @staticmethod
@@ -191,6 +197,37 @@ class ChatHandlers:
                 raise _error(exc) from None
         return model_line(self.services, values["model"])
 
+    def save_tools(self, browser_id, session_id, tools_text, tool_choice, request: gr.Request):
+        user = ui_user(self.services, browser_id, request)
+        values = self._tools(tools_text, tool_choice)
+        if session_id:
+            try:
+                self.chat.update(user, session_id, **values)
+            except ShoalError as exc:
+                raise _error(exc) from None
+        return gr.Markdown()
+
+    @staticmethod
+    def _tools(tools_text: str | None, tool_choice: str | None) -> dict:
+        """The tools box as checked OpenAI tool objects (gr.Error naming what is wrong)."""
+        tools: list = []
+        if tools_text and tools_text.strip():
+            try:
+                tools = json.loads(tools_text)
+            except ValueError as exc:
+                raise gr.Error(f"Tools: not valid JSON ({exc})") from None
+            if isinstance(tools, dict):
+                tools = [tools]
+            try:
+                tools = session_tools(TypeAdapter(list[ToolDef]).validate_python(tools))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise gr.Error(f"Tools: {where}: {first['msg']}") from None
+            except ShoalError as exc:
+                raise _error(exc) from None
+        return {"tools": tools, "tool_choice": tool_choice or "auto"}
+
     def rename(self, browser_id, session_id, title, request: gr.Request):
         user = ui_user(self.services, browser_id, request)
         if not session_id:
@@ -266,6 +303,8 @@ class ChatHandlers:
         history_limit,
         json_mode,
         json_schema,
+        tools_text,
+        tool_choice,
         request: gr.Request,
     ):
         caller = ui_caller(self.services, browser_id, request)
@@ -276,7 +315,7 @@ class ChatHandlers:
         output_format = self._output_format(json_mode, json_schema)
         values = self._settings(
             model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
-        )
+        ) | self._tools(tools_text, tool_choice)
         try:  # store writes run in a thread: this handler runs on the event loop
             if session_id:
                 await asyncio.to_thread(self.chat.update, user, session_id, **values)

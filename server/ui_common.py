@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import json
 from typing import Any
 
 import gradio as gr
@@ -99,11 +100,27 @@ def stored_figures(message: StoredMessage) -> str:
             f"{meta.get('finish_reason')}")
 
 
+def _pretty(arguments: str) -> str:
+    try:
+        return json.dumps(json.loads(arguments), indent=2, ensure_ascii=False)
+    except ValueError:
+        return arguments
+
+
 def chat_view(messages: list[StoredMessage]) -> list[dict]:
     """Stored messages as Chatbot messages, with the sources an answer used."""
     view = []
     for message in messages:
         if message.role == "system":
+            continue
+        calls = message.meta.get("tool_calls") if message.role == "assistant" else None
+        if calls:  # shown as calls, not as the JSON the model wrote
+            for call in calls:
+                view.append({"role": "assistant", "content": f"```json\n{_pretty(call['function']['arguments'])}\n```",
+                             "metadata": {"title": f"🔧 Called {call['function']['name']}: reply with its result"}})
+            continue
+        if message.role == "user" and message.meta.get("tool_call_id"):
+            view.append({"role": "user", "content": f"↩ Result of {message.meta.get('tool')}:\n\n{message.content}"})
             continue
         content = message.content
         sources = message.meta.get("sources") or []

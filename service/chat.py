@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from llm_pool import Finished, GenerationHandle, GenerationParams, GenerationRequest, Message
+from llm_pool import Finished, GenerationHandle, GenerationParams, GenerationRequest, Message, chat_format
+from llm_pool.chat_format import ToolCall
 from llm_pool.constraints import OutputFormat
 from llm_pool.errors import InvalidParamsError, InvalidRequestError, PayloadTooLargeError
 from memory.context import Passage, build_context
@@ -37,6 +38,8 @@ class Turn:
     passages: list[Passage]
     history_dropped: int
     saved: asyncio.Future | None = None
+    answering: dict | None = None  # the tool call the user's message is the result of
+    tool_calls: list[dict] | None = None  # once saved: the reply as tool calls, if it made any
 
 
 class ChatService:
@@ -63,12 +66,15 @@ class ChatService:
     # ------------------------------------------------------------------ sessions
     def create(self, user: str, *, title: str = "New chat", model: str | None = None,
                system_prompt: str = "", params: dict | None = None,
-               context_policy: dict | None = None) -> Session:
+               context_policy: dict | None = None, tools: list[dict] | None = None,
+               tool_choice: str | None = None) -> Session:
+        """`tools`: OpenAI tool objects, checked by the caller (the server's ToolDef)."""
         if model is not None:
             self.services.pool.resolve(model)  # 404 for a model that does not exist
         clean = self.check_params(params or {})
         return self.store.create(user, title=title, model=model, system_prompt=system_prompt or "",
-                                 params=clean, context_policy=self._policy(context_policy or {}))
+                                 params=clean, context_policy=self._policy(context_policy or {}),
+                                 tools=list(tools or []), tool_choice=self._tool_choice(tool_choice or "auto"))
 
     def update(self, user: str, session_id: str, **changes: Any) -> Session:
         changes = {k: v for k, v in changes.items() if v is not None}
@@ -78,7 +84,15 @@ class ChatService:
             changes["params"] = self.check_params(changes["params"])
         if "context_policy" in changes:
             changes["context_policy"] = self._policy(changes["context_policy"])
+        if "tool_choice" in changes:
+            changes["tool_choice"] = self._tool_choice(changes["tool_choice"])
         return self.store.update(user, session_id, **changes)
+
+    @staticmethod
+    def _tool_choice(choice: str) -> str:
+        if choice not in ("auto", "required"):
+            raise InvalidParamsError("tool_choice: auto or required", param="tool_choice")
+        return choice
 
     @staticmethod
     def check_params(params: dict) -> dict:
@@ -115,12 +129,22 @@ class ChatService:
         gen_params = GenerationParams.validated(**{**session.params, **(params or {})})
         await self._wait_for_files(user, session_id)
         backend = await self._loaded_backend(model)
+        answering = _open_call(history)
         context = await loop.run_in_executor(None, self._context, user, session, history, text, gen_params,
-                                             backend)
+                                             backend, answering)
         request = GenerationRequest(gen_params, messages=context.messages, cache_key=session_id,
                                     output_format=output_format)
+        if session.tools:
+            if output_format is not None:
+                raise InvalidParamsError("response_format: not in a session with tools (a call's arguments "
+                                         "already follow its schema)", param="response_format")
+            # the user's turns follow the session's tool_choice; the turn after a tool's result answers
+            choice = "auto" if answering else session.tool_choice
+            functions = [t["function"] for t in session.tools]
+            request.tools, request.tool_prompt = session.tools, chat_format.tool_prompt(functions, choice)
+            request.output_format = chat_format.call_format(functions, choice)
         handle = await self.services.submit(model, request, caller)
-        turn = Turn(handle, session, text, context.passages, context.history_dropped)
+        turn = Turn(handle, session, text, context.passages, context.history_dropped, answering=answering)
         turn.saved = loop.create_future()
         turn_index = len(history)
         # stored in a thread of its own: an fsync'd transaction must not stall the engine's step
@@ -139,15 +163,16 @@ class ChatService:
         return session, history, model
 
     def _context(self, user: str, session: Session, history: list[StoredMessage], text: str,
-                 gen_params: GenerationParams, backend):
+                 gen_params: GenerationParams, backend, answering: dict | None = None):
         reply_room = gen_params.max_new_tokens or min(512, backend.context_length // 4)
-        messages = [Message(m.role, m.content) for m in history]
+        messages = [_as_message(m) for m in history]
 
         def build(passages):
             return build_context(
                 system_prompt=session.system_prompt, history=messages, user_text=text,
                 count_tokens=backend.count_tokens, budget=backend.context_length - reply_room,
-                max_history_messages=session.context_policy.get("max_history_messages"), passages=passages)
+                max_history_messages=session.context_policy.get("max_history_messages"), passages=passages,
+                reply_to=answering["id"] if answering else None)
 
         context = build(())
         if self.documents:  # turns still in the window need no recalling
@@ -185,11 +210,19 @@ class ChatService:
                         "timings": {"ttft_s": final.ttft, "duration_s": final.duration,
                                     "tokens_per_second": final.tokens_per_second},
                         "sources": [p.citation() for p in turn.passages]}
+                calls = None
+                if turn.session.tools and final.reason == "stop":
+                    calls = chat_format.parse_calls(final.text, {t["function"]["name"] for t in turn.session.tools})
+                if calls:
+                    meta.update(tool_calls=calls, finish_reason="tool_calls")
+                    turn.tool_calls = calls
+                answered = ({"tool_call_id": turn.answering["id"], "tool": turn.answering["function"]["name"]}
+                            if turn.answering else {})
                 now = time.time()
                 result = self.store.append(user, turn.session.id, [
-                    StoredMessage("user", turn.user_text, now),
+                    StoredMessage("user", turn.user_text, now, answered),
                     StoredMessage("assistant", final.text, now, meta)], truncate_to=replace_from)
-                if self.documents and final.text:
+                if self.documents and final.text and not calls:
                     self.documents.remember_turn(turn.session.id, turn_index, turn.user_text, final.text)
         except Exception as exc:  # the session may have been deleted meanwhile, or the disk is full
             log.warning("could not store the turn of session %s: %s", turn.session.id, exc)
@@ -226,6 +259,24 @@ class ChatService:
             for source in message.meta.get("sources", []):
                 lines.append(f"- source: {source['source']}")
         return "\n".join(lines).rstrip() + "\n"
+
+
+def _open_call(history: list[StoredMessage]) -> dict | None:
+    """The call the next user message answers: the last reply's, if it was a tool call."""
+    if history and history[-1].role == "assistant" and history[-1].meta.get("tool_calls"):
+        return history[-1].meta["tool_calls"][0]
+    return None
+
+
+def _as_message(m: StoredMessage) -> Message:
+    """A stored message as the model sees it: a reply that called a tool as that call, and the
+    user's answer to it as the tool's result."""
+    if m.role == "assistant" and m.meta.get("tool_calls"):
+        return Message("assistant", "", tuple(ToolCall(c["id"], c["function"]["name"], c["function"]["arguments"])
+                                              for c in m.meta["tool_calls"]))
+    if m.role == "user" and m.meta.get("tool_call_id"):
+        return Message("tool", m.content, tool_call_id=m.meta["tool_call_id"])
+    return Message(m.role, m.content)
 
 
 def _resolve(future: asyncio.Future, result: Any) -> None:

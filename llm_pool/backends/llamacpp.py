@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx
 
-from .. import llamacpp_build
+from .. import chat_format, llamacpp_build
 from ..errors import (
     ContextOverflowError,
     InvalidParamsError,
@@ -239,6 +239,7 @@ class LlamaCppBackend(Backend):
         probe = self._http.post("/tokenize", json={"content": "hello"})
         if probe.status_code != 200:  # a key mismatch or an odd build: fail now, not per request
             raise ModelLoadError(f"model '{self.spec.key}': llama.cpp refused its own key ({probe.status_code})")
+        self.tool_template = self._template_knows_tools()
         self._measured = self._measure()
         self._slots = [_Slot(i) for i in range(self.slots)]
         self.lost = None
@@ -248,6 +249,16 @@ class LlamaCppBackend(Backend):
         self._thread.start()
         asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(10)
         progress(1.0, "ready")
+
+    def _template_knows_tools(self) -> bool:
+        props = self._http.get("/props")
+        if props.status_code != 200:
+            return False
+        props = props.json()
+        caps = props.get("chat_template_caps") or {}
+        if "supports_tools" in caps:
+            return bool(caps["supports_tools"])
+        return chat_format.knows_tools(props.get("chat_template"))
 
     def _measure(self) -> int:
         """The server's resident memory once loaded (weights mapped, KV and compute buffers
@@ -338,8 +349,8 @@ class LlamaCppBackend(Backend):
                     param="model", code="not_a_chat_model")
             if not request.messages:
                 raise InvalidParamsError("messages must not be empty", param="messages")
-            templated = self._post("/apply-template", {
-                "messages": [{"role": m.role, "content": m.content} for m in request.messages]})
+            messages, tools = chat_format.render(request, self.tool_template, object_arguments=False)
+            templated = self._post("/apply-template", {"messages": messages, **({"tools": tools} if tools else {})})
             return self._post("/tokenize", {"content": templated["prompt"], "add_special": False,
                                             "parse_special": True})["tokens"]
         if not request.prompt:

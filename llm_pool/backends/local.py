@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .. import chat_format
 from ..constraints import TokenizerGrammar
 from ..cpu_linear import pack_linears, packed_bytes
 from ..engine import BatchEngine, make_engine
@@ -117,6 +118,7 @@ class LocalBackend(Backend):
             raise ModelLoadError(f"model '{self.spec.key}' is listed as a chat model but has no chat "
                                  "template; set kind = 'completion' or give a chat_template")
         self.tokenizer, self.model = tokenizer, model
+        self.tool_template = chat_format.knows_tools(tokenizer.chat_template)
         config = model.config.get_text_config()
         self._context_length = self.spec.context_length or getattr(config, "max_position_embeddings", 2048)
         self._parameters = sum(p.numel() for p in model.parameters())
@@ -165,9 +167,9 @@ class LocalBackend(Backend):
                         param="model", code="not_a_chat_model")
                 if not request.messages:
                     raise InvalidParamsError("messages must not be empty", param="messages")
-                text = self.tokenizer.apply_chat_template(
-                    [{"role": m.role, "content": m.content} for m in request.messages],
-                    tokenize=False, add_generation_prompt=True)
+                messages, tools = chat_format.render(request, self.tool_template)
+                text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                          add_generation_prompt=True)
                 return self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if not request.prompt:
                 raise InvalidParamsError("prompt must not be empty", param="prompt")

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from ..chat_format import generic_messages
 from ..stream import GenerationRequest
 from .protocols import Piece, ProtocolAdapter
 
@@ -67,7 +68,7 @@ class OpenAIProtocol(ProtocolAdapter):
         try:
             if request.messages is not None:
                 stream = await client.chat.completions.create(
-                    messages=[{"role": m.role, "content": m.content} for m in request.messages], **common
+                    messages=generic_messages(request.messages, request.tool_prompt), **common
                 )
             else:
                 stream = await client.completions.create(prompt=request.prompt, **common)

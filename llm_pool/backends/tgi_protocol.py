@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ..chat_format import generic_messages
 from ..errors import InvalidRequestError
 from ..stream import GenerationRequest
 from .protocols import Piece, ProtocolAdapter
@@ -56,7 +57,7 @@ class TGIProtocol(ProtocolAdapter):
         if request.messages is not None:
             try:
                 stream = await client.chat_completion(
-                    [{"role": m.role, "content": m.content} for m in request.messages],
+                    generic_messages(request.messages, request.tool_prompt),
                     max_tokens=kwargs["max_new_tokens"],
                     temperature=params.temperature if sampling else 0.0,
                     seed=params.seed,

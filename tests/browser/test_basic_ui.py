@@ -79,3 +79,34 @@ def test_json_output_toggle_makes_the_reply_valid_json_of_the_schema(page, live_
     reply = page.locator("#chatbot [data-testid='bot']").last.inner_text().strip()
     page.screenshot(path=str(artifacts / "json-output.png"), full_page=True)
     jsonschema.validate(json.loads(reply), schema)
+
+
+def test_a_chat_with_tools_shows_the_call_and_answers_from_its_result(page, live_server, artifacts):
+    import json
+
+    import jsonschema
+    parameters = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 40}},
+                  "required": ["city"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+                                               "parameters": parameters}}]
+    page.goto(live_server.url)
+    expect(page.locator("#ui-loaded")).to_have_text("loaded")
+    page.locator("#params").get_by_text("Parameters and system prompt").click()
+    page.locator("#tools textarea").fill(json.dumps(tools))
+    page.locator("#tool-choice").get_by_label("required").check()
+    box = page.locator("#chat-input textarea")
+    box.fill("What is the weather like in Paris?")
+    box.press("Enter")
+    chat = page.locator("#chatbot")
+    expect(chat.get_by_text("Called get_weather")).to_be_visible(timeout=90_000)
+    expect(page.locator("#reply-figures")).to_contain_text("tok/s", timeout=90_000)
+    arguments = chat.locator("code").last.inner_text()  # the call's arguments, shown as JSON
+    jsonschema.validate(json.loads(arguments), parameters)
+    box.fill("31 degrees, sunny")
+    box.press("Enter")
+    expect(chat.get_by_text("Result of get_weather")).to_be_visible(timeout=90_000)
+    expect(page.locator("#reply-figures")).to_contain_text("tok/s", timeout=90_000)
+    reply = page.locator("#chatbot [data-testid='bot']").last
+    expect(reply).not_to_have_text("", timeout=90_000)
+    page.screenshot(path=str(artifacts / "tool-call.png"), full_page=True)
+    assert "Called get_weather" not in reply.inner_text()  # the answer is words, not another call

@@ -82,3 +82,28 @@ def test_rerank_puts_the_relevant_document_first(live_server):
     too_long = httpx.post(f"{live_server.url}/rerank", timeout=60, json={
         "query": "cats", "documents": ["fine", " ".join(["word"] * 2000)]})
     assert too_long.status_code == 422 and too_long.json()["error"]["param"] == "documents.1"
+
+
+def test_a_causal_model_in_the_catalog_embeds_mean_pooled(client, pool):
+    """models.toml names SmolLM2's GGUF as an embedding model: its vectors are the mean of the
+    model's last hidden states over each text's tokens, normalized, computed here independently."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from llm_pool.sources import prepare
+    from tests.conftest import MODEL_CACHE
+
+    result = client.embeddings.create(model="smollm2-135m-embed", input=TEXTS, encoding_format="float")
+    vectors = np.array([d.embedding for d in sorted(result.data, key=lambda d: d.index)])
+    assert vectors.shape == (3, 576) and np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-4)
+    cat, kitten, stocks = vectors
+    assert cat @ kitten > cat @ stocks
+
+    folder = prepare(pool.spec("smollm2-135m-embed"), MODEL_CACHE, lambda *_: None).location
+    tokenizer, model = AutoTokenizer.from_pretrained(folder), AutoModel.from_pretrained(folder)
+    for text, vector in zip(TEXTS, vectors):
+        with torch.no_grad():
+            hidden = model(**tokenizer(text, return_tensors="pt")).last_hidden_state[0]
+        mean = hidden.mean(0).numpy()
+        assert np.allclose(vector, mean / np.linalg.norm(mean), atol=1e-4)
+    pool.unload("smollm2-135m-embed")

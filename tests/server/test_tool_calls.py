@@ -112,3 +112,44 @@ def test_a_tool_message_must_name_its_call(live_server):
     response = httpx.post(f"{live_server.url}/v1/chat/completions", timeout=60, json={
         "max_tokens": 2, "messages": [*QUESTION, {"role": "tool", "content": "31 degrees"}]})
     assert response.status_code == 422 and "tool_call_id" in response.json()["error"]["message"]
+
+
+def test_a_session_with_tools_calls_one_and_answers_from_the_result(live_server):
+    """A chat session (REST) that defines tools: with tool_choice required the reply to a user's
+    message is a call with valid arguments; the next message is that call's result, and the
+    model answers from it."""
+    url = live_server.url
+    sid = httpx.post(f"{url}/v1/sessions", json={"model": TRANSFORMERS_CHAT, "tools": [WEATHER],
+                                                  "tool_choice": "required",
+                                                  "params": {"temperature": 0, "max_new_tokens": 60}}).json()["id"]
+    asked = httpx.post(f"{url}/v1/sessions/{sid}/messages", json={"content": QUESTION[0]["content"]},
+                       timeout=120).json()
+    assert asked["finish_reason"] == "tool_calls", asked
+    (call,) = asked["tool_calls"]
+    assert call["function"]["name"] == "get_weather"
+    jsonschema.validate(json.loads(call["function"]["arguments"]), schema_of(WEATHER))
+    answer = httpx.post(f"{url}/v1/sessions/{sid}/messages", json={"content": "31 degrees, sunny"},
+                        timeout=120).json()
+    assert answer["finish_reason"] in ("stop", "length") and "tool_calls" not in answer
+    assert "sunny" in answer["content"].lower()
+    stored = httpx.get(f"{url}/v1/sessions/{sid}").json()
+    assert stored["tools"] == [WEATHER] and stored["tool_choice"] == "required"
+    user, called, result, final = stored["messages"]
+    assert called["tool_calls"] == asked["tool_calls"] and called["finish_reason"] == "tool_calls"
+    assert result["role"] == "user" and result["tool_call_id"] == call["id"] and result["tool"] == "get_weather"
+    assert final["content"] == answer["content"]
+    # tools off again: the same question is answered in words
+    assert httpx.patch(f"{url}/v1/sessions/{sid}", json={"tools": []}).json()["tools"] == []
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "nonsense"}}}]},
+     "tools.0.function.parameters"),
+    ({"tools": [WEATHER, WEATHER]}, "tools"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+])
+def test_bad_session_tools_are_refused_by_name(live_server, body, field):
+    response = httpx.post(f"{live_server.url}/v1/sessions", json=body, timeout=30)
+    assert 400 <= response.status_code < 500, response.text
+    error = response.json()["error"]
+    assert error.get("param") == field or field in error["message"], response.text
