@@ -22,31 +22,48 @@ def main(argv: list[str] | None = None) -> None:
     if os.environ.get("SPACE_ID"):  # a Hugging Face Space: public, routed to 0.0.0.0:7860
         os.environ.setdefault("SHOAL_HOST", "0.0.0.0")
         os.environ.setdefault("SHOAL_TRUST_LOOPBACK", "false")  # the Space's proxy is not the owner
+        # Every connection comes from the Space's proxy, which holds the clients' connections:
+        # counting connections per address would bound all users together.
+        os.environ.setdefault("SHOAL_MAX_CONNECTIONS_PER_CLIENT", "0")
     from service import Settings
     settings = Settings.from_cli(sys.argv[1:] if argv is None else argv)
+    if os.environ.get("SPACE_HOST"):  # the Space's own name (user-space.hf.space): Host checks accept it
+        settings = settings.model_copy(update={"allowed_hosts": [*settings.allowed_hosts, os.environ["SPACE_HOST"]]})
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("uvicorn.access").addFilter(RedactSecrets())
-    import uvicorn
-
+    raise_descriptor_limit()
     from server.app import create_app
+    from server.connections import server_config
     from service import build_services
     DrainingServer = _draining_server_class()
     services = build_services(settings)
     app = create_app(services)
     logging.getLogger("shoal").info("Shoal on http://%s:%s (data in %s)", settings.host, settings.port,
                                     settings.data_dir)
-    # X-Forwarded-For is believed only from the proxies named in --forwarded-allow-ips (uvicorn
-    # would believe any local peer: behind the share tunnel, anyone could claim to be 127.0.0.1).
-    forwarded = settings.forwarded_allow_ips.strip()
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=3, proxy_headers=bool(forwarded),
-                            forwarded_allow_ips=forwarded or None,
-                            ws_max_size=int(settings.max_request_mb * 1e6))
-    server = DrainingServer(config, services, settings.drain_timeout)
+    server = DrainingServer(server_config(app, settings), services, settings.drain_timeout)
     server.run()
     if server.drained is False:
         sys.exit(1)
+
+
+def raise_descriptor_limit() -> None:
+    """Open files (each connection is one): the soft limit up to the hard one, where allowed.
+    The common default of 1024 is what a few hundred slow clients exhaust."""
+    try:
+        import resource
+    except ImportError:  # not on this platform (Windows)
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        logging.getLogger("shoal").warning("could not raise the open-files limit from %d: %s", soft, exc)
+        return
+    logging.getLogger("shoal").info("open-files limit raised from %d to %d", soft, target)
 
 
 class RedactSecrets(logging.Filter):

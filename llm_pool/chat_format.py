@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .constraints import OutputFormat
+from .grammar_bounds import MAX_CONSTRAINED_TOOLS, GrammarBoundError
 
 TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 TOOL_RESULT = "The tool {name} returned: {result}\nUse this result to answer my question in plain words."
@@ -132,6 +133,10 @@ def call_format(functions: list[dict], choice: str) -> OutputFormat | None:
     (its arguments following the function's schema); auto: None."""
     if choice == "auto":
         return None
+    if len(functions) > MAX_CONSTRAINED_TOOLS:
+        raise GrammarBoundError(f"tools: {len(functions)} tools with tool_choice '{choice}'; a constrained call may "
+                                f"choose from at most {MAX_CONSTRAINED_TOOLS} (offer fewer, or use tool_choice "
+                                "auto)", param="tools")
     schemas = [{"type": "object",
                 "properties": {"name": {"const": f["name"]}, "arguments": f.get("parameters") or {"type": "object"}},
                 "required": ["name", "arguments"], "additionalProperties": False} for f in functions]

@@ -11,19 +11,29 @@ afterwards:
 
 JSON is generated compactly (no free whitespace): a small model left to choose whitespace can
 spend its whole budget on newlines.
+
+A grammar is enforced inside the engine's batch step, so its cost is every user's: schemas and
+patterns past the bounds of `grammar_bounds` (depth, alternatives, counts, a pattern's width and
+expanded size) are refused when the request arrives, and compiling the grammar (`check`) has a
+time budget.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidParamsError, InvalidRequestError
+from .grammar_bounds import check_pattern, check_schema
 
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_PATTERN_LENGTH = 4096
+COMPILE_SECONDS = 2.0  # a grammar that takes longer to compile is refused (it would stall its engine)
+_compiler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-check")
 _COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
@@ -48,6 +58,7 @@ class OutputFormat:
         text = json.dumps(schema, separators=(",", ":"))  # key order kept: it is the output's order
         if len(text) > MAX_SCHEMA_BYTES:
             raise InvalidParamsError(f"{param}: the JSON schema is over {MAX_SCHEMA_BYTES // 1024} KB", param=param)
+        check_schema(schema, param)  # first: bounded depth before anything recursive reads it
         _check_schema(schema, param)
         return cls("json", text, param=param)
 
@@ -58,6 +69,7 @@ class OutputFormat:
         if len(pattern) > MAX_PATTERN_LENGTH:
             raise InvalidParamsError(f"{param}: the regular expression is over {MAX_PATTERN_LENGTH} "
                                      "characters", param=param)
+        check_pattern(pattern, param, param)
         return cls("regex", pattern=pattern, param=param)
 
     def grammar(self) -> str:
@@ -68,17 +80,26 @@ class OutputFormat:
         return LLMatcher.grammar_from_json_schema(self.schema_text or json.dumps(ANY_OBJECT),
                                                   overrides=_COMPACT)
 
-    def check(self) -> None:
+    def check(self, seconds: float = COMPILE_SECONDS) -> None:
         """Compile the grammar once without a tokenizer: unsupported schema keywords and invalid
-        regular expressions are the caller's error, found before anything is queued. (Backends call
-        it in `submit`, off the event loop: a big schema takes a while.)"""
-        from llguidance import LLMatcher
+        regular expressions are the caller's error, found before anything is queued; a grammar that
+        takes over `seconds` to compile is refused too. (Backends call it in `submit`, off the event
+        loop.)"""
+        future = _compiler.submit(self._problem)
         try:
-            problem = LLMatcher.validate_grammar(self.grammar())
-        except ValueError as exc:
-            problem = str(exc)
+            problem = future.result(timeout=seconds)
+        except FutureTimeout:  # the compile runs on (bounded by llguidance's own limits) and is dropped
+            raise InvalidParamsError(f"{self.param}: the grammar takes over {seconds:g} s to compile; simplify "
+                                     "the schema", param=self.param) from None
         if problem:
             raise InvalidParamsError(f"{self.param}: {_short(problem)}", param=self.param)
+
+    def _problem(self) -> str:
+        from llguidance import LLMatcher
+        try:
+            return LLMatcher.validate_grammar(self.grammar())
+        except ValueError as exc:
+            return str(exc)
 
     def validate(self, text: str) -> bool:
         """Does `text` satisfy this format? (For tests and clients; engines never need it.)"""

@@ -128,9 +128,36 @@ class PermissionDeniedError(ShoalError):
     type = "permission_error"
 
 
+class MisdirectedRequestError(ShoalError):
+    """A request for a host name this server does not answer to (421): what DNS rebinding sends."""
+
+    status = 421
+    type = "invalid_request_error"
+
+
 class PayloadTooLargeError(ShoalError):
     status = 413
     type = "invalid_request_error"
+
+
+class QuotaExceededError(ShoalError):
+    """A user's quota (sessions, messages in a session, files, uploads per minute) is used up: 429,
+    with Retry-After when waiting helps (a per-minute quota)."""
+
+    status = 429
+    type = "quota_exceeded_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: float | None = None):
+        super().__init__(message, param=param, code=code)
+        self.retry_after = retry_after
+
+
+class InsufficientStorageError(ShoalError):
+    """The server's disk is full, or below the free space Shoal keeps (507): nothing was stored."""
+
+    status = 507
+    type = "insufficient_storage"
 
 
 class GenerationError(ShoalError):

@@ -118,6 +118,9 @@ class ModelPool:
         self._state_path = state_path
         self._closed = False  # shut down: loads still on their way stop before building a model
         self._waiters = ThreadPoolExecutor(max_workers=64, thread_name_prefix="pool-wait")
+        # a gate in front of submit (the service layer's fair share, with `waiting(key)`): the
+        # requests waiting there count in each model's queue figures
+        self.admission: Any = None
         names = catalog.names()
         if default_model:
             catalog.get(*_split(default_model))  # raises ModelNotFoundError for a bad default
@@ -617,7 +620,7 @@ class ModelPool:
             "dtype": info.get("dtype", spec.dtype), "device": info.get("device", spec.device),
             "parameters": info.get("parameters"),
             "context_length": info.get("context_length") or spec.context_length,
-            "queue": entry.backend.load_stats() if entry.backend else {},
+            "queue": self._queue_stats(entry),
             "remote": spec.is_remote, "latency_ms": info.get("latency_ms"), "replicas": info.get("replicas"),
             "keep_alive": entry.keep_alive,
             # how tools reach the model (chat_format): known once its template is loaded
@@ -625,6 +628,12 @@ class ModelPool:
             if entry.backend and entry.state == READY and spec.kind == "chat" else None,
             "expires_at": round(expires) if (expires := entry.expires_at()) is not None else None,
         }
+
+    def _queue_stats(self, entry: _Entry) -> dict[str, Any]:
+        stats = dict(entry.backend.load_stats()) if entry.backend else {}
+        if stats and self.admission is not None:
+            stats["waiting"] = stats.get("waiting", 0) + self.admission.waiting(entry.spec.key)
+        return stats
 
     def status(self, ref: str | None) -> dict[str, Any]:
         return self.describe(self.resolve(ref))

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import threading
 from contextlib import asynccontextmanager
 
-import gradio as gr
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, Response
 
 from service import Services
 
 from . import batch_api, embeddings_api, files_api, models_api, openai_api, sessions_api, tgi_api, tokens_api, ws_api
-from .auth import COOKIE, IdentityMiddleware, login_page, parse_login_form
+from .auth import IdentityMiddleware, KeyThrottle, login, login_page
+from .connections import WebSocketLimitMiddleware, exempt_peers
 from .errors import install_error_handlers
+from .gradio_guard import mount_ui
 from .guards import BodyLimitMiddleware, DrainMiddleware
+from .origin import SameSiteMiddleware, own_names
 from .ui import ASSETS, create_ui, ui_css, ui_js
 
 log = logging.getLogger("shoal.http")
@@ -41,26 +44,29 @@ def create_app(services: Services, *, with_ui: bool = True, own_services: bool =
     app = FastAPI(title="Shoal", version="0.1.0", lifespan=lifespan,
                   description="A pool of LLMs behind OpenAI- and TGI-compatible APIs and a chat UI.")
     app.state.services = services
+    app.state.key_throttle = throttle = KeyThrottle.from_settings(settings)
     install_error_handlers(app)
     for module in (models_api, openai_api, tgi_api, tokens_api, embeddings_api, batch_api, sessions_api, files_api,
                    ws_api):
         app.include_router(module.router)
     _add_service_routes(app, services)
     if with_ui:
-        demo = create_ui(services)
-        demo.queue(default_concurrency_limit=None, api_open=False)
-        gr.mount_gradio_app(app, demo, path="", css=ui_css(), favicon_path=str(ASSETS / "logo.svg"),
-                            footer_links=["api", "settings"], show_error=True, allowed_paths=[],
-                            max_file_size=int(settings.max_upload_mb * 1e6), js=ui_js())
-    # Middleware runs outermost last-added first: drain, body limit, CORS (answers preflights, and
-    # puts its headers on 401s too), then who the caller is.
-    app.add_middleware(IdentityMiddleware, identity=services.identity)
+        mount_ui(app, create_ui(services), settings, css=ui_css(), favicon_path=str(ASSETS / "logo.svg"),
+                 footer_links=["api", "settings"], show_error=True, js=ui_js())
+    # Middleware runs outermost last-added first: Host and cross-site checks, drain, body limit,
+    # open WebSockets per client, CORS (answers preflights, and puts its headers on 401s too), then
+    # who the caller is.
+    app.add_middleware(IdentityMiddleware, identity=services.identity, throttle=throttle)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"],
                            allow_headers=["*"], allow_credentials=False)
+    app.add_middleware(WebSocketLimitMiddleware, max_per_client=settings.max_websockets_per_client,
+                       exempt=exempt_peers(settings))
     app.add_middleware(BodyLimitMiddleware, max_bytes=int(settings.max_request_mb * 1e6),
                        upload_bytes=int(settings.max_upload_mb * 1e6) + 1_000_000)
     app.add_middleware(DrainMiddleware, services=services)
+    app.add_middleware(SameSiteMiddleware, names=own_names(settings, socket.gethostname().lower()),
+                       cors_origins=settings.cors_origins)
     return app
 
 
@@ -86,12 +92,4 @@ def _add_service_routes(app: FastAPI, services: Services) -> None:
     async def login_form() -> HTMLResponse:
         return HTMLResponse(login_page())
 
-    @app.post("/login", include_in_schema=False)
-    async def login(request: Request):
-        key = parse_login_form(await request.body())
-        if not services.identity.key_is_valid(key):
-            return HTMLResponse(login_page("That key is not valid."), status_code=401)
-        response = RedirectResponse("/", status_code=303)
-        response.set_cookie(COOKIE, services.identity.login_cookie(key), httponly=True, samesite="lax",
-                            secure=request.url.scheme == "https", max_age=30 * 24 * 3600)
-        return response
+    app.post("/login", include_in_schema=False)(login)

@@ -1,8 +1,9 @@
 """POST /v1/batch: many prompts in one call, answered in order, each item on its own.
 
-Items go through the same door as every request (rate limits, the model's bounded queue), a few
-at a time so one batch cannot fill the queue on its own; an item that fails is reported in its
-place and the others go on.
+Items go through the same door as every request (rate limits, the fair share between callers, the
+model's bounded queue), a few at a time: never more than the caller's share of the model
+(--max-running-per-caller), so a batch of 256 items runs beside other callers' requests instead of
+filling the queue before them. An item that fails is reported in its place and the others go on.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class BatchRequest(BaseModel):
     model: str | None = Field(None, max_length=200)
     items: list[BatchItem] = Field(min_length=1, max_length=MAX_ITEMS)
     params: BatchParams = Field(default_factory=BatchParams, description="Defaults for every item.")
-    concurrency: int = Field(8, ge=1, le=64, description="Items in flight at once.")
+    concurrency: int = Field(8, ge=1, le=64, description="Items in flight at once (at most the caller's share "
+                             "of the model, --max-running-per-caller).")
 
 
 @router.post("/v1/batch", summary="Run many prompts; results in order, failures in place")
@@ -92,7 +94,7 @@ async def batch(body: BatchRequest, request: Request) -> dict:
     services = services_of(request)
     caller = caller_of(request)
     defaults = body.params.merged(GenerationParams())
-    gate = asyncio.Semaphore(body.concurrency)
+    gate = asyncio.Semaphore(services.concurrency_for(caller, body.concurrency))
 
     async def run(index: int, item: BatchItem) -> dict:
         async with gate:

@@ -3,11 +3,14 @@ pool's embedding models (catalog `kind = "embedding"`; all-MiniLM-L6-v2 ships of
 
 OpenAI's SDK asks for `encoding_format="base64"` by default (little-endian float32), so both
 encodings are answered. Token-id inputs and `dimensions` other than the model's own are refused by
-name. Same owner as generation: anyone with keys off, a key holder with keys on.
+name. Same owner as generation: anyone with keys off, a key holder with keys on. Each request is
+bounded in tokens (--max-embedding-tokens, 413) and waits for its caller's turn (`Services.embed`);
+a client that leaves while it waits gives up its place.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from typing import Literal
@@ -22,6 +25,22 @@ from .context import services_of
 
 router = APIRouter(tags=["Embeddings"])
 MAX_INPUTS = 2048
+
+
+async def _embed(request: Request, model: str | None, texts: list[str], keep_alive=None):
+    """`Services.embed`, given up when the client disconnects (while it waits for its turn)."""
+    work = asyncio.ensure_future(services_of(request).embed(model, texts, caller_of(request), keep_alive))
+
+    async def watch() -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+        work.cancel()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        return await work
+    finally:
+        watcher.cancel()
 
 
 def _texts(value: str | list, param: str = "input") -> list[str]:
@@ -62,7 +81,7 @@ class OllamaEmbedRequest(BaseModel):
 @router.post("/v1/embeddings", summary="Embeddings (OpenAI-compatible)")
 async def embeddings(body: EmbeddingRequest, request: Request):
     texts = _texts(body.input)
-    vectors, tokens, model = await services_of(request).embed(body.model, texts, caller_of(request))
+    vectors, tokens, model = await _embed(request, body.model, texts)
     if body.dimensions is not None and body.dimensions != vectors.shape[1]:
         raise InvalidParamsError(f"dimensions: this model's embeddings have {vectors.shape[1]} dimensions",
                                  param="dimensions")
@@ -82,8 +101,7 @@ async def ollama_embed(body: OllamaEmbedRequest, request: Request):
         if value not in (None, False) and value != {}:
             raise InvalidParamsError(f"{name}: not supported (texts are never cut, not truncated)", param=name)
     started = time.monotonic()
-    vectors, tokens, model = await services_of(request).embed(body.model, _texts(body.input), caller_of(request),
-                                                              keep_alive=body.keep_alive)
+    vectors, tokens, model = await _embed(request, body.model, _texts(body.input), keep_alive=body.keep_alive)
     return {"model": model, "embeddings": vectors.tolist(), "prompt_eval_count": tokens,
             "total_duration": int((time.monotonic() - started) * 1e9)}
 
@@ -105,9 +123,11 @@ async def rerank(body: RerankRequest, request: Request):
     cross-encoder ships offline), best first."""
     texts = [body.query, *_texts(body.documents, param="documents")]
     try:
-        vectors, tokens, model = await services_of(request).embed(body.model, texts, caller_of(request))
+        vectors, tokens, model = await _embed(request, body.model, texts)
     except ShoalError as exc:  # the model numbers the texts as input.N: name them as this request does
-        if exc.param and exc.param.startswith("input."):
+        if exc.param == "input":
+            exc.param, exc.message = "documents", exc.message.replace("input:", "query and documents:", 1)
+        elif exc.param and exc.param.startswith("input."):
             index = int(exc.param.split(".")[1])
             exc.param = "query" if index == 0 else f"documents.{index - 1}"
             exc.message = exc.message.replace(f"input.{index}", exc.param, 1)

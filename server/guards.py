@@ -42,7 +42,12 @@ UPLOAD_PATHS = re.compile(r"^(/gradio_api/upload|/v1/sessions/[^/]+/files)$")
 
 class BodyLimitMiddleware:
     """Bodies over the limit get 413, whether they announce their length or not: `upload_bytes`
-    for file uploads, `max_bytes` for everything else (JSON requests, the UI's events)."""
+    for file uploads, `max_bytes` for everything else (JSON requests, the UI's events).
+
+    Any answer given before the whole body arrived (this 413, or the app's own early answer, such
+    as Gradio's 413 for a file over --max-upload-mb) carries `Connection: close`, so the server
+    closes the connection once it is sent instead of reading, and dropping, the rest of the body:
+    a 500 MB chunked upload is cut off at the limit, not read to its end."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int):
         self.app = app
@@ -55,18 +60,23 @@ class BodyLimitMiddleware:
             return
         limit = self.upload_bytes if UPLOAD_PATHS.match(scope["path"]) else self.json_bytes
         too_large = f"the request body is larger than the {limit / 1e6:g} MB limit"
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _answer(send, 413, too_large, "body_too_large")
             return
         seen = 0
-        state = {"app_started": False, "refused": False}
+        has_body = b"transfer-encoding" in headers or (declared is not None and declared not in (b"", b"0"))
+        state = {"app_started": False, "refused": False, "body_done": not has_body}
 
         async def limited() -> Message:
             nonlocal seen
+            if state["refused"]:
+                return {"type": "http.disconnect"}
             message = await receive()
-            if message["type"] == "http.request" and not state["refused"]:
+            if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                state["body_done"] = not message.get("more_body", False)
                 if seen > limit:
                     state["refused"] = True
                     if not state["app_started"]:
@@ -77,7 +87,10 @@ class BodyLimitMiddleware:
         async def guarded_send(message: Message) -> None:
             if state["refused"]:
                 return
-            state["app_started"] = state["app_started"] or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                state["app_started"] = True
+                if not state["body_done"]:
+                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
             await send(message)
 
         try:

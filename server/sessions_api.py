@@ -68,6 +68,7 @@ class ContextPolicy(BaseModel):
 
 TOOLS = ("Functions the model may call in this session (OpenAI tool objects). A reply that calls one is "
          "stored with its tool_calls; the next message you send is that call's result.")
+SYSTEM_PROMPT = "At most --max-system-prompt-chars characters (else 413)."
 TOOL_CHOICE = "auto, or required: every message you write is answered with a call (the turn after a result: auto)."
 
 
@@ -76,7 +77,7 @@ class NewSession(BaseModel):
 
     title: str = Field("New chat", max_length=200)
     model: str | None = Field(None, max_length=200)
-    system_prompt: str = Field("", max_length=100_000)
+    system_prompt: str = Field("", description=SYSTEM_PROMPT)
     params: SessionParams = Field(default_factory=SessionParams)
     context_policy: ContextPolicy = Field(default_factory=ContextPolicy)
     tools: list[ToolDef] = Field(default_factory=list, max_length=128, description=TOOLS)
@@ -88,7 +89,7 @@ class SessionChanges(BaseModel):
 
     title: str | None = Field(None, max_length=200)
     model: str | None = Field(None, max_length=200)
-    system_prompt: str | None = Field(None, max_length=100_000)
+    system_prompt: str | None = Field(None, description=SYSTEM_PROMPT)
     params: SessionParams | None = None
     context_policy: ContextPolicy | None = None
     tools: list[ToolDef] | None = Field(None, max_length=128, description=TOOLS + " [] removes them.")

@@ -20,6 +20,7 @@ from llm_pool.stream import Failed
 from memory.store import Session
 from service import Services
 
+from .gradio_guard import discard
 from .tool_calls import ToolDef, session_tools
 from .ui_common import (
     admin_check,
@@ -44,6 +45,9 @@ DEFAULTS = {  # small chat models answer best cool and a little discouraged from
     "seed": -1,
     "stop": [],
 }
+
+
+EDITING = "Editing your last message: send to replace it and its answer."
 
 
 def _error(exc: Exception) -> gr.Error:
@@ -275,8 +279,12 @@ class ChatHandlers:
     def import_file(self, browser_id, file, request: gr.Request):
         user = ui_user(self.services, browser_id, request)
         try:
-            data = json.loads(Path(file if isinstance(file, str) else file.name).read_text())
-            session = self.store.import_session(user, data)
+            path = Path(file if isinstance(file, str) else file.name)
+            try:
+                data = json.loads(path.read_text())
+            finally:
+                discard(path)
+            session = self.chat.import_session(user, data)
         except (ValueError, UnicodeDecodeError):
             raise gr.Error("That file is not a JSON export of a Shoal chat.") from None
         except ShoalError as exc:
@@ -323,7 +331,7 @@ class ChatHandlers:
                 session_id = (await asyncio.to_thread(lambda: self.chat.create(user, **values))).id
         except ShoalError as exc:
             raise _error(exc) from None
-        async for update in self._run(caller, session_id, text, edit_index, output_format):
+        async for update in self._run(caller, session_id, text, edit_index, output_format, typed=True):
             yield update
 
     @staticmethod
@@ -362,9 +370,11 @@ class ChatHandlers:
             index, text = self.chat.last_user_index(user, session_id)
         except ShoalError as exc:
             raise _error(exc) from None
-        return text, index, "Editing your last message: send to replace it and its answer."
+        return text, index, EDITING
 
-    async def _run(self, caller, session_id, text, replace_from, output_format=None):
+    async def _run(self, caller, session_id, text, replace_from, output_format=None, typed=False):
+        """`typed`: the text is what the user wrote in the message box; if the turn is refused (a
+        quota, a version only an admin may load) it goes back there, so nothing typed is lost."""
         user = caller.user
         history = await asyncio.to_thread(self.store.messages, user, session_id)
         if replace_from is not None:
@@ -376,6 +386,10 @@ class ChatHandlers:
             turn = await self.chat.send(caller, session_id, text, replace_from=replace_from,
                                         output_format=output_format)
         except ShoalError as exc:
+            stored = await asyncio.to_thread(self.store.messages, user, session_id)
+            editing = EDITING if typed and replace_from is not None else ""
+            yield (chat_view(stored), text if typed else "", "", radio, session_id,
+                   replace_from if typed else None, editing)
             raise _error(exc) from None
         note = ""
         try:
@@ -422,11 +436,19 @@ class ChatHandlers:
                 session_id = self.chat.create(user, **self._settings(model, system, temperature, top_p, top_k,
                                                                      max_new, repetition, seed, stop,
                                                                      history_limit)).id
-            for file in files:
-                path = Path(file if isinstance(file, str) else file.name)
-                self.services.documents.add(user, session_id, path.name, path.read_bytes())
         except ShoalError as exc:
             raise _error(exc) from None
+        paths = [Path(file if isinstance(file, str) else file.name) for file in files]
+        try:
+            for path in paths:
+                try:
+                    self.services.documents.add(user, session_id, path.name, path.read_bytes())
+                except ShoalError as exc:  # shown; the files added before it and the new chat are kept
+                    gr.Warning(f"{path.name}: {exc.message}", duration=None)
+                    break
+        finally:
+            for path in paths:  # the chat keeps its own copy: Gradio's goes now, not at --upload-ttl
+                discard(path)
         return (session_id, self._radio(user, session_id), *self.files_view(browser_id, session_id, request),
                 None)
 

@@ -15,7 +15,10 @@ Server -> client:
   {"type": "done", "id", "finish_reason", "text", "usage", "timings"}
   {"type": "error", "id" (if about one request), "error": {"message", "type", "param", "code"}}
   {"type": "params", "params": {...}}   {"type": "pong"}
-Closing the socket cancels every generation it started.
+Closing the socket cancels every generation it started. A text frame that is not a JSON object
+gets an error event; a binary frame closes the socket (1003), a frame over the size limit too
+(1009, by the WebSocket layer), each with a reason. Wrong keys in the auth message are throttled
+like every other key (`auth.KeyThrottle`): past the limit the socket closes with 4429.
 """
 
 from __future__ import annotations
@@ -30,12 +33,19 @@ from llm_pool import Finished, GenerationParams, GenerationRequest, Message
 from llm_pool.errors import AuthenticationError, InvalidParamsError, ShoalError
 from llm_pool.stream import Failed
 
-from .auth import caller_of, peer_of
+from .auth import KeyThrottle, caller_of, peer_of
+from .origin import close_reason
 from .protocol import timings, usage_dict
 from .streaming import Chunk, chunked
 
 router = APIRouter()
 MAX_ACTIVE = 16  # generations one socket may run at once
+UNSUPPORTED_DATA = 1003
+BINARY_REFUSED = "binary frames are not accepted: send JSON objects as text frames"
+
+
+class BinaryFrameError(Exception):
+    """The client sent a binary frame: this protocol is JSON text."""
 
 
 def _error(exc: ShoalError, ident: str | None = None) -> dict:
@@ -58,19 +68,53 @@ class _Socket:
         async with self.send_lock:
             await self.ws.send_text(json.dumps(message, ensure_ascii=False))
 
+    async def receive_text(self) -> str:
+        """The next text frame (WebSocketDisconnect when the client is gone; BinaryFrameError)."""
+        message = await self.ws.receive()
+        if message["type"] == "websocket.disconnect":
+            raise WebSocketDisconnect(message.get("code", 1000), message.get("reason"))
+        if message.get("text") is None:
+            raise BinaryFrameError
+        return message["text"]
+
+    async def close(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):  # the client may be gone already
+            await self.ws.close(code=code, reason=close_reason(reason))
+
+    async def end(self, error: ShoalError, code: int) -> None:
+        """Say why in an error event and in the close frame's reason, then close."""
+        with contextlib.suppress(Exception):  # the client may be gone already
+            await self.send(_error(error))
+        await self.close(code, error.message)
+
+    async def refuse_binary(self) -> None:
+        await self.end(InvalidParamsError(BINARY_REFUSED, param="type"), UNSUPPORTED_DATA)
+
     async def authenticate(self) -> bool:
         identity = self.services.identity
         if not identity.keys_required or self.caller.how == "key":
             return True
         try:
-            first = json.loads(await asyncio.wait_for(self.ws.receive_text(), timeout=10))
-        except (TimeoutError, json.JSONDecodeError, WebSocketDisconnect):
+            first = json.loads(await asyncio.wait_for(self.receive_text(), timeout=10))
+        except BinaryFrameError:
+            await self.refuse_binary()
+            return False
+        except WebSocketDisconnect:
+            return False
+        except (TimeoutError, ValueError, RecursionError):
             first = {}
         key = first.get("api_key") if isinstance(first, dict) and first.get("type") == "auth" else None
+        key = key if isinstance(key, str) else None
+        throttle: KeyThrottle = self.ws.app.state.key_throttle
+        limited = throttle.check(peer_of(self.ws), key) if key is not None else None
+        if limited is not None:
+            await self.end(limited, 4429)
+            return False
         if not identity.key_is_valid(key):
-            await self.send(_error(AuthenticationError("An API key is required: send "
-                                                       '{"type": "auth", "api_key": "..."} first.')))
-            await self.ws.close(code=4401)
+            if key is not None:
+                throttle.failed(peer_of(self.ws), key)
+            await self.end(AuthenticationError('An API key is required: send {"type": "auth", "api_key": "..."} '
+                                               'first.'), 4401)
             return False
         self.caller = identity.caller(key=key, cookie=None, host=peer_of(self.ws))
         return True
@@ -80,7 +124,7 @@ class _Socket:
             message = json.loads(raw)
             if not isinstance(message, dict):
                 raise ValueError
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
             await self.send(_error(InvalidParamsError("each message must be a JSON object", param="type")))
             return
         kind, ident = message.get("type"), message.get("id")
@@ -145,7 +189,7 @@ class _Socket:
         finally:
             self.tasks.pop(ident, None)
 
-    async def close(self) -> None:
+    async def cancel_all(self) -> None:
         for task in list(self.tasks.values()):
             task.cancel()
 
@@ -205,8 +249,10 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     await socket.send({"type": "hello", "params": socket.params.to_dict()})
     try:
         while True:
-            await socket.handle(await ws.receive_text())
+            await socket.handle(await socket.receive_text())
     except WebSocketDisconnect:
         pass
+    except BinaryFrameError:
+        await socket.refuse_binary()
     finally:
-        await socket.close()
+        await socket.cancel_all()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from memory.store import Session, SessionStore, StoredMessage
 
 from .documents import DocumentsNotReadyError
 from .identity import Caller
+from .quotas import Quotas
 
 log = logging.getLogger("shoal.chat")
 
@@ -43,11 +45,14 @@ class Turn:
 
 
 class ChatService:
-    def __init__(self, store: SessionStore, services, documents=None, wait_for_files: float = 30.0):
+    def __init__(self, store: SessionStore, services, documents=None, wait_for_files: float = 30.0,
+                 quotas: Quotas | None = None):
         self.store = store
         self.services = services
         self.documents = documents  # DocumentService: files and memory of earlier turns
         self.wait_for_files = wait_for_files
+        self.quotas = quotas or Quotas.from_settings(services.settings)
+        self._creating = threading.Lock()  # counting a user's sessions and adding one: one step
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-save")  # in order
 
     def delete(self, user: str, session_id: str) -> None:
@@ -71,13 +76,32 @@ class ChatService:
         """`tools`: OpenAI tool objects, checked by the caller (the server's ToolDef)."""
         if model is not None:
             self.services.pool.resolve(model)  # 404 for a model that does not exist
+        self.quotas.check_system_prompt(system_prompt)
         clean = self.check_params(params or {})
-        return self.store.create(user, title=title, model=model, system_prompt=system_prompt or "",
-                                 params=clean, context_policy=self._policy(context_policy or {}),
-                                 tools=list(tools or []), tool_choice=self._tool_choice(tool_choice or "auto"))
+        _check_calls(tools or [], tool_choice or "auto")
+        with self._creating:
+            self._check_room(user)
+            return self.store.create(user, title=title, model=model, system_prompt=system_prompt or "",
+                                     params=clean, context_policy=self._policy(context_policy or {}),
+                                     tools=list(tools or []), tool_choice=self._tool_choice(tool_choice or "auto"))
+
+    def import_session(self, user: str, data: Any) -> Session:
+        """A session exported by Shoal (shoal-session/1), within the same quotas as a new one."""
+        meta = data.get("session") if isinstance(data, dict) else None
+        if isinstance(meta, dict):
+            self.quotas.check_system_prompt(str(meta.get("system_prompt") or ""))
+        if isinstance(data, dict) and isinstance(data.get("messages"), list):
+            self.quotas.check_messages(len(data["messages"]))
+        with self._creating:
+            self._check_room(user)
+            return self.store.import_session(user, data)
+
+    def _check_room(self, user: str) -> None:
+        self.quotas.check_new_session(len(self.store.list(user)))
 
     def update(self, user: str, session_id: str, **changes: Any) -> Session:
         changes = {k: v for k, v in changes.items() if v is not None}
+        self.quotas.check_system_prompt(changes.get("system_prompt"))
         if "model" in changes:
             self.services.pool.resolve(changes["model"])
         if "params" in changes:
@@ -86,6 +110,9 @@ class ChatService:
             changes["context_policy"] = self._policy(changes["context_policy"])
         if "tool_choice" in changes:
             changes["tool_choice"] = self._tool_choice(changes["tool_choice"])
+        if "tools" in changes or "tool_choice" in changes:
+            current = self.store.get(user, session_id)
+            _check_calls(changes.get("tools", current.tools), changes.get("tool_choice", current.tool_choice))
         return self.store.update(user, session_id, **changes)
 
     @staticmethod
@@ -126,6 +153,8 @@ class ChatService:
                                        "(--max-message-chars)", param="content", code="message_too_large")
         loop = asyncio.get_running_loop()
         session, history, model = await loop.run_in_executor(None, self._opening, user, session_id, replace_from)
+        self.quotas.check_messages(len(history) + 2)  # the user's message and the reply
+        self.services.check_version(model, caller)  # a stranger does not load other versions
         gen_params = GenerationParams.validated(**{**session.params, **(params or {})})
         await self._wait_for_files(user, session_id)
         backend = await self._loaded_backend(model)
@@ -259,6 +288,12 @@ class ChatService:
             for source in message.meta.get("sources", []):
                 lines.append(f"- source: {source['source']}")
         return "\n".join(lines).rstrip() + "\n"
+
+
+def _check_calls(tools: list[dict], choice: str) -> None:
+    """With tool_choice required, the grammar of a call of any tool must be within its bounds (400)."""
+    if tools:
+        chat_format.call_format([t["function"] for t in tools], choice)
 
 
 def _open_call(history: list[StoredMessage]) -> dict | None:

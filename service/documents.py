@@ -8,7 +8,9 @@ indexing, ready, or failed with a reason). Removing a file or a session removes 
 the transaction that removes its record. Finished chat turns are embedded too, so turns that fall
 out of the model's window can still be retrieved when relevant. Retrieval is hybrid (meaning and
 words; memory/index.py). Reading and embedding a file run at a lower CPU priority (`index_niceness`), so chats running
-beside it keep their pace. Knows nothing about HTTP or Gradio.
+beside it keep their pace. The workers take users in turn, and one user at most all workers but
+one, so one user's big uploads never keep another's small file queued. Knows nothing about HTTP or
+Gradio.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +38,9 @@ from memory.embeddings import Embedder
 from memory.index import Retrieval, Searcher
 from memory.store import SessionStore
 from parsing import ParseError, ParseLimits, parse_isolated
+
+from .fairness import RoundRobin
+from .quotas import Quotas, disk_full
 
 log = logging.getLogger("shoal.documents")
 PENDING = ("queued", "parsing", "indexing")
@@ -65,7 +71,8 @@ def display_name(name: str) -> str:
 class DocumentService:
     def __init__(self, store: SessionStore, folder: Path, embedder: Embedder, *, max_bytes: int,
                  limits: ParseLimits = ParseLimits(), workers: int = 2, retrieval: Retrieval = Retrieval(),
-                 embed_batch: int = 16, busy: Callable[[], bool] | None = None, yield_seconds: float = 1.0):
+                 embed_batch: int = 16, busy: Callable[[], bool] | None = None, yield_seconds: float = 1.0,
+                 quotas: Quotas | None = None):
         self.store = store
         self.folder = folder
         self.embedder = embedder
@@ -75,12 +82,18 @@ class DocumentService:
         self.embed_batch = embed_batch
         self.busy = busy  # are chats generating? then indexing steps aside (see _yield_to_chats)
         self.yield_seconds = yield_seconds
+        self.quotas = quotas or Quotas()  # files, bytes and uploads per minute per user; the disk's floor
+        self._adding = threading.Lock()  # counting a user's files and storing one: one step
         self.searcher = Searcher(lambda: store.sql)
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="documents",
                                         initializer=_background_priority, initargs=(limits.niceness,))
+        self._workers = workers
+        self._waiting: RoundRobin[tuple[str, str, str]] = RoundRobin()  # files to read, per user
+        self._reading: Counter[str] = Counter()  # files being read, per user
+        self._turns = threading.Lock()
         self._migrate()
         for user, session_id, record in store.unfinished_files():  # a restart interrupted these
-            self._pool.submit(self._process, user, session_id, record["id"], record["name"])
+            self._enqueue(user, session_id, record["id"], record["name"])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -115,15 +128,69 @@ class DocumentService:
                                        f"{self.max_bytes / 1e6:.0f} MB", param="file")
         if not data:
             raise InvalidParamsError("the file is empty", param="file")
+        self.quotas.admit_upload(user)
         record = {"id": uuid.uuid4().hex, "name": display_name(name), "size": len(data), "status": "queued",
                   "progress": 0.0, "reason": None, "created": time.time(), "chunks": 0, "kind": None,
                   "language": None, "pages": None}
         path = self._raw_path(session_id, record["id"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        self.store.add_file(user, session_id, record)
-        self._pool.submit(self._process, user, session_id, record["id"], record["name"])
+        with self._adding:
+            self.quotas.check_files(*self._usage(user), len(data))
+            self.quotas.check_disk(self.folder, len(data))
+            self._write(path, data)
+            try:
+                self.store.add_file(user, session_id, record)
+            except BaseException:
+                path.unlink(missing_ok=True)
+                raise
+        self._enqueue(user, session_id, record["id"], record["name"])
         return record
+
+    def _enqueue(self, user: str, session_id: str, file_id: str, name: str) -> None:
+        with self._turns:
+            self._waiting.push(user, (session_id, file_id, name))
+            self._start_next()
+
+    def _start_next(self) -> None:
+        """Start waiting files while workers are free: users in turn, the one reading fewest first,
+        and one user at most all workers but one (a file being read cannot be paused, so a
+        worker stays free for the next user's file). Under `_turns`."""
+        per_user = max(1, self._workers - 1)
+        while sum(self._reading.values()) < self._workers:
+            picked = self._waiting.pop(lambda user: self._reading[user] < per_user,
+                                       rank=lambda user: self._reading[user])
+            if picked is None:
+                return
+            user, job = picked
+            self._reading[user] += 1
+            self._pool.submit(self._read_in_turn, user, *job)
+
+    def _read_in_turn(self, user: str, session_id: str, file_id: str, name: str) -> None:
+        try:
+            self._process(user, session_id, file_id, name)
+        finally:
+            with self._turns:
+                self._reading[user] -= 1
+                if self._reading[user] <= 0:
+                    del self._reading[user]
+                self._start_next()
+
+    def _usage(self, user: str) -> tuple[int, int]:
+        """The files the user keeps over all their sessions, and their bytes."""
+        records = [r for session in self.store.list(user) for r in self.store.files(user, session.id)]
+        return len(records), sum(r.get("size", 0) for r in records)
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        """The upload's bytes, whole or not at all: a full disk is a 507 and leaves no partial file."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        except OSError as exc:
+            path.unlink(missing_ok=True)
+            full = disk_full(exc)
+            if full is None:
+                raise
+            raise full from None
 
     def list(self, user: str, session_id: str) -> list[dict[str, Any]]:
         return self.store.files(user, session_id)

@@ -58,10 +58,24 @@ def is_loopback(host: str | None) -> bool:
     return (mapped or address).is_loopback
 
 
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode(errors="surrogatepass")).digest()  # JSON may carry lone surrogates
+
+
+def _matches(key: str, digests: list[bytes]) -> bool:
+    """Constant time: every digest is compared (no early exit on a match, no length to leak)."""
+    candidate = _digest(key)
+    found = False
+    for digest in digests:
+        found |= hmac.compare_digest(candidate, digest)
+    return found
+
+
 class Identity:
     def __init__(self, *, api_keys: list[str], admin_keys: list[str], secret: str, trust_loopback: bool):
-        self._admin = [k.encode() for k in admin_keys]
-        self._keys = [k.encode() for k in api_keys] + self._admin
+        # Keys are compared as digests: equal lengths, so the time taken says nothing about a key's length.
+        self._admin = [_digest(k) for k in admin_keys]
+        self._keys = [_digest(k) for k in api_keys] + self._admin
         self._owners = {key_owner(k) for k in (*api_keys, *admin_keys)}
         self._admin_owners = {key_owner(k) for k in admin_keys}
         self._secret = hashlib.sha256(b"shoal-identity:" + secret.encode()).digest()
@@ -73,12 +87,10 @@ class Identity:
     def key_is_valid(self, key: str | None) -> bool:
         if not key:
             return False
-        candidate = key.encode()
-        return any(hmac.compare_digest(candidate, k) for k in self._keys)
+        return _matches(key, self._keys)
 
     def is_admin_key(self, key: str) -> bool:
-        candidate = key.encode()
-        return any(hmac.compare_digest(candidate, k) for k in self._admin)
+        return _matches(key, self._admin)
 
     # ------------------------------------------------------------------ callers
     def caller(self, *, key: str | None, cookie: str | None, host: str | None) -> Caller:

@@ -1,18 +1,22 @@
 """Building the service objects from settings, and the one door to generation.
 
 Every entry point (HTTP routes, WebSocket, batch, the Gradio UI) starts generations through
-`Services.submit`, so rate limits, the model's bounded queue and metrics apply to all of them
-alike.
+`Services.submit`, so rate limits, the fair share of each model's slots between callers
+(service/fairness.py), the model's bounded queue and metrics apply to all of them alike.
+Embeddings go through `Services.embed`: bounded in tokens, on threads of their own, shared between
+callers the same way.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import secrets
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +24,7 @@ import torch
 
 from llm_pool import Catalog, EngineConfig, GenerationHandle, GenerationRequest, ModelPool, ShoalError
 from llm_pool.backends import BackendContext
-from llm_pool.errors import InvalidParamsError, PayloadTooLargeError, PermissionDeniedError
+from llm_pool.errors import ConflictError, InvalidParamsError, PayloadTooLargeError, PermissionDeniedError
 from llm_pool.params import keep_alive_seconds
 from llm_pool.policy import SourcePolicy
 from llm_pool.pool import KEEP
@@ -30,9 +34,11 @@ from parsing import ParseLimits
 
 from .chat import ChatService
 from .documents import DocumentService
+from .fairness import FairGate, Share, fair_key
 from .identity import Caller, Identity
 from .limits import RateLimiter
 from .metrics import Metrics
+from .quotas import Quotas
 from .settings import Settings, parse_size
 
 log = logging.getLogger("shoal")
@@ -52,6 +58,9 @@ class Services:
     identity: Identity | None = None
     draining: bool = False  # set on SIGTERM: new requests get 503 while in-flight ones finish
     llama_build: object | None = None  # a BackgroundBuild when llama.cpp is being built on this start
+    fair: FairGate | None = None  # each model's batch slots, shared between callers
+    embed_gate: FairGate | None = None  # embedding work, shared between callers the same way
+    embed_threads: ThreadPoolExecutor | None = None  # embedding's own threads: never generation's
 
     def __post_init__(self) -> None:
         if self.identity is None:
@@ -62,6 +71,34 @@ class Services:
             self.metrics = Metrics(self.pool)
         if self.chat is None:
             self.chat = ChatService(self.store, self, self.documents)
+        self._share_fairly()
+
+    def _share_fairly(self) -> None:
+        """The gate in front of the pool's models. It is kept on the pool: the slots it shares are the
+        pool's, whichever app (tests run several over one pool) submits to them."""
+        engine = self.pool.context.engine
+        if self.fair is None:
+            self.fair = getattr(self.pool, "admission", None) or FairGate(
+                engine.max_batch_size, engine.queue_size, engine.queue_timeout)
+            self.pool.admission = self.fair
+        if self.embed_gate is None:
+            self.embed_gate = FairGate(self.settings.embedding_concurrency, engine.queue_size,
+                                       engine.queue_timeout, what="embedding model")
+        if self.embed_threads is None:
+            self.embed_threads = ThreadPoolExecutor(self.settings.embedding_concurrency,
+                                                    thread_name_prefix="embed")
+
+    def share(self, caller: Caller) -> Share:
+        """What one caller may hold of each model; the trusted local owner is not limited."""
+        if caller.how == "local":
+            return Share()
+        return Share(self.settings.max_running_per_caller, self.settings.max_queued_per_caller)
+
+    def concurrency_for(self, caller: Caller, wanted: int) -> int:
+        """How many of a caller's requests may usefully be in flight at once (a batch runs no
+        more: the rest would only wait in the caller's queue)."""
+        cap = self.fair.cap(self.share(caller))
+        return min(wanted, cap) if cap else wanted
 
     @property
     def browser_state_secret(self) -> str:
@@ -80,6 +117,20 @@ class Services:
                                         + self.identity.admin_refusal(), param="keep_alive", code="admin_required")
         return seconds
 
+    def check_version(self, model: str | None, caller: Caller) -> None:
+        """A request naming a version other than the one served goes to it only if it is loaded (or
+        on its way), or for an admin: loading one changes the pool for everyone (409 otherwise)."""
+        if not model or "@" not in model or caller.admin:
+            return
+        status = self.pool.status(model)  # 404 for a version that does not exist
+        if status["active"] or status["state"] in ("ready", "loading"):
+            return
+        served = self.pool.status(status["name"])["version"]
+        raise ConflictError(f"model '{status['name']}' is served as version '{served}'; version "
+                            f"'{status['version']}' is not loaded, and loading it changes the pool for everyone: "
+                            f"an admin's action. Name '{status['name']}' to use the version served.",
+                            param="model", code="version_not_loaded")
+
     async def submit(self, model: str | None, request: GenerationRequest, caller: Caller,
                      keep_alive=None) -> GenerationHandle:
         """Start a generation for `caller`: rate limits, on-demand load, the model's queue. Its
@@ -88,9 +139,11 @@ class Services:
         request.cache_scope = caller.cache_scope
         try:
             self._check_size(request)
+            self.check_version(model, caller)
             seconds = self.keep_alive(keep_alive, caller)
             self.limiter.admit(client)
-            handle = await self.pool.asubmit(model, request, keep_alive=seconds)
+            handle = await self.fair.admit(self.pool.spec(model).key, fair_key(caller), self.share(caller),
+                                           lambda: self.pool.asubmit(model, request, keep_alive=seconds), request)
         except ShoalError as exc:
             self.metrics.reject(type(exc).__name__)
             raise
@@ -101,6 +154,7 @@ class Services:
         """The prompt's token ids as the model sees them (chat template applied), and its context
         length. Counted by the rate limiter like a generation: it loads models and uses CPU."""
         self._check_size(request)
+        self.check_version(model, caller)
         self.limiter.admit(caller.rate_key)
         return await self.pool.ause(model, lambda backend: (backend.tokenize(request), backend.context_length))
 
@@ -117,15 +171,44 @@ class Services:
                                            f"{self.settings.max_message_chars}", param=f"input.{i}")
         if self.pool.spec(model).kind != "embedding":
             raise InvalidParamsError(f"model: '{model}' is not an embedding model", param="model")
+        self.check_version(model, caller)
         seconds = self.keep_alive(keep_alive, caller)
         self.limiter.admit(caller.rate_key)
+        limit = self.settings.max_embedding_tokens
+
+        def check(lengths: list[int]) -> None:
+            if sum(lengths) > limit:
+                raise PayloadTooLargeError(f"input: {sum(lengths)} tokens in all; the limit is {limit} tokens per "
+                                           "request (--max-embedding-tokens): send fewer or shorter texts",
+                                           param="input", code="too_many_tokens")
 
         def work(backend):
-            vectors, tokens = backend.embed(texts)
+            vectors, tokens = backend.embed(texts, check=check)
             return vectors, tokens, backend.spec.key
-        return await self.pool.ause(model, work, keep_alive=seconds)
+        return await self._embed_in_turn(model, work, caller, seconds)
+
+    async def _embed_in_turn(self, model: str, work, caller: Caller, keep_alive):
+        """Run `work` on the embedding threads when the caller's turn comes; a caller who leaves
+        while it runs frees the turn when the work ends (it cannot be stopped halfway)."""
+        gate = self.embed_gate
+        ticket = await gate.acquire(self.pool.spec(model).key, fair_key(caller), self.share(caller))
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self.embed_threads, self.pool.use, model, work,
+                                                                None, keep_alive)
+        except BaseException:
+            gate.release(ticket)
+            raise
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda _done: gate.release(ticket))
+            raise
+        finally:
+            if future.done():
+                gate.release(ticket)
 
     async def detokenize(self, model: str | None, ids: list[int], caller: Caller) -> str:
+        self.check_version(model, caller)
         self.limiter.admit(caller.rate_key)
         return await self.pool.ause(model, lambda backend: backend.detokenize(ids))
 
@@ -146,12 +229,13 @@ class Services:
             self.limiter.charge_tokens(client, usage.completion_tokens)
 
     def drain(self, timeout: float) -> bool:
-        """Refuse new work and wait (up to `timeout`) for in-flight generations; True if all ended."""
+        """Refuse new work and wait (up to `timeout`) for in-flight generations (and those waiting
+        for their turn); True if all ended."""
         self.draining = True
         deadline = time.monotonic() + timeout
-        while self.pool.in_flight() and time.monotonic() < deadline:
+        while (self.pool.in_flight() or self.fair.busy()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        return self.pool.in_flight() == 0
+        return self.pool.in_flight() == 0 and self.fair.busy() == 0
 
     def preload(self) -> None:
         """Load the start-up models in the background; failures show in the model status."""
@@ -207,6 +291,7 @@ class Services:
             log.warning("preloading %s failed: %s", name, exc)
 
     def close(self) -> None:
+        self.embed_threads.shutdown(wait=False, cancel_futures=True)
         self.pool.shutdown()
         if self.documents:
             self.documents.close()
@@ -243,7 +328,7 @@ def build_services(settings: Settings, pool: ModelPool | None = None, embedder: 
                                                    memory_bytes=parse_size(settings.parse_memory),
                                                    niceness=settings.index_niceness),
                                 busy=(lambda: pool.in_flight() > 0) if settings.index_yield_seconds else None,
-                                yield_seconds=settings.index_yield_seconds)
+                                yield_seconds=settings.index_yield_seconds, quotas=Quotas.from_settings(settings))
     return Services(settings=settings, catalog=pool.catalog, pool=pool, store=store, limiter=limiter,
                     documents=documents, session_secret=settings.session_secret or _stored_secret(data_dir))
 

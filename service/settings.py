@@ -119,10 +119,81 @@ class Settings(BaseSettings):
     index_yield_seconds: float = Field(1.0, ge=0, le=60, description="While chats are generating, indexing embeds "
                                        "one small batch, and the file's parser runs 0.1 s, per this many seconds "
                                        "(0 = never step aside).")
+    # --- quotas ---
+    max_sessions_per_user: int = Field(500, ge=0, description="Chat sessions one user may keep (then 429; "
+                                       "0 = no limit).")
+    max_messages_per_session: int = Field(2000, ge=0, description="Messages (yours and the replies) one session "
+                                          "may hold (then 429: start a new chat; 0 = no limit).")
+    max_system_prompt_chars: int = Field(20_000, ge=0, description="Longest system prompt of a session, in "
+                                         "characters (then 413; 0 = no limit).")
+    max_files_per_user: int = Field(100, ge=0, description="Uploaded files one user may keep, over all their "
+                                    "sessions (then 429; 0 = no limit).")
+    max_stored_mb_per_user: float = Field(500.0, ge=0, description="MB of uploaded files one user may keep, over "
+                                          "all their sessions (then 413; 0 = no limit).")
+    max_uploads_per_minute: float = Field(20.0, ge=0, description="Files one user may upload per minute (then "
+                                          "429 with Retry-After; 0 = no limit).")
+    min_free_disk_mb: float = Field(512.0, ge=0, description="Free space kept on the data dir's disk: an upload "
+                                    "that would go below it is refused with 507 (chats go on).")
+    # --- edge ---
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Host names this server answers to besides its own (localhost, "
+        "127.0.0.1, [::1], any IP address, --host, the Space's name, *.gradio.live with --share), e.g. a "
+        "reverse proxy's name; '*.example.com' matches subdomains, '*' any name. Other names get 421 (so DNS "
+        "rebinding reads nothing). Comma-separated.")
+    max_login_failures: int = Field(
+        10, ge=0, description="Wrong keys one address may send (sign-in page, key headers, the WebSocket's auth "
+        "message) per --login-window; then every key from it is refused with 429 until the window passes "
+        "(0 = no limit).")
+    max_login_failures_per_prefix: int = Field(
+        30, ge=0, description="Wrong keys sharing their first 8 characters, from any address, per "
+        "--login-window; then keys with that prefix are refused with 429 (0 = no limit).")
+    login_window: float = Field(300.0, gt=0, description="Seconds over which failed keys are counted.")
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a connection may take to send a request's line and headers (an idle "
+        "new connection too); then it is closed (408).")
+    min_body_rate_kb: float = Field(
+        1.0, ge=0, description="Slowest a request body may arrive, in KB/s, measured over --header-timeout "
+        "windows while the server is reading it; slower connections are closed (0 = no floor).")
+    max_connections_per_client: int = Field(
+        64, ge=0, description="Open connections one client address may hold; more get 429 and are closed. "
+        "Proxies named in --forwarded-allow-ips (and the share tunnel) are not counted. Off on a Space, "
+        "where every connection comes from its proxy (0 = no limit).")
+    max_websockets_per_client: int = Field(
+        16, ge=0, description="Open WebSockets one client address may hold; more are closed with code 4429 "
+        "(0 = no limit).")
+    # --- fairness ---
+    max_running_per_caller: int = Field(
+        4, ge=0, description="Generations one caller (an API key's owner, a signed browser id, else a client "
+        "address) may have running at once in one model, each of n choices and each batch item counted, and "
+        "never more than 3/4 of --max-batch-size, so others always find a free slot; the rest wait in the "
+        "caller's own queue, served in turn with other callers'. The trusted local owner is not limited "
+        "(0 = no limit).")
+    max_queued_per_caller: int = Field(
+        8, ge=0, description="Requests one caller may have waiting for one model (generations; embeddings "
+        "alike) besides those running; more get 429 (0 = no limit but --queue-size).")
+    embedding_concurrency: int = Field(
+        1, ge=1, le=16, description="Embedding and rerank requests computed at once, on threads of their own "
+        "(never generation's); the rest wait, served in turn between callers.")
+    max_embedding_tokens: int = Field(
+        8192, ge=1, description="Tokens one /v1/embeddings, /api/embed or /v1/rerank request may send in all "
+        "(the query and every document or input); more get 413.")
+    # --- gradio ---
+    upload_budget_mb: float = Field(
+        200.0, ge=0, description="MB one client (a key's owner, else an address) may send to the web UI's upload "
+        "route per --upload-window; more gets 429 with Retry-After (0 = no limit).")
+    upload_budget_files: int = Field(
+        60, ge=0, description="Files one client may upload through the web UI per --upload-window (then 429; "
+        "0 = no limit).")
+    upload_window: float = Field(600.0, gt=0, description="Seconds over which --upload-budget-mb and "
+                                 "--upload-budget-files are counted.")
+    upload_ttl: float = Field(
+        300.0, gt=0, description="Seconds a file uploaded to the web UI is kept for the event that uses it; then "
+        "it is deleted (a file a chat took is deleted as soon as the chat has read it).")
     share: bool = Field(False, description="Ask Gradio for a public share link.")
     drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds in-flight requests get to finish.")
 
-    @field_validator("api_keys", "admin_keys", "cors_origins", "preload", "model_roots", mode="before")
+    @field_validator("api_keys", "admin_keys", "cors_origins", "preload", "model_roots", "allowed_hosts",
+                     mode="before")
     @classmethod
     def _split_commas(cls, value):
         """Env values and flags arrive as text: 'k1,k2' or a JSON list."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,8 +86,9 @@ class EmbeddingBackend(Backend):
     def context_length(self) -> int:
         return int(self.model.max_seq_length) if self.model else (self.spec.context_length or 512)
 
-    def embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        """L2-normalised vectors, one per text, and the tokens they took."""
+    def embed(self, texts: list[str], check: Callable[[list[int]], None] | None = None) -> tuple[np.ndarray, int]:
+        """L2-normalised vectors, one per text, and the tokens they took. `check` sees each text's
+        token count before anything is encoded, and may refuse them (e.g. a bound on their sum)."""
         if self.model is None:
             raise ModelLoadError(f"model '{self.spec.key}' is not loaded")
         if not texts or len(texts) > MAX_INPUTS:
@@ -98,6 +100,8 @@ class EmbeddingBackend(Backend):
                 if length > limit:
                     raise InvalidParamsError(f"input.{i}: {length} tokens; this model reads at most {limit} "
                                              "(split the text)", param=f"input.{i}")
+            if check is not None:
+                check(lengths)
             vectors = self.model.encode(texts, batch_size=32, normalize_embeddings=True,
                                         convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32), sum(lengths)

@@ -16,8 +16,10 @@ STORY = "Please remember it and then tell me a very short story about a fish who
 
 
 @pytest.fixture(params=CHAT_ENGINES)
-def model(request) -> str:
-    """Every isolation test runs on both engines (llama.cpp keeps its slots per scope)."""
+def model(request, pool) -> str:
+    """Every isolation test runs on both engines (llama.cpp keeps its slots per scope). Loaded here:
+    a stranger's request names a version that is not the one served only once an admin loaded it."""
+    pool.load(request.param)
     return request.param
 
 
