@@ -9,6 +9,7 @@ exactly like a session that does not exist. Knows nothing about models or HTTP.
 
 from __future__ import annotations
 
+import errno
 import re
 import sqlite3
 import time
@@ -20,7 +21,7 @@ from typing import Any
 import diskcache
 
 from llm_pool import faults
-from llm_pool.errors import InvalidParamsError, NotFoundError, ServiceUnavailableError
+from llm_pool.errors import InsufficientStorageError, InvalidParamsError, NotFoundError, ServiceUnavailableError
 from memory import index as passages
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -118,8 +119,14 @@ class SessionStore:
         except faults.InjectedFault as exc:
             raise StorageError(f"could not save ({exc}); nothing was changed", retry_after=5.0) from exc
         except sqlite3.OperationalError as exc:
+            if "full" in str(exc):  # SQLITE_FULL: the disk, not the store, is the problem
+                raise InsufficientStorageError("the server's disk is full: nothing was changed (the chat "
+                                               "is as it was)", code="insufficient_storage") from exc
             raise StorageError(f"could not save: {exc}; nothing was changed", retry_after=5.0) from exc
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise InsufficientStorageError("the server's disk is full: nothing was changed (the chat "
+                                               "is as it was)", code="insufficient_storage") from exc
             raise StorageError(f"could not save ({exc.strerror}); nothing was changed", retry_after=5.0) from exc
 
     def _session(self, user: str, session_id: str) -> Session:

@@ -16,6 +16,9 @@ with what `launch()` would set (`has_launched`: event files must be in Gradio's 
   another client's upload is not found;
 - deletes expired uploads (and partial files of aborted ones) in the background.
 
+Files Gradio makes for a page (chat exports) go after `OUTPUT_LIFETIME`, and all of them at
+shutdown (Gradio's `delete_cache`).
+
 The client is `Caller.rate_key`: a valid key's owner, else the client address.
 """
 
@@ -53,6 +56,7 @@ from .gradio_uploads import MB, UploadLedger, delete_upload, stray_partials
 from .origin import refuse
 
 log = logging.getLogger("shoal.http")
+OUTPUT_LIFETIME = 3600  # seconds a file Gradio made for a page (an export) stays downloadable
 
 
 def mount_ui(app: FastAPI, demo: gr.Blocks, settings, **options) -> GradioGuard:
@@ -66,6 +70,9 @@ def mount_ui(app: FastAPI, demo: gr.Blocks, settings, **options) -> GradioGuard:
                              "model folders.")
     folder.mkdir(parents=True, exist_ok=True)
     demo.queue(default_concurrency_limit=None, api_open=False)
+    # Gradio's own cleanup of the files it made for this app (chat exports, uploads): each goes an
+    # hour after it was made (uploads much sooner, see the guard), and all of them at shutdown.
+    demo.delete_cache = demo.delete_cache or (600, OUTPUT_LIFETIME)
     gr.mount_gradio_app(app, demo, path="", allowed_paths=[], blocked_paths=[str(p) for p in protected],
                         max_file_size=int(settings.max_upload_mb * MB), run_history=False,
                         enable_monitoring=False, **options)
@@ -163,7 +170,7 @@ class GradioGuard:
         if any(p.is_relative_to(root) for root in self.protected for p in (absolute, real)):
             raise missing
         for candidate in {str(absolute), str(real)}:
-            if candidate in self.ledger.held() and not self.ledger.owns(client, candidate):
+            if self.ledger.known(candidate) and not self.ledger.owns(client, candidate):
                 raise missing
 
     # ------------------------------------------------------------------ upload

@@ -166,9 +166,10 @@ class UploadLedger:
                 del self._uploads[path]
             return gone
 
-    def held(self) -> set[str]:
+    def known(self, path: str) -> bool:
+        """Somebody uploaded this path and holds it still."""
         with self._lock:
-            return set(self._uploads)
+            return path in self._uploads
 
 
 def delete_upload(path: str, folder: Path) -> bool:

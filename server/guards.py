@@ -58,8 +58,10 @@ class BodyLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.upload_bytes if UPLOAD_PATHS.match(scope["path"]) else self.json_bytes
-        too_large = f"the request body is larger than the {limit / 1e6:g} MB limit"
+        upload = UPLOAD_PATHS.match(scope["path"]) is not None
+        limit = self.upload_bytes if upload else self.json_bytes
+        too_large = (f"the request body is larger than the {limit / 1e6:g} MB limit "
+                     f"({'--max-upload-mb, plus 1 MB for the form' if upload else '--max-request-mb'})")
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:

@@ -5,7 +5,9 @@ a browser only ever sees its own sessions."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -269,7 +271,7 @@ class ChatHandlers:
             markdown = self.chat.export_markdown(user, session_id)
         except ShoalError as exc:
             raise _error(exc) from None
-        folder = Path(tempfile.mkdtemp(prefix="shoal-export-"))
+        folder = _export_folder()
         stem = "".join(c if c.isalnum() else "-" for c in data["session"]["title"])[:40].strip("-") or "chat"
         md_path, json_path = folder / f"{stem}.md", folder / f"{stem}.json"
         md_path.write_text(markdown)
@@ -516,3 +518,20 @@ class ChatHandlers:
 
         run.__name__ = f"ui_{action}_model"  # the gradio_client endpoints own the plain names
         return run
+
+
+EXPORT_SECONDS = 600
+
+
+def _export_folder() -> Path:
+    """A fresh folder for one export, under one root whose folders older than EXPORT_SECONDS are
+    removed first: Gradio has copied them into its own (expiring) cache by then, so exporting again
+    and again cannot grow the disk."""
+    root = Path(tempfile.gettempdir()) / "shoal-exports"
+    root.mkdir(mode=0o700, exist_ok=True)
+    cutoff = time.time() - EXPORT_SECONDS
+    for old in root.iterdir():
+        with contextlib.suppress(OSError):  # another export may be removing it too
+            if old.stat().st_mtime < cutoff:
+                shutil.rmtree(old)
+    return Path(tempfile.mkdtemp(prefix="export-", dir=root))
