@@ -183,9 +183,17 @@ class Services:
                                            param="input", code="too_many_tokens")
 
         def work(backend):
-            vectors, tokens = backend.embed(texts, check=check)
+            vectors, tokens = backend.embed(texts, check=check, pace=self._step_aside)
             return vectors, tokens, backend.spec.key
         return await self._embed_in_turn(model, work, caller, seconds)
+
+    def _step_aside(self) -> None:
+        """Between slices of an embedding request: while generations run, wait for a pause (at most
+        --index-yield-seconds), as indexing does, so a chat beside it loses at most one slice's time
+        per that many seconds (on two cores llama.cpp's threads stall while torch runs)."""
+        deadline = time.monotonic() + self.settings.index_yield_seconds
+        while self.fair.busy() and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     async def _embed_in_turn(self, model: str, work, caller: Caller, keep_alive):
         """Run `work` on the embedding threads when the caller's turn comes; a caller who leaves

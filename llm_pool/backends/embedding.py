@@ -26,6 +26,7 @@ from .base import Backend, Progress, check_token_ids
 
 log = logging.getLogger("shoal.embedding")
 MAX_INPUTS = 2048
+PACE_TOKENS = 512  # tokens encoded between two calls of embed's `pace`
 
 
 class EmbeddingBackend(Backend):
@@ -86,9 +87,12 @@ class EmbeddingBackend(Backend):
     def context_length(self) -> int:
         return int(self.model.max_seq_length) if self.model else (self.spec.context_length or 512)
 
-    def embed(self, texts: list[str], check: Callable[[list[int]], None] | None = None) -> tuple[np.ndarray, int]:
+    def embed(self, texts: list[str], check: Callable[[list[int]], None] | None = None,
+              pace: Callable[[], None] | None = None) -> tuple[np.ndarray, int]:
         """L2-normalised vectors, one per text, and the tokens they took. `check` sees each text's
-        token count before anything is encoded, and may refuse them (e.g. a bound on their sum)."""
+        token count before anything is encoded, and may refuse them (e.g. a bound on their sum).
+        `pace`, called between slices of about PACE_TOKENS tokens, may wait (e.g. while chats
+        generate on the same cores: on two cores, llama.cpp's threads stall while anything else runs)."""
         if self.model is None:
             raise ModelLoadError(f"model '{self.spec.key}' is not loaded")
         if not texts or len(texts) > MAX_INPUTS:
@@ -102,9 +106,13 @@ class EmbeddingBackend(Backend):
                                              "(split the text)", param=f"input.{i}")
             if check is not None:
                 check(lengths)
-            vectors = self.model.encode(texts, batch_size=32, normalize_embeddings=True,
-                                        convert_to_numpy=True, show_progress_bar=False)
-        return np.asarray(vectors, dtype=np.float32), sum(lengths)
+            parts = []
+            for n, (start, end) in enumerate(_slices(lengths, PACE_TOKENS if pace else None)):
+                if n and pace is not None:
+                    pace()
+                parts.append(self.model.encode(texts[start:end], batch_size=32, normalize_embeddings=True,
+                                               convert_to_numpy=True, show_progress_bar=False))
+        return np.asarray(np.concatenate(parts), dtype=np.float32), sum(lengths)
 
     def _lengths(self, texts: list[str]) -> list[int]:
         encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
@@ -134,6 +142,20 @@ class EmbeddingBackend(Backend):
         return {"engine": self.engine_name, "device": "cpu", "dimensions": self.dimensions or None,
                 "parameters": self._prepared.parameters if self._prepared else None,
                 "context_length": self.context_length}
+
+
+def _slices(lengths: list[int], tokens: int | None) -> list[tuple[int, int]]:
+    """(start, end) of consecutive texts of about `tokens` tokens each (None: all in one)."""
+    if tokens is None:
+        return [(0, len(lengths))]
+    out, start, held = [], 0, 0
+    for i, length in enumerate(lengths):
+        if held and held + length > tokens:
+            out.append((start, i))
+            start, held = i, 0
+        held += length
+    out.append((start, len(lengths)))
+    return out
 
 
 def _dimension(model) -> int:
