@@ -14,7 +14,8 @@ import time
 
 import httpx
 
-from memory.store import SessionStore, StorageError, StoredMessage
+from llm_pool.errors import InsufficientStorageError
+from memory.store import SessionStore, StoredMessage
 from tests.conftest import ROOT
 from tests.hardening.conftest import AppProcess
 
@@ -111,7 +112,8 @@ def _mount_small_tmpfs(path, size: str) -> bool:
 
 
 def test_a_really_full_filesystem_gives_a_clear_error_and_no_half_written_session(tmp_path):
-    """The same through a real ENOSPC: the store lives on a 4 MiB tmpfs that a turn overfills.
+    """The same through a real ENOSPC (a 507 that says the disk is full): the store lives on a 4 MiB
+    tmpfs that a turn overfills.
     (Needs root and mount, as in CI here; elsewhere the write-size test above stands in.)"""
     disk = tmp_path / "small-disk"
     if not _mount_small_tmpfs(disk, "4m"):
@@ -126,10 +128,10 @@ def test_a_really_full_filesystem_gives_a_clear_error_and_no_half_written_sessio
         refused = None
         try:
             store.append("u", session.id, [StoredMessage("user", noise), StoredMessage("assistant", noise)])
-        except StorageError as exc:
+        except InsufficientStorageError as exc:
             refused = exc
-        assert refused is not None and refused.status == 503
-        assert "nothing was changed" in refused.message
+        assert refused is not None and refused.status == 507  # a full disk says so (not a 503 "retry")
+        assert "disk is full" in refused.message and "nothing was changed" in refused.message
         # the store still works for small writes once space is back, and nothing half-written shows
         store.close()
         store = SessionStore(disk / "sessions")
