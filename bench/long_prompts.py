@@ -57,21 +57,34 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def make_pool(layout: str, kv_bytes: int = 512 * 2**20, batch: int = 16) -> ModelPool:
+LLAMA = "smollm2-135m@instruct-q4_1"  # the same model on llama.cpp (its GGUF)
+# llama.cpp, before and after issue 25: one unified KV with llama-server's default batch
+# (-b 2048 -ub 512), against a KV per slot with prompts read 128 tokens per step
+LLAMA_LAYOUTS = {"llama.cpp before (unified KV, -b 2048)": ("padded", 2048, None),
+                 "llama.cpp after (KV per slot, -b 128)": ("ragged", 128, 8 * 2**30)}
+
+
+def make_pool(layout: str, kv_bytes: int = 512 * 2**20, batch: int = 16, model: str = MODEL,
+              prefill_chunk: int = 256, llamacpp_kv: int | None = None) -> ModelPool:
     catalog = Catalog.from_toml(ROOT / "models.toml")
-    spec = catalog.get(*MODEL.split("@"))
+    spec = catalog.get(*model.split("@"))
     config = EngineConfig(layout=layout, kv_cache_bytes=kv_bytes, max_batch_size=batch, queue_size=128,
-                          queue_timeout=600)
+                          queue_timeout=600, llamacpp_batch=prefill_chunk, llamacpp_kv_bytes=llamacpp_kv)
     pool = ModelPool(Catalog([spec]), BackendContext(cache_dir=CACHE, device="cpu", engine=config), 32 * 2**30)
-    pool.load(MODEL)
-    engine = pool.backend(MODEL).engine
-    print(f"  [{layout}] engine: {type(engine).__name__}", flush=True)
+    pool.load(model)
+    backend = pool.backend(model)
+    print(f"  [{layout}] {getattr(backend, 'engine', None).__class__.__name__} {backend.info().get('kv_layout', '')}",
+          flush=True)
     return pool
 
 
-def long_prompt(pool: ModelPool, tokens: int) -> str:
+def long_prompt(pool: ModelPool, tokens: int, model: str = MODEL) -> str:
     """About `tokens` tokens of the README, asked to be summarized."""
-    tokenizer = pool.backend(MODEL).tokenizer
+    backend = pool.backend(model)
+    tokenizer = getattr(backend, "tokenizer", None)
+    if tokenizer is None:  # llama.cpp: its own tokenizer, over its API
+        ids = backend._post("/tokenize", {"content": TEXT, "add_special": False})["tokens"][:tokens]
+        return "Summarize this text in one sentence:\n\n" + backend.detokenize(ids)
     ids = tokenizer(TEXT, add_special_tokens=False).input_ids[:tokens]
     return "Summarize this text in one sentence:\n\n" + tokenizer.decode(ids)
 
@@ -85,11 +98,11 @@ def chat(text: str, max_new: int, **params) -> GenerationRequest:
 class Timed:
     """A request run in a thread, its token arrival times recorded."""
 
-    def __init__(self, pool: ModelPool, request: GenerationRequest):
+    def __init__(self, pool: ModelPool, request: GenerationRequest, model: str = MODEL):
         self.sent = time.monotonic()
         self.times: list[float] = []
         self.tokens = 0
-        self.handle = pool.submit(MODEL, request)
+        self.handle = pool.submit(model, request)
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
 
@@ -104,17 +117,24 @@ class Timed:
         return self.times[0] - self.sent if self.times else float("nan")
 
 
-def itl(layout: str, prompt_tokens: int) -> str:
-    # a KV budget that lets the padded layout take the long prompt beside the streams (its
-    # reservation is rows x (longest + max remaining)), so both layouts read it while they run
-    pool = make_pool(layout, kv_bytes=8 * 2**30, batch=32)  # room for the newcomers beside 15 streams
+def itl(layout: str, prompt_tokens: int, label: str | None = None) -> str:
+    if label in LLAMA_LAYOUTS:  # llama.cpp: 16 slots as `make run` starts it
+        kv_layout, chunk, kv_cap = LLAMA_LAYOUTS[label]
+        model = LLAMA
+        pool = make_pool(kv_layout, batch=16, model=model, prefill_chunk=chunk, llamacpp_kv=kv_cap)
+    else:
+        # a KV budget that lets the padded layout take the long prompt beside the streams (its
+        # reservation is rows x (longest + max remaining)), so both layouts read it while they run
+        model = MODEL
+        pool = make_pool(layout, kv_bytes=8 * 2**30, batch=32)  # room for the newcomers beside 15 streams
+    label = label or layout
     try:
-        streams = [Timed(pool, chat(f"Write a long story about a lighthouse keeper number {i}.", 400))
-                   for i in range(15)]
+        streams = [Timed(pool, chat(f"Write a long story about a lighthouse keeper number {i}.", 400), model)
+                   for i in range(14 if model == LLAMA else 15)]
         time.sleep(6)
-        long = Timed(pool, chat(long_prompt(pool, prompt_tokens), 8))
+        long = Timed(pool, chat(long_prompt(pool, prompt_tokens, model), 8), model)
         time.sleep(1)
-        short = Timed(pool, chat("Say hi.", 8))
+        short = Timed(pool, chat("Say hi.", 8), model)
         long.thread.join(600)
         short.thread.join(600)
         # every gap between two tokens of a running stream that overlaps the time from the long
@@ -124,7 +144,7 @@ def itl(layout: str, prompt_tokens: int) -> str:
         for s in streams:
             s.handle.cancel()
         prompt = long.handle.result(5).usage.prompt_tokens
-        return (f"| {layout} | {prompt} | {percentile(gaps, 50):.2f} | {percentile(gaps, 99):.2f} | "
+        return (f"| {label} | {prompt} | {percentile(gaps, 50):.2f} | {percentile(gaps, 99):.2f} | "
                 f"{max(gaps, default=float('nan')):.2f} | {long.ttft:.1f} | {short.ttft:.2f} |")
     finally:
         pool.shutdown()
@@ -229,6 +249,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["itl", "mixed", "sampling"])
     parser.add_argument("--prompt-tokens", type=int, default=6000)
+    parser.add_argument("--engine", choices=["transformers", "llama.cpp"], help="itl: one engine only")
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--mixed-kv-gb", type=float, default=1.0,
                         help="KV budget of the mixed run (1 GiB holds all 16 requests on the ragged layout)")
@@ -240,8 +261,9 @@ def main() -> None:
         out += ["### A long prompt arrives beside 15 running streams",
                 "| layout | prompt tokens | stream ITL p50 s | p99 s | max s | long TTFT s | short TTFT s |",
                 "|---|---|---|---|---|---|---|"]
-        for layout in ("padded", "ragged"):
-            out.append(itl(layout, args.prompt_tokens))
+        for layout in (*(("padded", "ragged") if args.engine in (None, "transformers") else ()),
+                       *(LLAMA_LAYOUTS if args.engine in (None, "llama.cpp") else ())):
+            out.append(itl(layout, args.prompt_tokens, layout if layout in LLAMA_LAYOUTS else None))
             print(out[-1], flush=True)
     if args.only in (None, "mixed"):
         out += ["", f"### 16 clients, mixed lengths, {args.seconds:.0f} s (13 short chats, 3 with ~4k-token prompts), "

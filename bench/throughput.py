@@ -3,8 +3,8 @@ in-process engine and against the naive baseline (one `generate` per request und
 
     .venv/bin/python bench/throughput.py            # full: 128 new tokens, 1..32 clients
     .venv/bin/python bench/throughput.py --quick    # 64 new tokens, 1/4/16 clients, < 5 minutes
-    .venv/bin/python bench/throughput.py --engines  # Shoal on llama.cpp, on transformers, and a bare
-                                                    # llama-server (same build, same flags) in one run
+    .venv/bin/python bench/throughput.py --engines  # Shoal on llama.cpp against the llama-server a
+                                                    # user would start instead, alternated in one run
 
 Starts `python app.py` on a loopback port (a separate process, as users run it) with SmolLM2, and
 drives it with streaming `/v1/chat/completions` requests (one SSE event per token). Reports
@@ -70,8 +70,15 @@ class Result:
     peak_rss: float
 
     @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.streams)
+
+    @property
     def tok_s(self) -> float:
-        return sum(s.tokens for s in self.streams) / self.wall
+        return self.tokens / self.wall
+
+    def ttft(self, q: float) -> float:
+        return percentile([s.ttft for s in self.streams if s.ttft is not None], q)
 
     def row(self) -> str:
         ttfts = [s.ttft for s in self.streams if s.ttft is not None]
@@ -257,8 +264,10 @@ def main() -> None:
     parser.add_argument("--server-args", default="", help="extra flags for app.py, e.g. '--max-batch-size 32'")
     parser.add_argument("--version", help="measure this version of the model (hot-swapped in first)")
     parser.add_argument("--engines", action="store_true",
-                        help="compare engines: a bare llama-server (baseline), Shoal on llama.cpp, "
-                        "Shoal on transformers")
+                        help="Shoal on llama.cpp against the bare llama-server a user would start instead "
+                        "(two configurations), alternated in one run")
+    parser.add_argument("--rounds", type=int, default=2, help="--engines: rounds alternating the servers")
+    parser.add_argument("--transformers", action="store_true", help="--engines: Shoal on transformers too")
     args = parser.parse_args()
     if args.engines:
         return compare_engines(args)
@@ -311,21 +320,32 @@ def main() -> None:
     report(results, max_tokens, args.out)
 
 
-def bare_llama_server(port: int, slots: int) -> subprocess.Popen:
-    """The same llama-server build and flags Shoal's llama.cpp engine uses, with nothing in front."""
-    from llm_pool import Catalog, llamacpp_build
-    from llm_pool.backends import BackendContext
-    from llm_pool.backends.llamacpp import LlamaCppBackend
-    from llm_pool.engine import EngineConfig
+WINDOW = 8192  # SmolLM2's trained context: the longest request Shoal accepts for it
 
-    cache = ROOT / ".cache" / "test-models"
+
+def bare_configs(clients: int) -> dict[str, list[str]]:
+    """The llama-server a user would start instead of Shoal, for `clients` clients:
+    - as llama.cpp's README suggests (`-np N`, defaults otherwise: each slot gets the default
+      context divided by N, so a request may use 8192/N tokens);
+    - the fastest bare configuration that serves every request Shoal accepts (each up to the 8k
+      window), measured with bench/kv_layouts.py: one KV per slot holding the whole window, flash
+      attention, q8_0 K and V."""
+    return {
+        "llama-server -np N": ["-np", str(clients)],
+        "llama-server, 8k per slot": ["-np", str(clients), "-c", str(WINDOW * clients), "-fa", "on",
+                                      "-ctk", "q8_0", "-ctv", "q8_0"],
+    }
+
+
+def bare_llama_server(port: int, flags: list[str]) -> subprocess.Popen:
+    """The llama-server that Shoal built, on SmolLM2's GGUF, with `flags` and nothing in front."""
+    from llm_pool import Catalog, llamacpp_build
+    from llm_pool.sources import locate_gguf
+
     spec = Catalog.from_toml(ROOT / "models.toml").get(MODEL)
-    backend = LlamaCppBackend(spec, BackendContext(cache_dir=cache, engine=EngineConfig(max_batch_size=slots)))
-    backend.prepare(lambda fraction, stage: None)
-    command = [str(llamacpp_build.find_server()), "-m", str(backend._gguf), "--host", "127.0.0.1",
-               "--port", str(port), "-np", str(slots), "-c", str(backend._ctx_total), "-kvu", "--kv-unified-per-slot",
-               str(backend._ctx_slot), "-t", str(backend._threads), "-tb", str(backend._threads),
-               "--no-webui", "--jinja"]
+    gguf = locate_gguf(spec, ROOT / ".cache" / "test-models")
+    command = [str(llamacpp_build.find_server()), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+               "-t", str(len(os.sched_getaffinity(0))), "--no-webui", *flags]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -334,9 +354,11 @@ def bare_llama_server(port: int, slots: int) -> subprocess.Popen:
                 return proc
         except httpx.HTTPError:
             pass
+        if proc.poll() is not None:
+            break
         time.sleep(0.2)
     proc.kill()
-    raise RuntimeError("llama-server did not become ready")
+    raise RuntimeError(f"llama-server did not become ready with {flags}")
 
 
 def free_port() -> int:
@@ -345,55 +367,86 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process (its own threads, not its children)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def compare_engines(args) -> None:
-    """One run, one machine: the bare server first, then Shoal on each engine, same prompts."""
+    """One run, one machine: each bare configuration and Shoal, alternated at each client count
+    for `--rounds` rounds, same prompts. Ratios are against the faster bare configuration."""
     sweep = args.clients or [1, 16, 32]
     max_tokens = args.tokens or 128
     args.out.mkdir(parents=True, exist_ok=True)
     results: list[Result] = []
-    port = free_port()
-    bare = bare_llama_server(port, 32)
+    cpu_per_k: dict[int, list[float]] = {}
+    engines = [("llama.cpp", None)] + ([("transformers", "instruct-transformers")] if args.transformers else [])
+    servers = {}
     try:
-        url = f"http://127.0.0.1:{port}"
-        asyncio.run(api_run(url, 2, 8))
-        for clients in sweep:
-            streams, wall = asyncio.run(api_run(url, clients, max_tokens))
-            results.append(Result("llama-server (bare)", clients, streams, wall, server_rss(bare.pid)))
-            print(results[-1].row(), flush=True)
-    finally:
-        bare.terminate()
-        bare.wait(30)
-    for engine, version in (("llama.cpp", None), ("transformers", "instruct-transformers")):
-        port = free_port()
-        flags = ["--model-cache-dir", str(ROOT / ".cache" / "test-models"), "--max-batch-size", "32"]
-        server = start_server(port, args.out / f"data-{engine}", flags)
-        url = f"http://127.0.0.1:{port}"
-        try:
+        for engine, version in engines:
+            port = free_port()
+            flags = ["--model-cache-dir", str(ROOT / ".cache" / "test-models"), "--max-batch-size",
+                     str(max(sweep + [16])), *args.server_args.split()]
+            servers[engine] = (start_server(port, args.out / f"data-{engine}", flags), f"http://127.0.0.1:{port}")
             if version:
-                httpx.post(f"{url}/v1/models/{MODEL}/swap", json={"version": version}, timeout=600).raise_for_status()
-            status = httpx.get(f"{url}/v1/models/{MODEL}", timeout=30).json()
-            asyncio.run(api_run(url, 2, 8))
+                httpx.post(f"{servers[engine][1]}/v1/models/{MODEL}/swap", json={"version": version},
+                           timeout=600).raise_for_status()
+            asyncio.run(api_run(servers[engine][1], 2, 8))
+        for _ in range(args.rounds):
             for clients in sweep:
-                streams, wall = asyncio.run(api_run(url, clients, max_tokens))
-                # Shoal's memory plus its llama-server's (a child process) when that engine serves
-                rss = server_rss(server.pid) + sum(server_rss(int(p)) for p in _children(server.pid))
-                results.append(Result(f"Shoal API, {engine}", clients, streams, wall, rss))
-                print(results[-1].row(), flush=True)
-            print(f"    {engine}: resident as the pool counts it {status.get('resident_bytes', 0) / 1e9:.2f} GB",
-                  flush=True)
-        finally:
+                for label, flags in bare_configs(clients).items():
+                    port = free_port()
+                    bare = bare_llama_server(port, flags)
+                    try:
+                        url = f"http://127.0.0.1:{port}"
+                        asyncio.run(api_run(url, 2, 8))
+                        streams, wall = asyncio.run(api_run(url, clients, max_tokens))
+                        results.append(Result(label, clients, streams, wall, server_rss(bare.pid)))
+                        print(results[-1].row(), flush=True)
+                    finally:
+                        bare.terminate()
+                        bare.wait(30)
+                for engine, (server, url) in servers.items():
+                    before = cpu_seconds(server.pid)
+                    streams, wall = asyncio.run(api_run(url, clients, max_tokens))
+                    spent = cpu_seconds(server.pid) - before
+                    rss = server_rss(server.pid) + sum(server_rss(int(p)) for p in _children(server.pid))
+                    results.append(Result(f"Shoal, {engine}", clients, streams, wall, rss))
+                    if engine == "llama.cpp":
+                        cpu_per_k.setdefault(clients, []).append(spent / max(1, results[-1].tokens) * 1000)
+                    print(results[-1].row(), f"(Shoal's process: {spent:.1f} CPU s)", flush=True)
+        for engine, (server, url) in servers.items():
+            status = httpx.get(f"{url}/v1/models/{MODEL}", timeout=30).json()
+            print(f"    Shoal, {engine}: Shoal's own process {server_rss(server.pid) / 1e9:.2f} GB peak; the model "
+                  f"as the pool counts it {status.get('resident_bytes', 0) / 1e9:.2f} GB", flush=True)
+    finally:
+        for server, _ in servers.values():
             server.terminate()
             server.wait(60)
     report(results, max_tokens, args.out)
-    bare_rows = {r.clients: r for r in results if r.label.startswith("llama-server")}
-    print()
-    for r in results:
-        if r.label == "Shoal API, llama.cpp" and r.clients in bare_rows:
-            base = bare_rows[r.clients]
-            ttft = statistics.median([s.ttft for s in r.streams if s.ttft] or [0])
-            base_ttft = statistics.median([s.ttft for s in base.streams if s.ttft] or [1])
-            print(f"{r.clients} clients: Shoal/llama.cpp = {r.tok_s / base.tok_s:.2f}x the bare server's tok/s, "
-                  f"TTFT p50 {ttft / base_ttft:.2f}x")
+    print("\n| clients | faster bare | its tok/s | Shoal tok/s | Shoal / bare | TTFT p50 bare s | TTFT p50 Shoal s "
+          "| TTFT p99 bare s | TTFT p99 Shoal s | Shoal CPU s / 1k tokens |\n|---|---|---|---|---|---|---|---|---|---|")
+    for clients in sweep:
+        rows = [r for r in results if r.clients == clients]
+        bare = {}
+        for r in rows:
+            if r.label.startswith("llama-server"):
+                bare.setdefault(r.label, []).append(r)
+        shoal = [r for r in rows if r.label == "Shoal, llama.cpp"]
+        if not bare or not shoal:
+            continue
+        best = max(bare, key=lambda label: statistics.median(r.tok_s for r in bare[label]))
+        base = bare[best]
+
+        def med(runs: list[Result], what) -> float:
+            return statistics.median(what(r) for r in runs)
+
+        tok_b, tok_s = med(base, lambda r: r.tok_s), med(shoal, lambda r: r.tok_s)
+        print(f"| {clients} | {best} | {tok_b:.0f} | {tok_s:.0f} | {tok_s / tok_b:.2f}x | "
+              f"{med(base, lambda r: r.ttft(50)):.2f} | {med(shoal, lambda r: r.ttft(50)):.2f} | "
+              f"{med(base, lambda r: r.ttft(99)):.2f} | {med(shoal, lambda r: r.ttft(99)):.2f} | "
+              f"{statistics.median(cpu_per_k.get(clients) or [float('nan')]):.2f} |")
 
 
 def _children(pid: int) -> list[str]:

@@ -4,7 +4,7 @@ Knows nothing about chats, sessions or HTTP. Public names are re-exported here.
 """
 
 from .catalog import Catalog, ModelSpec, spec_from_dict
-from .engine import EngineConfig
+from .config import EngineConfig
 from .errors import (
                      ContextOverflowError,
                      InvalidParamsError,

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from . import faults
+from .config import EngineConfig
 from .constraints import TokenConstraint
 from .detok import TextAssembler
 from .errors import (
@@ -68,19 +69,6 @@ class _Job:
     @property
     def remaining(self) -> int:
         return self.max_new - len(self.generated)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_size: int = 16
-    queue_size: int = 64
-    queue_timeout: float = 120.0
-    kv_cache_bytes: int = 512 * 2**20  # running batch + prefix cache
-    prefix_cache_share: float = 0.25  # part of kv_cache_bytes kept for finished prefixes
-    min_prefix_tokens: int = 16
-    layout: str = "auto"  # "ragged" (per-row KV, chunked prefill), "padded" (one shared buffer), "auto"
-    prefill_chunk: int = 256  # ragged: prompt tokens prefilled per step beside the running rows
-    bypass_seconds: float = 5.0  # a queued job that does not fit yet lets later ones pass this long
 
 
 class BatchEngine:

@@ -20,10 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from llm_pool import Catalog, EngineConfig, GenerationHandle, GenerationRequest, ModelPool, ShoalError
 from llm_pool.backends import BackendContext
+from llm_pool.devices import cuda_available
 from llm_pool.errors import ConflictError, InvalidParamsError, PayloadTooLargeError, PermissionDeniedError
 from llm_pool.params import keep_alive_seconds
 from llm_pool.policy import SourcePolicy
@@ -317,11 +316,15 @@ def build_services(settings: Settings, pool: ModelPool | None = None, embedder: 
     data_dir = ensure_private_dir(settings.data_dir)
     if pool is None:
         catalog = Catalog.from_toml(settings.catalog, registry_path=data_dir / "registered-models.json")
-        gpu_total = (torch.cuda.get_device_properties(0).total_memory
-                     if settings.device != "cpu" and torch.cuda.is_available() else None)
+        gpu_total = None
+        if settings.device != "cpu" and cuda_available():
+            import torch
+            gpu_total = torch.cuda.get_device_properties(0).total_memory
         engine = EngineConfig(max_batch_size=settings.max_batch_size, queue_size=settings.queue_size,
                               queue_timeout=settings.queue_timeout, kv_cache_bytes=settings.kv_cache_bytes(),
-                              layout=settings.kv_layout, prefill_chunk=settings.prefill_chunk)
+                              llamacpp_kv_bytes=settings.llamacpp_kv_bytes(gpu_total),
+                              layout=settings.kv_layout, prefill_chunk=settings.prefill_chunk,
+                              llamacpp_batch=settings.llamacpp_batch)
         policy = SourcePolicy.for_catalog(catalog.builtin, settings.model_roots, settings.models_dir,
                                           settings.allow_private_remotes)
         context = BackendContext(cache_dir=settings.models_dir, device=settings.device, engine=engine,

@@ -33,8 +33,8 @@ def engine_for(spec: ModelSpec, device: str = "auto") -> str:
     if not gguf or spec.dtype != "auto" or spec.quantization or wanted.startswith("cuda"):
         return "transformers"
     if wanted == "auto":
-        import torch
-        if torch.cuda.is_available():
+        from ..devices import cuda_available
+        if cuda_available():
             return "transformers"
     return "llama.cpp" if llamacpp_build.usable() else "transformers"
 
@@ -56,10 +56,18 @@ def create_backend(spec: ModelSpec, context: BackendContext) -> Backend:
     return factory(spec, context)
 
 
-def _register_defaults() -> None:
+def _transformers(spec: ModelSpec, context: BackendContext) -> Backend:
+    """The transformers engine, imported (with torch) only when a model runs on it."""
     from .local import LocalBackend
+    return LocalBackend(spec, context)
+
+
+_transformers.engine_name = "transformers"  # type: ignore[attr-defined]
+
+
+def _register_defaults() -> None:
     for source in ("pypi", "gguf", "local", "hub"):
-        _FACTORIES.setdefault(source, LocalBackend)
+        _FACTORIES.setdefault(source, _transformers)
     try:
         from .remote import RemoteBackend
     except ImportError:  # pragma: no cover - remote support is optional

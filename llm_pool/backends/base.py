@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..catalog import ModelSpec
-from ..engine import EngineConfig
+from ..config import EngineConfig
 from ..errors import InvalidParamsError, InvalidRequestError
 from ..policy import SourcePolicy
 from ..stream import GenerationHandle, GenerationRequest

@@ -1,11 +1,11 @@
 """A GGUF model run by llama.cpp: a private `llama-server` process per loaded model version.
 
 Why a process and not in-process bindings: llama.cpp's server already batches many sequences
-continuously over one unified KV cache (its slots), runs on this CPU at 5-6x the transformers
-engine for the shipped quantized models, and a crash of native code in it is a failed model, not
-a dead Shoal. The pool starts it on a free loopback port with a random key (other local
-processes cannot use it), sizes its KV from the same budget as the transformers engine, stops it
-on unload, and notices when it dies (requests in flight end with an error; the next request
+continuously over its slots (a KV per slot, or one unified KV: `_plan_context`), runs on this
+CPU at 5-6x the transformers engine for the shipped quantized models, and a crash of native
+code in it is a failed model, not a dead Shoal. The pool starts it on a free loopback port with
+a random key (other local processes cannot use it), sizes its KV from the pool's budget, stops
+it on unload, and notices when it dies (requests in flight end with an error; the next request
 loads it again).
 
 Shoal keeps what the server does not know about: who may reuse which cached prefix. Each request
@@ -157,6 +157,8 @@ class LlamaCppBackend(Backend):
         self.lost: str | None = None  # why the server stopped on its own
         self._ctx_total = 0
         self._ctx_slot = 0
+        self._split = False
+        self._batch = 256
         self._measured = 0
         self.stats = {"requests": 0, "cache_reused_tokens": 0, "peak_running": 0}
 
@@ -166,13 +168,30 @@ class LlamaCppBackend(Backend):
         return max(1, f["layers"] * f["kv_heads"] * (f["key_dim"] + f["value_dim"]) * 2)  # f16 K and V
 
     def _plan_context(self) -> None:
-        """Per request: the model's window (catalog or GGUF). In all: what the KV budget holds,
-        at least one full window, at most one window per slot."""
+        """Per request: the model's window (catalog or GGUF). The layout, from the KV cap:
+        - one KV per slot, each the whole window (`-c window x slots`), when the cap holds it:
+          a stream's attention runs over its own cells only (measured with bench/kv_layouts.py
+          at 16 and 32 clients: 10-15% more tok/s than the unified KV, and what a plain
+          `llama-server -np N` does);
+        - else one unified KV of what the cap holds (at least one window), each slot up to the
+          window (`-kvu --kv-unified-per-slot`): every stream's attention spans all streams'
+          cells, but any request may use the whole window.
+        K and V stay f16: q8_0 halves the bytes but measured no faster here (with or without
+        flash attention)."""
+        engine = self.context.engine
         window = min(self.spec.context_length or self._facts["context"], self._facts["context"] * 4)
-        budget_tokens = self.context.engine.kv_cache_bytes // self._bytes_per_token()
-        total = max(window, min(budget_tokens, window * self.slots))
         self._ctx_slot = int(window) // 256 * 256 or 256
-        self._ctx_total = max(self._ctx_slot, int(total) // 256 * 256)
+        cap = engine.llamacpp_kv_bytes if engine.llamacpp_kv_bytes is not None else engine.kv_cache_bytes
+        split = self._ctx_slot * self.slots
+        self._split = engine.layout == "ragged" or (engine.layout == "auto"
+                                                    and split <= cap // self._bytes_per_token())
+        if self._split:
+            self._ctx_total = split
+        else:  # the engine's KV budget (512 MiB by default), at least one window
+            budget_tokens = engine.kv_cache_bytes // self._bytes_per_token()
+            total = max(window, min(budget_tokens, window * self.slots))
+            self._ctx_total = max(self._ctx_slot, int(total) // 256 * 256)
+        self._batch = max(16, engine.llamacpp_batch)
 
     # ------------------------------------------------------------------ lifecycle
     def prepare(self, progress: Progress) -> None:
@@ -203,10 +222,14 @@ class LlamaCppBackend(Backend):
         logs.mkdir(parents=True, exist_ok=True)
         self._log_path = logs / f"{self.spec.key.replace('@', '_')}.log"
         command = [str(self._binary), "-m", str(self._gguf), "--host", "127.0.0.1", "--port", str(port),
-                   "-a", self.spec.key, "-np", str(self.slots), "-c", str(self._ctx_total), "-kvu",
-                   "--kv-unified-per-slot", str(self._ctx_slot), "-t", str(self._threads), "-tb",
-                   str(self._threads), "--cache-ram", "0", "--no-webui", "--jinja", "--no-slots",
-                   "--slot-prompt-similarity", "0"]
+                   "-a", self.spec.key, "-np", str(self.slots), "-c", str(self._ctx_total), "-t", str(self._threads),
+                   "-tb", str(self._threads), "--cache-ram", "0", "--no-webui", "--jinja", "--no-slots",
+                   "--slot-prompt-similarity", "0",
+                   # prompt tokens per step beside the running streams: a long prompt is read in
+                   # pieces, so running streams keep their pace and a short prompt gets the next step
+                   "-b", str(self._batch), "-ub", str(min(self._batch, 512))]
+        if not self._split:
+            command += ["-kvu", "--kv-unified-per-slot", str(self._ctx_slot)]
         if self.spec.chat_template:
             handle, self._template_file = tempfile.mkstemp(suffix=".jinja")
             with os.fdopen(handle, "w") as out:
@@ -476,7 +499,11 @@ class LlamaCppBackend(Backend):
 
     def _pick(self, free: list[_Slot], waiter: _Waiter) -> tuple[_Slot, bool]:
         """The free slot whose KV this request may reuse the most of; else an empty one; else the
-        least recently used (its KV is recomputed: nothing of another scope is reused)."""
+        least recently used (its KV is recomputed: nothing of another scope is reused).
+
+        llama-server fills each step's batch with prompt tokens slot by slot in id order, so where
+        the slot is a free choice a long prompt takes the highest id and a short one the lowest:
+        a short request's prompt goes into the next step instead of waiting behind a long one."""
         scope = waiter.handle.request.cache_scope
         if scope is not None:
             mine = [s for s in free if s.scope == scope]
@@ -484,9 +511,12 @@ class LlamaCppBackend(Backend):
                 best = max(mine, key=lambda s: (_common_prefix(s.tokens, waiter.ids), s.used))
                 if _common_prefix(best.tokens, waiter.ids) > 0:
                     return best, True
+        long = len(waiter.ids) > self._batch
         empty = [s for s in free if not s.tokens]
         if empty:
-            return empty[0], False
+            return (empty[-1] if long else empty[0]), False
+        if long:
+            return max(free, key=lambda s: s.id), False
         return min(free, key=lambda s: s.used), False
 
     async def _generate(self, waiter: _Waiter, slot: _Slot, reuse: bool) -> None:
@@ -624,6 +654,7 @@ class LlamaCppBackend(Backend):
         return {"engine": self.engine_name, "device": "cpu", "dtype": "gguf",
                 "parameters": self._facts.get("parameters"), "context_length": self.context_length,
                 "slots": self.slots, "kv_tokens": self._ctx_total,
+                "kv_layout": "per-slot" if self._split else "unified",
                 "kv_cache_bytes": self._ctx_total * self._bytes_per_token() if self._facts else None,
                 "resident_at_load_bytes": self._measured or None, "threads": self._threads,
                 "gguf": self._gguf.name if self._gguf else None}
