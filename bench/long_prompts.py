@@ -59,9 +59,9 @@ def percentile(values: list[float], q: float) -> float:
 
 LLAMA = "smollm2-135m@instruct-q4_1"  # the same model on llama.cpp (its GGUF)
 # llama.cpp, before and after issue 25: one unified KV with llama-server's default batch
-# (-b 2048 -ub 512), against a KV per slot with prompts read 128 tokens per step
+# (-b 2048 -ub 512), against a KV per slot with prompts read 256 tokens per step
 LLAMA_LAYOUTS = {"llama.cpp before (unified KV, -b 2048)": ("padded", 2048, None),
-                 "llama.cpp after (KV per slot, -b 128)": ("ragged", 128, 8 * 2**30)}
+                 "llama.cpp after (KV per slot, -b 256)": ("ragged", 256, 8 * 2**30)}
 
 
 def make_pool(layout: str, kv_bytes: int = 512 * 2**20, batch: int = 16, model: str = MODEL,

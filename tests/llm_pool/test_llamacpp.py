@@ -189,7 +189,7 @@ def test_eviction_works_across_engines_and_stops_the_engine_process():
 
 
 def test_a_long_prompt_is_read_in_steps_beside_running_streams_and_a_short_one_goes_first():
-    """A KV per slot (the budget holds the window for each slot) and prompts read 128 tokens per
+    """A KV per slot (the budget holds the window for each slot) and prompts read 256 tokens per
     step: a stream already running keeps getting tokens while a ~3k-token prompt is read, and a
     short request sent after the long one gets its answer before the long one's first token.
     The order is recorded as the engine hands out tokens, not timed."""
@@ -223,8 +223,8 @@ def test_a_long_prompt_is_read_in_steps_beside_running_streams_and_a_short_one_g
         assert prompt > 2500
         first_long = log.index("long")
         assert log.index("short") < first_long  # the short prompt did not wait behind the long one
-        # one token of the running stream per step of 128 prompt tokens (a whole-prompt step would give ~1)
-        assert log[:first_long].count("running") >= prompt // 128 // 2
+        # one token of the running stream per step of 256 prompt tokens (a whole-prompt step would give ~1)
+        assert log[:first_long].count("running") >= prompt // 256 // 2
         running.cancel()
     finally:
         pool.shutdown()

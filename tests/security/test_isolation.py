@@ -38,9 +38,14 @@ def test_another_users_probes_get_nothing_from_the_cache(keyed_server_2, model):
     cached(keyed_server_2, secret, bearer(ALICE), model=model)
     # Each guess as another user's first look (later guesses of one user reuse that user's own
     # earlier probes, which tells them only what they sent themselves).
-    probes = [cached(keyed_server_2, f"[{tag}] My bank PIN is {guess}. {STORY}", bearer(key), model=model)
-              for guess, key in (("4921", BOB), ("1111", ADMIN))]
-    assert probes == [0, 0]
+    # A prober may reuse only its own earlier prompts: at most the chat template's opening (the
+    # same for every chat, before the tag), measured as what its own unrelated chat reuses.
+    probes, opening = [], []
+    for guess, key in (("4921", BOB), ("1111", ADMIN)):
+        cached(keyed_server_2, f"[{uuid.uuid4().hex[:6]}] Hello.", bearer(key), model=model)
+        opening.append(cached(keyed_server_2, f"[{uuid.uuid4().hex[:6]}] Hi.", bearer(key), model=model))
+        probes.append(cached(keyed_server_2, f"[{tag}] My bank PIN is {guess}. {STORY}", bearer(key), model=model))
+    assert all(probe <= own for probe, own in zip(probes, opening)), (probes, opening)
     # the owner's own next request still reuses it
     assert cached(keyed_server_2, secret, bearer(ALICE), model=model) > 20
 
