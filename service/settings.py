@@ -172,7 +172,7 @@ class Settings(BaseSettings):
         "(0 = no limit).")
     # --- fairness ---
     max_running_per_caller: int = Field(
-        2, ge=0, description="Generations one caller (an API key's owner, a signed browser id, else a client "
+        1, ge=0, description="Generations one caller (an API key's owner, a signed browser id, else a client "
         "address) may have running at once in one model, each of n choices and each batch item counted, and "
         "never more than 3/4 of --max-batch-size, so others always find a free slot; the rest wait in the "
         "caller's own queue, served in turn with other callers'. The trusted local owner is not limited "
