@@ -45,7 +45,10 @@ def test_another_users_probes_get_nothing_from_the_cache(keyed_server_2, model):
         cached(keyed_server_2, f"[{uuid.uuid4().hex[:6]}] Hello.", bearer(key), model=model)
         opening.append(cached(keyed_server_2, f"[{uuid.uuid4().hex[:6]}] Hi.", bearer(key), model=model))
         probes.append(cached(keyed_server_2, f"[{tag}] My bank PIN is {guess}. {STORY}", bearer(key), model=model))
-    assert all(probe <= own for probe, own in zip(probes, opening)), (probes, opening)
+    # Reaching the PIN would reuse the whole tag and "My bank PIN is" (10+ tokens) past that
+    # opening; the prober's own earlier prompts ("[" and random hex) may share the tag's first
+    # token or two by chance, which tells it nothing.
+    assert all(probe <= own + 2 for probe, own in zip(probes, opening)), (probes, opening)
     # the owner's own next request still reuses it
     assert cached(keyed_server_2, secret, bearer(ALICE), model=model) > 20
 
