@@ -9,6 +9,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from tests.conftest import MODEL_CACHE, ROOT, free_port
 
@@ -53,30 +54,17 @@ def test_the_default_start_serves_llama_cpp_without_loading_torch(tmp_path):
     """Shoal's own process stays lean while every model it serves runs in llama-server: no torch
     (~0.3 GB resident) until a transformers model loads. Checked in the running process's maps."""
     from llm_pool import llamacpp_build
+    from tests.hardening.conftest import AppProcess
     if llamacpp_build.find_server() is None:
-        import pytest
-        pytest.skip("llama.cpp is not built")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--data-dir", str(tmp_path / "data"),
-                             "--model-cache-dir", str(MODEL_CACHE), "--memory-budget", "3GB"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
+        pytest.skip("llama.cpp is not built (scripts/setup.sh --dev builds it)")
+    app = AppProcess(tmp_path / "data", "--memory-budget", "3GB").start(timeout=180)
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        answer = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+        answer = httpx.post(f"{app.url}/v1/chat/completions", timeout=120, json={
             "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8})
         assert answer.status_code == 200 and answer.json()["model"].startswith("smollm2-135m")
-        maps = open(f"/proc/{proc.pid}/maps").read()
-        assert "libtorch" not in maps
-        rss = next(int(line.split()[1]) for line in open(f"/proc/{proc.pid}/status") if line.startswith("VmRSS:"))
+        pid = app.proc.pid
+        assert "libtorch" not in open(f"/proc/{pid}/maps").read()
+        rss = next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS:"))
         assert rss < 400 * 1024  # kB: Shoal's own process, the model's llama-server apart
     finally:
-        proc.terminate()
-        proc.wait(60)
+        app.stop()
