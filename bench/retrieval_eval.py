@@ -1,6 +1,7 @@
 """Retrieval evaluation over real documents: recall@1/4/8, MRR and no-answer precision, per variant.
 
     .venv/bin/python bench/retrieval_eval.py [--variants all|default] [--sweep] [--json out.json]
+                                             [--engine sentence-transformers|llama.cpp]
 
 The documents are real files that ship on a Debian machine or in the installed packages (two PDF
 manuals, a licence, a package README, source files, a docx built from a real text); the
@@ -148,6 +149,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also sweep the relevance gate of the default")
     parser.add_argument("--misses", action="store_true", help="list the questions the default misses")
     parser.add_argument("--json", type=Path, help="write every row here")
+    parser.add_argument("--engine", choices=("sentence-transformers", "llama.cpp"), default="sentence-transformers",
+                        help="embed with sentence-transformers in this process, or with the pool's model on llama.cpp")
     args = parser.parse_args()
     data = json.loads((Path(corpus.__file__).parent / "eval_set.json").read_text())
     uploads = corpus.materialize()
@@ -162,7 +165,14 @@ def main() -> None:
     started = time.monotonic()
     documents = [(name, parse_isolated(name, blob, ParseLimits(seconds=120))) for name, blob, _ in uploads]
     parsed = time.monotonic() - started
-    embedder = Embedder()
+    embedder, services = Embedder(), None
+    if args.engine == "llama.cpp":  # what Shoal uses where llama.cpp is built: the pool's model on llama.cpp
+        from service import Settings, build_services
+        from service.services import retrieval_embedder
+        services = build_services(Settings(data_dir=Path(tempfile.mkdtemp()), preload=[]))
+        embedder = retrieval_embedder(services.pool)
+        embedder.embed(["warm up"])
+        print(f"embedding engine: {services.pool.status(embedder.model).get('engine')}")
     vectors = dict(zip([q["id"] for q in questions], embedder.embed([q["question"] for q in questions]), strict=True))
     chosen = VARIANTS if args.variants == "all" else [v for v in VARIANTS if v[0].endswith("= default")]
     results: dict[str, dict] = {}
@@ -218,6 +228,8 @@ def main() -> None:
                       f"rank {row['rank']}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    if services is not None:
+        services.close()
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ but the binary and its `build-info.json`.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -255,6 +256,49 @@ def _run(command: list[str], log_path: Path, report: Callable[[float, str], None
             tail = log_path.read_text()[-2000:]
             raise RuntimeError(f"{' '.join(command[:3])} failed (exit {process.returncode}):\n{tail}")
 
+
+
+def converter() -> Path:
+    """llama.cpp's `convert_hf_to_gguf.py` (with its `gguf-py` and `conversion` packages), unpacked
+    once from the fetched source archive; the folder holding it."""
+    archive = source_archive()
+    if archive is None:
+        raise RuntimeError(can_build() or "the llama.cpp source is not fetched")
+    target = cache_root() / f"convert-{VERSION}"
+    if (target / "convert_hf_to_gguf.py").is_file():
+        return target
+    cache_root().mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_root()))
+    try:
+        with tarfile.open(archive) as tar:
+            wanted = [m for m in tar.getmembers() if m.name.split("/llama.cpp/", 1)[-1].split("/")[0]
+                      in ("convert_hf_to_gguf.py", "gguf-py", "conversion") and "/llama.cpp/" in m.name]
+            tar.extractall(staging, members=wanted, filter="data")
+        source = next(staging.glob("*/llama.cpp"))
+        with contextlib.suppress(OSError):
+            os.replace(source, target)  # another process may have made it meanwhile
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def convert_to_gguf(folder: Path, out: Path, outtype: str = "f16", timeout: float = 600) -> Path:
+    """A transformers folder converted to one GGUF by llama.cpp's own script (in a child process,
+    at low priority: it imports torch, which Shoal's process never needs for this). Written to a
+    temporary name and renamed, so a half-written file is never found."""
+    script = converter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    env = {**os.environ, "PYTHONPATH": str(script / "gguf-py"), "NO_LOCAL_GGUF": ""}
+    result = subprocess.run([sys.executable, str(script / "convert_hf_to_gguf.py"), str(folder),
+                             "--outfile", str(partial), "--outtype", outtype],
+                            capture_output=True, text=True, timeout=timeout, env=env, cwd=script,
+                            preexec_fn=lambda: os.nice(10))
+    if result.returncode != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
+        raise RuntimeError(f"converting {folder.name} to GGUF failed: {(result.stderr or result.stdout)[-800:]}")
+    os.replace(partial, out)
+    return out
 
 class BackgroundBuild:
     """One build in a background thread, for a first start that must not wait for it: callers

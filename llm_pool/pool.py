@@ -656,6 +656,11 @@ class ModelPool:
         with self._cond:
             return sum(e.in_flight for e in self._entries.values())
 
+    def generating(self) -> int:
+        """Requests in flight on generation models (what indexing steps aside for)."""
+        with self._cond:
+            return sum(e.in_flight for e in self._entries.values() if e.spec.kind != "embedding")
+
     def ready_count(self) -> int:
         with self._cond:
             return sum(1 for e in self._entries.values() if e.state == READY)

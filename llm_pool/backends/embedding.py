@@ -88,18 +88,20 @@ class EmbeddingBackend(Backend):
         return int(self.model.max_seq_length) if self.model else (self.spec.context_length or 512)
 
     def embed(self, texts: list[str], check: Callable[[list[int]], None] | None = None,
-              pace: Callable[[], None] | None = None) -> tuple[np.ndarray, int]:
+              pace: Callable[[], None] | None = None, truncate: bool = False) -> tuple[np.ndarray, int]:
         """L2-normalised vectors, one per text, and the tokens they took. `check` sees each text's
         token count before anything is encoded, and may refuse them (e.g. a bound on their sum).
         `pace`, called between slices of about PACE_TOKENS tokens, may wait (e.g. while chats
-        generate on the same cores: on two cores, llama.cpp's threads stall while anything else runs)."""
+        generate on the same cores: on two cores, llama.cpp's threads stall while anything else runs).
+        A text over the model's window is refused, or with `truncate` embedded up to the window
+        (as sentence-transformers' `encode` does; retrieval asks for this)."""
         if self.model is None:
             raise ModelLoadError(f"model '{self.spec.key}' is not loaded")
         if not texts or len(texts) > MAX_INPUTS:
             raise InvalidParamsError(f"input: send 1 to {MAX_INPUTS} texts", param="input")
         with self._lock:
-            lengths = self._lengths(texts)
             limit = self.context_length
+            lengths = [min(n, limit) if truncate else n for n in self._lengths(texts)]
             for i, length in enumerate(lengths):
                 if length > limit:
                     raise InvalidParamsError(f"input.{i}: {length} tokens; this model reads at most {limit} "

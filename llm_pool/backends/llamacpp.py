@@ -20,20 +20,16 @@ context checks, queue limits, token ids and usage work as on the transformers en
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import itertools
 import json
 import logging
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import tempfile
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +50,7 @@ from ..errors import (
 from ..sources import locate_gguf
 from ..stream import Finished, GenerationHandle, GenerationRequest, TextDelta, Usage
 from .base import Backend, Progress, check_logit_bias, check_token_ids
+from .llamacpp_server import LlamaServer
 
 log = logging.getLogger("shoal.llamacpp")
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -105,30 +102,6 @@ def gguf_facts(path: Path) -> dict[str, int]:
 _F32_TINY = 1e-30  # well inside float32, where llama.cpp keeps sampling values (1e-300 would become 0)
 
 
-# The servers are started from one long-lived thread, with PR_SET_PDEATHSIG: Linux sends them
-# SIGTERM when the thread that forked them ends, and this thread ends only with Shoal itself (also
-# when Shoal is killed with -9), so no llama-server outlives the process that owns it.
-_spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama.cpp-spawn")
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:  # not Linux/glibc: unload and shutdown still stop the server
-        pass
-
-
-def _spawn(command: list[str], **kwargs) -> subprocess.Popen:
-    return _spawner.submit(subprocess.Popen, command, preexec_fn=_die_with_parent, **kwargs).result()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class LlamaCppBackend(Backend):
     engine_name = "llama.cpp"
 
@@ -139,11 +112,8 @@ class LlamaCppBackend(Backend):
         self._binary: Path | None = None
         self.slots = max(1, context.engine.max_batch_size)
         self._threads = max(1, len(os.sched_getaffinity(0)))
-        self._process: subprocess.Popen | None = None
-        self._log_path: Path | None = None
+        self._server: LlamaServer | None = None
         self._template_file: str | None = None
-        self._base = ""
-        self._headers: dict[str, str] = {}
         self._http: httpx.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -217,51 +187,22 @@ class LlamaCppBackend(Backend):
     def load(self, progress: Progress) -> None:
         assert self._gguf is not None and self._binary is not None, "prepare() first"
         progress(0.5, "starting llama.cpp")
-        port, secret = _free_port(), secrets.token_urlsafe(24)
-        logs = self.context.cache_dir / "llama.cpp-logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        self._log_path = logs / f"{self.spec.key.replace('@', '_')}.log"
-        command = [str(self._binary), "-m", str(self._gguf), "--host", "127.0.0.1", "--port", str(port),
-                   "-a", self.spec.key, "-np", str(self.slots), "-c", str(self._ctx_total), "-t", str(self._threads),
-                   "-tb", str(self._threads), "--cache-ram", "0", "--no-webui", "--jinja", "--no-slots",
-                   "--slot-prompt-similarity", "0",
-                   # prompt tokens per step beside the running streams: a long prompt is read in
-                   # pieces, so running streams keep their pace and a short prompt gets the next step
-                   "-b", str(self._batch), "-ub", str(min(self._batch, 512))]
+        args = ["-m", str(self._gguf), "-a", self.spec.key, "-np", str(self.slots), "-c", str(self._ctx_total),
+                "-t", str(self._threads), "-tb", str(self._threads), "--cache-ram", "0", "--no-webui", "--jinja",
+                "--no-slots", "--slot-prompt-similarity", "0",
+                # prompt tokens per step beside the running streams: a long prompt is read in
+                # pieces, so running streams keep their pace and a short prompt gets the next step
+                "-b", str(self._batch), "-ub", str(min(self._batch, 512))]
         if not self._split:
-            command += ["-kvu", "--kv-unified-per-slot", str(self._ctx_slot)]
+            args += ["-kvu", "--kv-unified-per-slot", str(self._ctx_slot)]
         if self.spec.chat_template:
             handle, self._template_file = tempfile.mkstemp(suffix=".jinja")
             with os.fdopen(handle, "w") as out:
                 out.write(self.spec.chat_template)
-            command += ["--chat-template-file", self._template_file]
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LLAMA_API_KEY": secret,
-               "HOME": os.environ.get("HOME", "/tmp")}
-        with open(self._log_path, "w") as out:
-            # the key goes in the environment, not the command line that `ps` shows every local user
-            self._process = _spawn(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                   env=env, start_new_session=True)
-        self._base = f"http://127.0.0.1:{port}"
-        self._headers = {"Authorization": f"Bearer {secret}"}
-        self._http = httpx.Client(base_url=self._base, headers=self._headers, timeout=30)
-        deadline = time.monotonic() + 300
-        while True:
-            if self._process.poll() is not None:
-                self._log_tail("exited while loading")
-                raise ModelLoadError(f"model '{self.spec.key}': llama.cpp exited while loading "
-                                     f"(exit code {self._process.returncode}; details in the server log)")
-            try:
-                if httpx.get(f"{self._base}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise ModelLoadError(f"model '{self.spec.key}': llama.cpp did not get ready in 300 s")
-            time.sleep(0.1)
+            args += ["--chat-template-file", self._template_file]
+        self._server = LlamaServer(self._binary, args, self.spec.key, self.context.cache_dir / "llama.cpp-logs")
+        self._http = self._server.start().http
         progress(0.9, "checking")
-        probe = self._http.post("/tokenize", json={"content": "hello"})
-        if probe.status_code != 200:  # a key mismatch or an odd build: fail now, not per request
-            raise ModelLoadError(f"model '{self.spec.key}': llama.cpp refused its own key ({probe.status_code})")
         self.tool_template = self._template_knows_tools()
         self._measured = self._measure()
         self._slots = [_Slot(i) for i in range(self.slots)]
@@ -290,7 +231,7 @@ class LlamaCppBackend(Backend):
 
     async def _open(self) -> None:
         limits = httpx.Limits(max_connections=self.slots + 8, max_keepalive_connections=self.slots + 8)
-        self._client = httpx.AsyncClient(base_url=self._base, headers=self._headers, limits=limits,
+        self._client = httpx.AsyncClient(base_url=self._server.base, headers=self._server.headers, limits=limits,
                                          timeout=httpx.Timeout(None, connect=5))
         self._monitor = asyncio.ensure_future(self._watch())
 
@@ -304,24 +245,12 @@ class LlamaCppBackend(Backend):
             if self._thread:
                 self._thread.join(10)
             self._loop = None
-        if self._http is not None:
-            self._http.close()
-            self._http = None
-        self._stop_process()
+        self._http = None
+        if self._server is not None:
+            self._server.stop()
         if self._template_file:
             Path(self._template_file).unlink(missing_ok=True)
             self._template_file = None
-
-    def _stop_process(self) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
 
     async def _close(self) -> None:
         self._monitor.cancel()
@@ -337,10 +266,10 @@ class LlamaCppBackend(Backend):
         """Notice a server that died on its own: every request ends with an error at once."""
         while True:
             await asyncio.sleep(0.2)
-            process = self._process
-            if process is not None and process.poll() is not None and self.lost is None:
-                self.lost = f"llama.cpp stopped (exit code {process.returncode})"
-                self._log_tail("stopped")
+            code = self._server.exited() if self._server is not None else None
+            if code is not None and self.lost is None:
+                self.lost = f"llama.cpp stopped (exit code {code})"
+                self._server.log_tail("stopped")
                 log.warning("model %s: %s; it loads again on the next request", self.spec.key, self.lost)
                 self._fail_everything(ServiceUnavailableError(
                     f"model '{self.spec.key}': {self.lost}; it loads again on the next request",
@@ -352,13 +281,6 @@ class LlamaCppBackend(Backend):
             self._end(waiter.handle, error=error)
         for task in list(self._running.values()):
             task.cancel()  # _generate ends its handle: engine lost, or unloading
-
-    def _log_tail(self, what: str) -> None:
-        try:
-            tail = self._log_path.read_text(errors="replace")[-1500:] if self._log_path else ""
-        except OSError:
-            tail = ""
-        log.warning("model %s: llama.cpp %s; the end of its log:\n%s", self.spec.key, what, tail)
 
     # ------------------------------------------------------------------ prompts
     def prompt_ids(self, request: GenerationRequest) -> list[int]:
@@ -399,8 +321,9 @@ class LlamaCppBackend(Backend):
         return response.json()
 
     def _engine_error(self, exc: BaseException) -> ShoalError:
-        if self._process is not None and self._process.poll() is not None:
-            self.lost = self.lost or f"llama.cpp stopped (exit code {self._process.returncode})"
+        code = self._server.exited() if self._server is not None else None
+        if code is not None:
+            self.lost = self.lost or f"llama.cpp stopped (exit code {code})"
             return ServiceUnavailableError(f"model '{self.spec.key}': {self.lost}; it loads again on the "
                                            "next request", retry_after=1.0, code="engine_stopped")
         return ServiceUnavailableError(f"model '{self.spec.key}': llama.cpp did not answer "
@@ -579,9 +502,10 @@ class LlamaCppBackend(Backend):
             return
         except Exception as exc:  # no await in here: a cancel now would skip ending the handle
             slot.tokens = []
-            if self._process is not None:
+            process = self._server.process if self._server is not None else None
+            if process is not None:
                 try:  # a dead server shows in poll() a moment after its socket closes
-                    self._process.wait(0.3)
+                    process.wait(0.3)
                 except subprocess.TimeoutExpired:
                     pass
             self._end(handle, error=self._engine_error(exc))
@@ -638,17 +562,7 @@ class LlamaCppBackend(Backend):
         return max(self._measured, self.estimate_bytes())
 
     def resident_bytes(self) -> int | None:
-        """The process's resident memory now (weights are mapped: pages in use count)."""
-        process = self._process
-        if process is None:
-            return None
-        try:
-            for line in Path(f"/proc/{process.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-        return None
+        return self._server.resident_bytes() if self._server is not None else None
 
     def info(self) -> dict[str, Any]:
         return {"engine": self.engine_name, "device": "cpu", "dtype": "gguf",
