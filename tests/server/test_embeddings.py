@@ -107,3 +107,13 @@ def test_a_causal_model_in_the_catalog_embeds_mean_pooled(client, pool):
         mean = hidden.mean(0).numpy()
         assert np.allclose(vector, mean / np.linalg.norm(mean), atol=1e-4)
     pool.unload("smollm2-135m-embed")
+
+
+def test_the_llama_cpp_model_gives_sentence_transformers_vectors(embedder):
+    """Where llama.cpp is built, all-MiniLM-L6-v2 runs there (converted to q8_0): its vectors are
+    sentence-transformers' to within rounding, also for a text cut at the model's 256 tokens, so
+    passages indexed by either engine are found by questions embedded with the other."""
+    from memory.embeddings import Embedder
+    texts = [*TEXTS, "def add(x):\n    return x + 1  # one more", "Ünïcödé — 🐟", "word " * 400]
+    reference = Embedder().embed(texts)
+    assert (np.sum(reference * embedder.embed(texts), axis=1) > 0.999).all()
