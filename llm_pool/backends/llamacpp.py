@@ -15,6 +15,10 @@ agreed `cache_salt`). Otherwise the slot's KV is recomputed from scratch, so no 
 time or infer another's prompt. The server's cross-slot RAM cache is off for the same reason.
 Prompts are tokenized here (the server's own tokenizer and chat template, over its API), so
 context checks, queue limits, token ids and usage work as on the transformers engine.
+
+The parts: `llamacpp_gguf` (the GGUF header), `llamacpp_server` (the process), `llamacpp_slots`
+(which slot a request goes to), `llamacpp_protocol` (requests and events to and from the server's
+API); this module sizes the KV and runs the queue. `llamacpp_embedding` runs embedding models.
 """
 
 from __future__ import annotations
@@ -24,13 +28,11 @@ import itertools
 import json
 import logging
 import os
-import secrets
 import subprocess
 import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,58 +50,18 @@ from ..errors import (
     ShoalError,
 )
 from ..sources import locate_gguf
-from ..stream import Finished, GenerationHandle, GenerationRequest, TextDelta, Usage
+from ..stream import Finished, GenerationHandle, GenerationRequest, Usage
 from .base import Backend, Progress, check_logit_bias, check_token_ids
+from .llamacpp_gguf import gguf_facts
+from .llamacpp_protocol import completion_body, delta_of, error_message
 from .llamacpp_server import LlamaServer
+from .llamacpp_slots import Slot, Waiter, pick_slot
 
 log = logging.getLogger("shoal.llamacpp")
 DEFAULT_MAX_NEW_TOKENS = 512
 COMPUTE_BYTES = 96 * 2**20  # llama.cpp's compute buffers and the process itself, before measuring
 
 
-@dataclass
-class _Slot:
-    id: int
-    busy: bool = False
-    scope: str | None = None  # whose prompt the slot's KV holds; None: nobody may reuse it
-    tokens: list[int] = field(default_factory=list)  # what it holds (prompt + generated)
-    used: float = 0.0
-
-
-@dataclass
-class _Waiter:
-    handle: GenerationHandle
-    ids: list[int]
-    wanted: int
-    submitted: float
-    future: asyncio.Future | None = None
-
-
-def gguf_facts(path: Path) -> dict[str, int]:
-    """Layer count, KV width and trained context from a GGUF's header (no weights read)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
-
-    def value(key: str) -> Any:
-        field_ = reader.fields.get(key)
-        if field_ is None:
-            return None
-        part = field_.parts[field_.data[0]]
-        return bytes(part).decode() if field_.types and field_.types[0].name == "STRING" else int(part[0])
-
-    arch = value("general.architecture") or "llama"
-    heads = value(f"{arch}.attention.head_count") or 1
-    embed = value(f"{arch}.embedding_length") or 0
-    head_dim = value(f"{arch}.attention.key_length") or (embed // heads if heads else 0)
-    value_dim = value(f"{arch}.attention.value_length") or head_dim
-    return {"layers": value(f"{arch}.block_count") or 0, "kv_heads": value(f"{arch}.attention.head_count_kv") or heads,
-            "key_dim": head_dim, "value_dim": value_dim, "context": value(f"{arch}.context_length") or 2048,
-            "parameters": sum(int(t.n_elements) for t in reader.tensors),
-            "vocab": len(tokens.data) if (tokens := reader.fields.get("tokenizer.ggml.tokens")) else 0}
-
-
-_F32_TINY = 1e-30  # well inside float32, where llama.cpp keeps sampling values (1e-300 would become 0)
 
 
 class LlamaCppBackend(Backend):
@@ -118,8 +80,8 @@ class LlamaCppBackend(Backend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._client: httpx.AsyncClient | None = None
-        self._slots: list[_Slot] = []
-        self._queue: deque[_Waiter] = deque()
+        self._slots: list[Slot] = []
+        self._queue: deque[Waiter] = deque()
         self._running: dict[int, asyncio.Task] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()  # counts seen from submit() (any thread)
@@ -205,7 +167,7 @@ class LlamaCppBackend(Backend):
         progress(0.9, "checking")
         self.tool_template = self._template_knows_tools()
         self._measured = self._measure()
-        self._slots = [_Slot(i) for i in range(self.slots)]
+        self._slots = [Slot(i) for i in range(self.slots)]
         self.lost = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"llama.cpp-{self.spec.key}",
@@ -317,7 +279,7 @@ class LlamaCppBackend(Backend):
             raise self._engine_error(exc) from exc
         if response.status_code != 200:
             raise InvalidRequestError(f"llama.cpp refused the prompt ({response.status_code}): "
-                                      f"{_message(response.text)}")
+                                      f"{error_message(response.text)}")
         return response.json()
 
     def _engine_error(self, exc: BaseException) -> ShoalError:
@@ -367,7 +329,7 @@ class LlamaCppBackend(Backend):
                 raise QueueFullError(self.spec.key, max(0, self._active - self.slots), 1.0)
             self._active += 1
         handle = GenerationHandle(request, model=self.spec.key)
-        waiter = _Waiter(handle, list(ids), wanted, time.monotonic())
+        waiter = Waiter(handle, list(ids), wanted, time.monotonic())
         asyncio.run_coroutine_threadsafe(self._enqueue(waiter), self._loop)
         return handle
 
@@ -383,7 +345,7 @@ class LlamaCppBackend(Backend):
         else:
             handle.push(final)
 
-    async def _enqueue(self, waiter: _Waiter) -> None:
+    async def _enqueue(self, waiter: Waiter) -> None:
         if self.lost:
             self._end(waiter.handle, error=ServiceUnavailableError(
                 f"model '{self.spec.key}': {self.lost}", retry_after=1.0, code="engine_stopped"))
@@ -395,12 +357,12 @@ class LlamaCppBackend(Backend):
             asyncio.get_running_loop().call_later(timeout, self._expire, waiter)
             asyncio.ensure_future(self._watch_cancel_queued(waiter))
 
-    def _expire(self, waiter: _Waiter) -> None:
+    def _expire(self, waiter: Waiter) -> None:
         if waiter in self._queue:
             self._queue.remove(waiter)
             self._end(waiter.handle, error=QueueTimeoutError(self.spec.key, time.monotonic() - waiter.submitted))
 
-    async def _watch_cancel_queued(self, waiter: _Waiter) -> None:
+    async def _watch_cancel_queued(self, waiter: Waiter) -> None:
         while waiter in self._queue:
             if waiter.handle.cancelled:
                 self._queue.remove(waiter)
@@ -414,74 +376,36 @@ class LlamaCppBackend(Backend):
             if not free:
                 return
             waiter = self._queue.popleft()
-            slot, reuse = self._pick(free, waiter)
+            slot, reuse = pick_slot(free, waiter, self._batch)
             slot.busy = True
             self.stats["peak_running"] = max(self.stats["peak_running"], sum(s.busy for s in self._slots))
             task = asyncio.ensure_future(self._generate(waiter, slot, reuse))
             self._running[id(task)] = task
 
-    def _pick(self, free: list[_Slot], waiter: _Waiter) -> tuple[_Slot, bool]:
-        """The free slot whose KV this request may reuse the most of; else an empty one; else the
-        least recently used (its KV is recomputed: nothing of another scope is reused).
-
-        llama-server fills each step's batch with prompt tokens slot by slot in id order, so where
-        the slot is a free choice a long prompt takes the highest id and a short one the lowest:
-        a short request's prompt goes into the next step instead of waiting behind a long one."""
-        scope = waiter.handle.request.cache_scope
-        if scope is not None:
-            mine = [s for s in free if s.scope == scope]
-            if mine:
-                best = max(mine, key=lambda s: (_common_prefix(s.tokens, waiter.ids), s.used))
-                if _common_prefix(best.tokens, waiter.ids) > 0:
-                    return best, True
-        long = len(waiter.ids) > self._batch
-        empty = [s for s in free if not s.tokens]
-        if empty:
-            return (empty[-1] if long else empty[0]), False
-        if long:
-            return max(free, key=lambda s: s.id), False
-        return min(free, key=lambda s: s.used), False
-
-    async def _generate(self, waiter: _Waiter, slot: _Slot, reuse: bool) -> None:
-        handle, params = waiter.handle, waiter.handle.request.params
+    async def _generate(self, waiter: Waiter, slot: Slot, reuse: bool) -> None:
+        handle = waiter.handle
         started = time.monotonic()
         slot.scope, slot.tokens, slot.used = handle.request.cache_scope, list(waiter.ids), started
-        body: dict[str, Any] = {
-            "prompt": waiter.ids, "n_predict": waiter.wanted, "stream": True, "return_tokens": True,
-            "id_slot": slot.id, "cache_prompt": reuse,
-            # llama.cpp keeps these as float32: below 1e-4 a temperature is the argmax (as on transformers),
-            # and a positive penalty or top_p must stay positive after the cast
-            "temperature": 0.0 if params.greedy or params.temperature < 1e-4 else params.temperature,
-            "top_p": max(params.top_p, _F32_TINY), "top_k": params.top_k, "min_p": params.min_p, "typical_p": 1.0,
-            "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
-            "logit_bias": [[token, bias] for token, bias in params.logit_bias],
-            "repeat_penalty": max(params.repetition_penalty, _F32_TINY), "repeat_last_n": self._ctx_slot,
-            "seed": params.seed if params.seed is not None else secrets.randbits(31),
-            "stop": list(params.stop),
-            "n_probs": max(1, handle.request.top_logprobs) if handle.request.want_logprobs else 0,
-            "timings_per_token": False,
-        }
-        if handle.request.output_format is not None:  # llama.cpp turns the schema into its grammar
-            body["json_schema"] = handle.request.output_format.schema
+        body = completion_body(handle.request, waiter.ids, waiter.wanted, slot.id, reuse, self._ctx_slot)
         text, produced, final = "", 0, None
         cancel_watch = asyncio.ensure_future(self._watch_cancel(handle, asyncio.current_task()))
         try:
             async with self._client.stream("POST", "/completion", json=body) as response:
                 if response.status_code != 200:
-                    detail = _message((await response.aread()).decode(errors="replace"))
+                    detail = error_message((await response.aread()).decode(errors="replace"))
                     raise InvalidRequestError(f"llama.cpp refused the request ({response.status_code}): {detail}")
                 async for line in response.aiter_lines():
                     if not line.startswith(("data:", "error:")):
                         continue
                     event = json.loads(line.split(":", 1)[1])
                     if "error" in event or line.startswith("error:"):
-                        raise InvalidRequestError(f"llama.cpp: {_message(json.dumps(event))}")
+                        raise InvalidRequestError(f"llama.cpp: {error_message(json.dumps(event))}")
                     piece, ids = event.get("content") or "", tuple(event.get("tokens") or ())
                     if ids or piece:
                         slot.tokens.extend(ids)
                         produced += len(ids)
                         text += piece
-                        handle.push(_delta(piece, ids, event.get("completion_probabilities") or [],
+                        handle.push(delta_of(piece, ids, event.get("completion_probabilities") or [],
                                            handle.request.top_logprobs))
                     if event.get("stop"):
                         final = event
@@ -546,7 +470,7 @@ class LlamaCppBackend(Backend):
             await asyncio.sleep(0.05)
         task.cancel()
 
-    def _finish_cancelled(self, waiter: _Waiter, text: str, produced: int, cached: int, started: float) -> None:
+    def _finish_cancelled(self, waiter: Waiter, text: str, produced: int, cached: int, started: float) -> None:
         handle = waiter.handle
         now = time.monotonic()
         ttft = handle.first_token_at - handle.created if handle.first_token_at else None
@@ -577,38 +501,6 @@ class LlamaCppBackend(Backend):
         busy = sum(1 for s in self._slots if s.busy)
         return {"running": busy, "waiting": len(self._queue), "resident_bytes": self.resident_bytes(),
                 "lost": self.lost, **self.stats}
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-def _message(text: str) -> str:
-    try:
-        data = json.loads(text)
-        error = data.get("error", data)
-        return str(error.get("message", error))[:300] if isinstance(error, dict) else str(error)[:300]
-    except (ValueError, AttributeError):
-        return text[:300]
-
-
-def _delta(piece: str, ids: tuple[int, ...], probs: list[dict], top_n: int) -> TextDelta:
-    """A streamed event as a TextDelta; `probs` (llama.cpp's completion_probabilities) is there
-    only when the caller reads logprobs."""
-    if not probs:
-        return TextDelta(piece, ids)
-
-    def raw(entry: dict) -> bytes:
-        return bytes(entry["bytes"]) if entry.get("bytes") is not None else str(entry.get("token", "")).encode()
-
-    top = tuple(tuple((raw(alt), float(alt.get("logprob", 0.0))) for alt in (p.get("top_logprobs") or [])[:top_n])
-                for p in probs) if top_n else ()
-    return TextDelta(piece, ids, tuple(float(p.get("logprob", 0.0)) for p in probs),
-                     tuple(raw(p) for p in probs), top)
 
 
 __all__ = ["LlamaCppBackend", "gguf_facts"]

@@ -105,7 +105,7 @@ def test_a_crashed_engine_fails_what_was_in_flight_and_loads_again_on_the_next_r
             if isinstance(event, TextDelta):
                 break
         killed_at = time.monotonic()
-        os.kill(backend._process.pid, signal.SIGKILL)
+        os.kill(backend._server.process.pid, signal.SIGKILL)
         final = None
         for event in stream:  # the stream ends, with an error, within a second
             final = event
@@ -177,7 +177,7 @@ def test_eviction_works_across_engines_and_stops_the_engine_process():
     pool = own_pool(budget=llama_bytes + 2**30)  # room for either, not both (fp32 SmolLM2 is ~1.07 GB)
     try:
         pool.load(LLAMA_CHAT)
-        process = pool.backend(LLAMA_CHAT)._process
+        process = pool.backend(LLAMA_CHAT)._server.process
         pool.load(TRANSFORMERS_CHAT)
         assert pool.status(LLAMA_CHAT)["state"] == "unloaded"
         assert process.poll() is not None  # the server process is gone, its memory with it
