@@ -45,6 +45,7 @@ class _Watch:
     mark: int = 0  # bytes received when the phase (or the body's window) began
     refused: bool = False
     answered: bool = False
+    cycle: object = None  # uvicorn's request cycle seen last: a new one is a new request
 
 
 def _phase(protocol) -> str:
@@ -145,9 +146,9 @@ class ConnectionGuard:
         if transport.get_protocol() is not watch.protocol:
             self._watches.pop(id(watch), None)  # upgraded to a WebSocket: pings watch it from now on
             return
-        phase = _phase(watch.protocol)
-        if phase != watch.phase:
-            watch.phase, watch.since, watch.mark = phase, now, watch.received
+        phase, cycle = _phase(watch.protocol), getattr(watch.protocol, "cycle", None)
+        if phase != watch.phase or cycle is not watch.cycle:  # a request may begin and end between two ticks
+            watch.phase, watch.since, watch.mark, watch.cycle = phase, now, watch.received, cycle
         elif phase == "head" and now - watch.since > self.header_timeout:
             self._expire(watch, "its request's headers did not arrive within", partial=watch.received > watch.mark)
         elif phase == "body" and now - watch.since >= self.header_timeout:
