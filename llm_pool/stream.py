@@ -110,6 +110,16 @@ class Failed:
 Event = TextDelta | Finished | Failed
 
 
+class _Listener:
+    """A consumer of a handle's events on an event loop. `woken`: a wake-up is on its way and it has
+    not yet read what is queued, so further events need none (under load a stream's tokens arrive
+    faster than its loop reads them: one cross-thread wake-up, not one per token)."""
+    __slots__ = ("flag", "loop", "woken")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, flag: asyncio.Event):
+        self.loop, self.flag, self.woken = loop, flag, False
+
+
 class GenerationHandle:
     """One generation's event stream, with cancellation. Thread-safe producer side."""
 
@@ -122,7 +132,7 @@ class GenerationHandle:
         self._cond = threading.Condition()
         self._done = False
         self._cancelled = threading.Event()
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._waiters: list[_Listener] = []
         self._on_done: list[Callable[[GenerationHandle], None]] = []
         self._final: Finished | Failed | None = None
 
@@ -144,10 +154,12 @@ class GenerationHandle:
                 self._final = event
                 callbacks, self._on_done = self._on_done, []
             self._cond.notify_all()
-            waiters = list(self._waiters)
-        for loop, flag in waiters:
+            waiters = [w for w in self._waiters if not w.woken]  # one wake-up until it has read
+            for waiter in waiters:
+                waiter.woken = True
+        for waiter in waiters:
             try:
-                loop.call_soon_threadsafe(flag.set)
+                waiter.loop.call_soon_threadsafe(waiter.flag.set)
             except RuntimeError:  # the consumer's loop is closed; nobody is listening
                 pass
         for callback in callbacks:
@@ -195,25 +207,26 @@ class GenerationHandle:
                 return
 
     async def __aiter__(self) -> AsyncIterator[Event]:
-        loop = asyncio.get_running_loop()
-        flag = asyncio.Event()
+        me = _Listener(asyncio.get_running_loop(), asyncio.Event())
         with self._cond:
-            self._waiters.append((loop, flag))
+            self._waiters.append(me)
         try:
             while True:
                 event = self._pop()
                 if event is None:
-                    flag.clear()
+                    me.flag.clear()
+                    with self._cond:
+                        me.woken = False
                     event = self._pop()  # re-check: a push may have raced the clear
                     if event is None:
-                        await flag.wait()
+                        await me.flag.wait()
                         continue
                 yield event
                 if isinstance(event, (Finished, Failed)):
                     return
         finally:
             with self._cond:
-                self._waiters.remove((loop, flag))
+                self._waiters.remove(me)
 
     def result(self, timeout: float | None = None) -> Finished:
         """Block until the end; return the final event or raise the generation's error."""

@@ -53,7 +53,7 @@ from ..sources import locate_gguf
 from ..stream import Finished, GenerationHandle, GenerationRequest, Usage
 from .base import Backend, Progress, check_logit_bias, check_token_ids
 from .llamacpp_gguf import gguf_facts
-from .llamacpp_protocol import completion_body, delta_of, error_message
+from .llamacpp_protocol import UpstreamRefused, completion_body, delta_of, error_message, stream_lines
 from .llamacpp_server import LlamaServer
 from .llamacpp_slots import Slot, Waiter, pick_slot
 
@@ -79,7 +79,6 @@ class LlamaCppBackend(Backend):
         self._http: httpx.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._client: httpx.AsyncClient | None = None
         self._slots: list[Slot] = []
         self._queue: deque[Waiter] = deque()
         self._running: dict[int, asyncio.Task] = {}
@@ -192,9 +191,6 @@ class LlamaCppBackend(Backend):
         return self.resident_bytes() or 0
 
     async def _open(self) -> None:
-        limits = httpx.Limits(max_connections=self.slots + 8, max_keepalive_connections=self.slots + 8)
-        self._client = httpx.AsyncClient(base_url=self._server.base, headers=self._server.headers, limits=limits,
-                                         timeout=httpx.Timeout(None, connect=5))
         self._monitor = asyncio.ensure_future(self._watch())
 
     def unload(self) -> None:
@@ -218,8 +214,6 @@ class LlamaCppBackend(Backend):
         self._monitor.cancel()
         error = ServiceUnavailableError(f"model '{self.spec.key}' is unloading", retry_after=1.0)
         self._fail_everything(error)
-        if self._client is not None:
-            await self._client.aclose()
 
     def alive(self) -> bool:
         return self.lost is None
@@ -390,13 +384,9 @@ class LlamaCppBackend(Backend):
         text, produced, final = "", 0, None
         cancel_watch = asyncio.ensure_future(self._watch_cancel(handle, asyncio.current_task()))
         try:
-            async with self._client.stream("POST", "/completion", json=body) as response:
-                if response.status_code != 200:
-                    detail = error_message((await response.aread()).decode(errors="replace"))
-                    raise InvalidRequestError(f"llama.cpp refused the request ({response.status_code}): {detail}")
-                async for line in response.aiter_lines():
-                    if not line.startswith(("data:", "error:")):
-                        continue
+            lines = stream_lines("127.0.0.1", self._server.port, "/completion", self._server.headers, body)
+            try:
+                async for line in lines:
                     event = json.loads(line.split(":", 1)[1])
                     if "error" in event or line.startswith("error:"):
                         raise InvalidRequestError(f"llama.cpp: {error_message(json.dumps(event))}")
@@ -410,6 +400,8 @@ class LlamaCppBackend(Backend):
                     if event.get("stop"):
                         final = event
                         break
+            finally:
+                await lines.aclose()
         except asyncio.CancelledError:
             if self.lost:
                 self._end(handle, error=self._lost_error())
@@ -423,6 +415,11 @@ class LlamaCppBackend(Backend):
         except ShoalError as exc:
             slot.tokens = []
             self._end(handle, error=exc)
+            return
+        except UpstreamRefused as exc:
+            slot.tokens = []
+            self._end(handle, error=InvalidRequestError(
+                f"llama.cpp refused the request ({exc.status}): {error_message(exc.text)}"))
             return
         except Exception as exc:  # no await in here: a cancel now would skip ending the handle
             slot.tokens = []

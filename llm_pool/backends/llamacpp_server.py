@@ -53,6 +53,7 @@ class LlamaServer:
         self.log_path = log_dir / f"{key.replace('@', '_')}.log"
         self.process: subprocess.Popen | None = None
         self.base = ""
+        self.port = 0
         self.headers: dict[str, str] = {}
         self.http: httpx.Client | None = None
 
@@ -65,7 +66,7 @@ class LlamaServer:
             self.process = _spawner.submit(subprocess.Popen, command, preexec_fn=_die_with_parent,
                                            stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                            env=env, start_new_session=True).result()
-        self.base = f"http://127.0.0.1:{port}"
+        self.base, self.port = f"http://127.0.0.1:{port}", port
         self.headers = {"Authorization": f"Bearer {secret}"}
         self.http = httpx.Client(base_url=self.base, headers=self.headers, timeout=30)
         deadline = time.monotonic() + timeout
