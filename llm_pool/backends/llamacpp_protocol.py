@@ -42,13 +42,17 @@ def completion_body(request: GenerationRequest, ids: list[int], wanted: int, slo
                     window: int) -> dict[str, Any]:
     """The body of llama-server's native `/completion` for one request on slot `slot_id`."""
     params = request.params
+    greedy = params.greedy or params.temperature < 1e-4
     body: dict[str, Any] = {
         "prompt": ids, "n_predict": wanted, "stream": True, "return_tokens": True,
         "id_slot": slot_id, "cache_prompt": reuse,
         # llama.cpp keeps these as float32: below 1e-4 a temperature is the argmax (as on transformers),
         # and a positive penalty or top_p must stay positive after the cast
-        "temperature": 0.0 if params.greedy or params.temperature < 1e-4 else params.temperature,
-        "top_p": max(params.top_p, _F32_TINY), "top_k": params.top_k, "min_p": params.min_p, "typical_p": 1.0,
+        "temperature": 0.0 if greedy else params.temperature,
+        # greedy: the best token either way, but llama.cpp's chain would still take a softmax
+        # over the whole vocabulary for every token of every stream (49k for SmolLM2)
+        "top_p": max(params.top_p, _F32_TINY), "top_k": 1 if greedy else params.top_k,
+        "min_p": params.min_p, "typical_p": 1.0,
         "presence_penalty": params.presence_penalty, "frequency_penalty": params.frequency_penalty,
         "logit_bias": [[token, bias] for token, bias in params.logit_bias],
         "repeat_penalty": max(params.repetition_penalty, _F32_TINY), "repeat_last_n": window,

@@ -47,7 +47,7 @@ def timed_chat(client: httpx.Client, url: str) -> float:
     return time.monotonic() - started
 
 
-def median_chat(client: httpx.Client, url: str, tries: int = 5) -> float:
+def median_chat(client: httpx.Client, url: str, tries: int = 7) -> float:
     return statistics.median(timed_chat(client, url) for _ in range(tries))
 
 
