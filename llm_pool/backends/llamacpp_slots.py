@@ -32,30 +32,38 @@ class Waiter:
     future: asyncio.Future | None = None
 
 
-def pick_slot(free: list[Slot], waiter: Waiter, batch: int) -> tuple[Slot, bool]:
+def pick_slot(free: list[Slot], waiter: Waiter, batch: int, busy: list[int] = ()) -> tuple[Slot, bool]:
     """The free slot whose KV this request may reuse the most of, if that is more than one step's
-    prompt tokens (`batch`); else the lowest free slot, empty or the caller's own where one is
-    free (reused only within the same scope: nothing of another scope is reused); a long prompt
-    the highest.
+    prompt tokens (`batch`). Else, in order: a slot that does not widen the span of busy slot ids
+    (`busy`), one that is empty or the caller's own (other callers' prefixes are kept while there
+    is room), the caller's own with the longest shared prefix, the least recently used. A long
+    prompt takes the highest free slot. Nothing of another scope is ever reused.
 
-    Low ids first: with a KV per slot, llama.cpp's attention at each step spans every slot
-    between the lowest and the highest one in the batch (`llama_kv_cache::get_k`: streams s0..s1),
-    so 16 streams spread over 32 slots cost as much as 32. Taking the least recently used slot
-    instead (to keep other users' prefixes longer) measured 0.84x of a bare `llama-server -np 16`
-    at 16 clients. llama-server also fills each step's batch with prompt tokens slot by slot in
-    id order, so a long prompt on the highest id lets a short request's prompt go first."""
+    The span: with a KV per slot, llama.cpp's attention at each step covers every slot between
+    the lowest and the highest one in the batch (`llama_kv_cache::get_k`: streams s0..s1), so 16
+    streams spread over 32 slots cost as much as 32 (least recently used slots alone measured
+    0.84x of a bare `llama-server -np 16` at 16 clients). llama-server also fills each step's
+    batch with prompt tokens slot by slot in id order, so a long prompt on the highest id lets a
+    short request's prompt go first."""
     scope = waiter.handle.request.cache_scope
     if len(waiter.ids) > batch:
         return max(free, key=lambda s: s.id), False
-    mine = [s for s in free if s.scope == scope] if scope is not None else []
-    if mine:
-        best = max(mine, key=lambda s: (common_prefix(s.tokens, waiter.ids), s.used))
-        if common_prefix(best.tokens, waiter.ids) > batch:  # a chat's history: worth its slot's id
-            return best, True
-    # the lowest slot that is empty or this caller's own (other callers' prefixes are kept while
-    # there is room), else the lowest; a short reusable prefix is reused there
-    chosen = min([s for s in free if not s.tokens] + mine or free, key=lambda s: s.id)
-    return chosen, scope is not None and chosen.scope == scope and common_prefix(chosen.tokens, waiter.ids) > 0
+
+    def shared(slot: Slot) -> int:
+        return common_prefix(slot.tokens, waiter.ids) if scope is not None and slot.scope == scope else 0
+
+    mine = max(free, key=lambda s: (shared(s), s.used))
+    if shared(mine) > batch:  # a chat's history: worth its slot wherever it is
+        return mine, True
+    low, high = (min(busy), max(busy)) if busy else (None, None)
+
+    def cost(slot: Slot) -> tuple:
+        widen = 0 if low is None else max(0, slot.id - high) + max(0, low - slot.id)
+        others = bool(slot.tokens) and not (scope is not None and slot.scope == scope)
+        return widen, others, -shared(slot), slot.used, slot.id
+
+    chosen = min(free, key=cost)
+    return chosen, shared(chosen) > 0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
