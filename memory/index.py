@@ -183,6 +183,9 @@ class Searcher:
             top = np.argsort(-similarity)[:how.candidates]
             rankings.append((1.0, ids[top].tolist()))
         if how.mode in ("hybrid", "lexical"):
+            # a passage stored between the two reads (a turn remembered just now) is left for the
+            # next search: the vectors read first do not hold it
+            lexical_scores = {i: score for i, score in lexical_scores.items() if i in by_id}
             rankings.append((how.lexical_weight,
                              sorted(lexical_scores, key=lambda i: -lexical_scores[i])[:how.candidates]))
         fused: dict[int, float] = {}
