@@ -108,12 +108,9 @@ class EmbeddingBackend(Backend):
                                              "(split the text)", param=f"input.{i}")
             if check is not None:
                 check(lengths)
-            parts = []
-            for n, (start, end) in enumerate(_slices(lengths, PACE_TOKENS if pace else None)):
-                if n and pace is not None:
-                    pace()
-                parts.append(self.model.encode(texts[start:end], batch_size=32, normalize_embeddings=True,
-                                               convert_to_numpy=True, show_progress_bar=False))
+            parts = paced(lengths, pace, lambda start, end: self.model.encode(
+                texts[start:end], batch_size=32, normalize_embeddings=True, convert_to_numpy=True,
+                show_progress_bar=False))
         return np.asarray(np.concatenate(parts), dtype=np.float32), sum(lengths)
 
     def _lengths(self, texts: list[str]) -> list[int]:
@@ -144,6 +141,17 @@ class EmbeddingBackend(Backend):
         return {"engine": self.engine_name, "device": "cpu", "dimensions": self.dimensions or None,
                 "parameters": self._prepared.parameters if self._prepared else None,
                 "context_length": self.context_length}
+
+
+def paced(lengths: list[int], pace: Callable[[], None] | None, encode: Callable[[int, int], Any]) -> list:
+    """`encode(start, end)` over consecutive slices of about PACE_TOKENS tokens, calling `pace`
+    between slices (one call for all when there is no `pace`)."""
+    parts = []
+    for n, (start, end) in enumerate(_slices(lengths, PACE_TOKENS if pace else None)):
+        if n and pace is not None:
+            pace()
+        parts.append(encode(start, end))
+    return parts
 
 
 def _slices(lengths: list[int], tokens: int | None) -> list[tuple[int, int]]:

@@ -33,7 +33,7 @@ from .. import llamacpp_build
 from ..errors import InvalidParamsError, InvalidRequestError, ModelLoadError, ServiceUnavailableError
 from ..stream import GenerationHandle, GenerationRequest
 from .base import Backend, Progress, check_token_ids
-from .embedding import MAX_INPUTS, PACE_TOKENS, _folder_in_package, _is_gguf, _slices
+from .embedding import MAX_INPUTS, _folder_in_package, _is_gguf, paced
 from .llamacpp_server import LlamaServer
 
 log = logging.getLogger("shoal.embedding")
@@ -169,12 +169,7 @@ class LlamaCppEmbeddingBackend(Backend):
         lengths = [len(one) for one in ids]
         if check is not None:
             check(lengths)
-        parts = []
-        for n, (start, end) in enumerate(_slices(lengths, PACE_TOKENS if pace else None)):
-            if n and pace is not None:
-                pace()
-            parts.append(self._post(ids[start:end]))
-        vectors = np.concatenate(parts).astype(np.float32)
+        vectors = np.concatenate(paced(lengths, pace, lambda start, end: self._post(ids[start:end]))).astype(np.float32)
         vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
         return vectors, sum(lengths)
 
