@@ -9,6 +9,7 @@ in-flight counts return to zero, and the next request works.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 
 class InjectedFault(RuntimeError):
@@ -16,12 +17,14 @@ class InjectedFault(RuntimeError):
 
 
 _lock = threading.Lock()
-_armed: dict[str, int] = {}
+_armed: dict[str, tuple[int, Callable[[], bool] | None]] = {}
 
 
-def arm(point: str, times: int = 1) -> None:
+def arm(point: str, times: int = 1, where: Callable[[], bool] | None = None) -> None:
+    """`where`: only calls for which it answers true count (e.g. not a background thread's
+    write that happens to run during the test)."""
     with _lock:
-        _armed[point] = times
+        _armed[point] = (times, where)
 
 
 def disarm_all() -> None:
@@ -33,8 +36,8 @@ def check(point: str) -> None:
     if not _armed:
         return
     with _lock:
-        left = _armed.get(point, 0)
-        if left <= 0:
+        left, where = _armed.get(point, (0, None))
+        if left <= 0 or (where is not None and not where()):
             return
-        _armed[point] = left - 1
+        _armed[point] = (left - 1, where)
     raise InjectedFault(f"injected fault at {point}")

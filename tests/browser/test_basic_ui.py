@@ -6,6 +6,8 @@ import time
 
 from playwright.sync_api import expect
 
+from tests.browser import open_panel
+
 
 def test_completion_tab_continues_text_with_the_base_model(page, live_server, artifacts):
     page.goto(live_server.url)
@@ -69,7 +71,7 @@ def test_json_output_toggle_makes_the_reply_valid_json_of_the_schema(page, live_
               "required": ["animal", "legs"], "additionalProperties": False}
     page.goto(live_server.url)
     expect(page.locator("#ui-loaded")).to_have_text("loaded")
-    page.locator("#params").get_by_text("Parameters and system prompt").click()
+    open_panel(page, "params")
     page.locator("#json-output input[type='checkbox']").check()
     page.locator("#json-schema textarea").fill(json.dumps(schema))
     box = page.locator("#chat-input textarea")
@@ -91,7 +93,7 @@ def test_a_chat_with_tools_shows_the_call_and_answers_from_its_result(page, live
                                                "parameters": parameters}}]
     page.goto(live_server.url)
     expect(page.locator("#ui-loaded")).to_have_text("loaded")
-    page.locator("#params").get_by_text("Parameters and system prompt").click()
+    open_panel(page, "params")
     page.locator("#tools textarea").fill(json.dumps(tools))
     page.locator("#tool-choice").get_by_label("required").check()
     box = page.locator("#chat-input textarea")

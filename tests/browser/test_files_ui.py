@@ -8,6 +8,7 @@ import json
 from playwright.sync_api import expect
 
 from tests import files
+from tests.browser import open_panel
 from tests.browser.test_sessions_ui import BOT, open_page, send, session_titles
 
 
@@ -15,7 +16,7 @@ def test_upload_a_file_and_see_the_answer_cite_it(browser, live_server, artifact
     pdf = tmp_path / "story.pdf"
     pdf.write_bytes(files.pdf_bytes())
     page = open_page(browser, live_server.url)
-    page.locator("#files-panel").click()
+    open_panel(page, "files-panel")
     page.locator("#file-upload input[type='file']").set_input_files(str(pdf))
     expect(page.locator("#files-table")).to_contain_text("story.pdf", timeout=30_000)
     expect(page.locator("#files-table")).to_contain_text("ready", timeout=90_000)
@@ -27,7 +28,7 @@ def test_upload_a_file_and_see_the_answer_cite_it(browser, live_server, artifact
 def test_export_then_import_a_chat(browser, live_server, artifacts, tmp_path):
     page = open_page(browser, live_server.url)
     send(page, "Say hello to the export test.")
-    page.locator("#manage-chat").click()
+    open_panel(page, "manage-chat")
     page.locator("#export").click()
     links = page.locator("#exported a")
     expect(links).to_have_count(2, timeout=30_000)

@@ -9,6 +9,7 @@ import pytest
 from playwright.sync_api import Page, expect
 
 from service import build_services
+from tests.browser import open_panel
 from tests.conftest import LiveServer, free_port, make_settings
 
 BOT = "#chatbot [data-testid='bot']"
@@ -64,7 +65,7 @@ def own_server(pool, tmp_path):
 def test_streamed_reply_then_stop_mid_reply_keeps_the_partial_answer(browser, own_server, artifacts, pool):
     url = own_server["server"].url
     page = open_page(browser, url)
-    page.locator("#params").click()
+    open_panel(page, "params")
     page.locator("#params input[type='number']").nth(1).fill("600")  # max new tokens
     send(page, "Write a very long story about a lighthouse keeper.", wait=False)
     reply = page.locator(BOT).last
@@ -100,7 +101,7 @@ def test_sessions_create_switch_rename_delete_and_survive_reload_and_restart(bro
     expect(page.locator(USER).first).to_contain_text("capital of France")
     expect(page.locator(USER)).to_have_count(1)
 
-    page.locator("#manage-chat").click()
+    open_panel(page, "manage-chat")
     page.locator("#rename-box input, #rename-box textarea").first.fill("Geography")
     page.locator("#rename").click()
     expect(page.locator("#session-list label", has_text="Geography")).to_have_count(1)
@@ -117,7 +118,7 @@ def test_sessions_create_switch_rename_delete_and_survive_reload_and_restart(bro
     page.locator("#session-list label", has_text="Geography").click()
     expect(page.locator(USER).first).to_contain_text("capital of France")
 
-    page.locator("#manage-chat").click()
+    open_panel(page, "manage-chat")
     page.locator("#delete-chat").click()
     page.locator("#confirm-delete").click()
     expect(page.locator("#session-list label")).to_have_count(1)
