@@ -24,6 +24,7 @@ class TextAssembler:
         self.text = ""  # all text decoded so far (cut at a stop sequence once stopped)
         self._emitted = 0  # characters of `text` handed out
         self.stopped = False
+        self.matched: str | None = None  # the stop sequence that stopped it
 
     def add(self, token_id: int) -> str:
         """Feed one token; return the new text that may be shown now (possibly empty)."""
@@ -41,9 +42,10 @@ class TextAssembler:
     def _release(self) -> str:
         if self._stop:
             start = max(0, self._emitted - self._longest_stop)
-            hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
+            hits = [(i, s) for s in self._stop if (i := self.text.find(s, start)) >= 0]
             if hits:
-                self.text = self.text[:min(hits)]
+                at, self.matched = min(hits, key=lambda hit: hit[0])
+                self.text = self.text[:at]
                 self.stopped = True
                 return self.flush()
         safe = len(self.text) - self._held_back()

@@ -388,7 +388,8 @@ class BatchEngine:
         if reason == "stop":
             stopped_by = "stop_sequence" if job.assembler.stopped else "eos"
         handle.push(Finished(reason, usage, job.assembler.text, self.name, ttft,
-                             now - handle.created, (job.started or now) - job.submitted, stopped_by))
+                             now - handle.created, (job.started or now) - job.submitted, stopped_by,
+                             job.assembler.matched))
 
     # ---------------------------------------------------------------- the batch's KV cache
     def _capacity(self, length: int, jobs: list[_Job]) -> int:

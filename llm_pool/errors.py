@@ -68,6 +68,12 @@ class ModelNotFoundError(NotFoundError):
         self.name = name
 
 
+class MethodNotAllowedError(ShoalError):
+    status = 405
+    type = "invalid_request_error"
+    headers: dict[str, str] | None = None
+
+
 class ConflictError(ShoalError):
     status = 409
     type = "conflict_error"

@@ -93,6 +93,7 @@ class Finished:
     duration: float = 0.0  # seconds from submit to the end
     queued: float = 0.0  # seconds spent waiting for a batch slot
     stopped_by: str | None = None  # for reason "stop": "eos" or "stop_sequence"
+    stop_sequence: str | None = None  # which one, when a stop sequence ended it
 
     @property
     def tokens_per_second(self) -> float:

@@ -14,7 +14,18 @@ from fastapi.responses import HTMLResponse, Response
 
 from service import Services
 
-from . import batch_api, embeddings_api, files_api, models_api, openai_api, sessions_api, tgi_api, tokens_api, ws_api
+from . import (
+    anthropic_api,
+    batch_api,
+    embeddings_api,
+    files_api,
+    models_api,
+    openai_api,
+    sessions_api,
+    tgi_api,
+    tokens_api,
+    ws_api,
+)
 from .auth import IdentityMiddleware, KeyThrottle, login, login_page
 from .connections import WebSocketLimitMiddleware, exempt_peers
 from .errors import install_error_handlers
@@ -46,8 +57,8 @@ def create_app(services: Services, *, with_ui: bool = True, own_services: bool =
     app.state.services = services
     app.state.key_throttle = throttle = KeyThrottle.from_settings(settings)
     install_error_handlers(app)
-    for module in (models_api, openai_api, tgi_api, tokens_api, embeddings_api, batch_api, sessions_api, files_api,
-                   ws_api):
+    for module in (models_api, openai_api, anthropic_api, tgi_api, tokens_api, embeddings_api, batch_api,
+                   sessions_api, files_api, ws_api):
         app.include_router(module.router)
     _add_service_routes(app, services)
     if with_ui:

@@ -18,6 +18,7 @@ from llm_pool.errors import InvalidParamsError, ShoalError
 
 from .auth import caller_of
 from .context import services_of
+from .errors import api_status
 from .openai_api import ChatMessageIn
 from .protocol import (
     FrequencyPenalty,
@@ -113,7 +114,8 @@ async def batch(body: BatchRequest, request: Request) -> dict:
                     handle.cancel()
                     raise
             except ShoalError as exc:
-                return {"index": index, "ok": False, "status": exc.status, "error": exc.to_dict()}
+                return {"index": index, "ok": False, "status": api_status(exc.status, "/v1/batch"),
+                        "error": exc.to_dict()}
             return {"index": index, "ok": True, "model": handle.model, "text": final.text,
                     "finish_reason": final.reason, "usage": usage_dict(final), "timings": timings(final)}
 

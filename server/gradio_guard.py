@@ -37,12 +37,13 @@ from fastapi import FastAPI
 from gradio.utils import get_upload_folder
 from gradio_client.utils import is_file_obj_with_meta, is_http_url_like
 from starlette.requests import HTTPConnection
-from starlette.routing import Mount, get_route_path
+from starlette.routing import BaseRoute, Match, Mount, get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llm_pool.errors import (
     InsufficientStorageError,
     InvalidRequestError,
+    MethodNotAllowedError,
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
@@ -80,7 +81,8 @@ def mount_ui(app: FastAPI, demo: gr.Blocks, settings, **options) -> GradioGuard:
     mount = next(r for r in reversed(app.routes) if isinstance(r, Mount) and r.path == "")
     guard = GradioGuard(mount.app, demo=demo, ledger=UploadLedger.from_settings(settings, folder),
                         protected=protected, min_free_bytes=int(getattr(settings, "min_free_disk_mb", 0) * MB),
-                        max_upload_mb=settings.max_upload_mb)
+                        max_upload_mb=settings.max_upload_mb,
+                        api_routes=[r for r in app.routes if r is not mount])
     mount.app = guard
     return guard
 
@@ -104,8 +106,9 @@ def discard(path: str | Path) -> None:
 
 class GradioGuard:
     def __init__(self, app: ASGIApp, *, demo: gr.Blocks, ledger: UploadLedger, protected: list[Path],
-                 min_free_bytes: int, max_upload_mb: float):
+                 min_free_bytes: int, max_upload_mb: float, api_routes: list[BaseRoute] = ()):
         self.app = app
+        self.api_routes = list(api_routes)  # the API's own routes: a wrong method on one is a 405
         self.demo = demo
         self.ledger = ledger
         self.protected = protected
@@ -123,8 +126,7 @@ class GradioGuard:
         path = get_route_path(scope)
         decision = decide(self.routes, scope["method"], path)
         if decision.closed:
-            await refuse(scope, send, NotFoundError(f"{path} is not served here: Shoal closes the Gradio routes "
-                                                    "its UI does not use.", code="not_found"))
+            await refuse(scope, send, self._unserved(scope["method"], path))
             return
         client = caller_of(HTTPConnection(scope)).rate_key
         try:
@@ -139,6 +141,23 @@ class GradioGuard:
             await refuse(scope, send, exc)
             return
         await self.app(scope, receive, send)
+
+    def _unserved(self, method: str, path: str) -> ShoalError:
+        """Why nothing answers: an API route asked with another method (405, with Allow), an API
+        path that does not exist, or a Gradio route the UI does not use (404)."""
+        allowed = [m for m in ("GET", "POST", "PUT", "PATCH", "DELETE") if any(
+            r.matches({"type": "http", "path": path, "method": m, "root_path": "", "headers": []})[0] == Match.FULL
+            for r in self.api_routes)]
+        if allowed:
+            error = MethodNotAllowedError(f"{method} {path}: this route answers {', '.join(allowed)}",
+                                          code="method_not_allowed")
+            error.headers = {"Allow": ", ".join(allowed)}
+            return error
+        if not path.startswith("/gradio_api") and path not in ("/", ""):
+            return NotFoundError(f"{method} {path}: no such route (the API's routes are listed at /docs)",
+                                 code="not_found")
+        return NotFoundError(f"{path} is not served here: Shoal closes the Gradio routes its UI does not use.",
+                             code="not_found")
 
     # ------------------------------------------------------------------ events
     async def _check_event(self, receive: Receive, client: str) -> Receive:

@@ -42,7 +42,7 @@ from .protocol import (
     usage_dict,
 )
 from .streaming import SSE_HEADERS, Chunk, chunked, merged, result_or_disconnect, sse
-from .tool_calls import NamedToolChoice, ToolCallIn, ToolDef, ToolPlan, history
+from .tool_calls import Calls, NamedToolChoice, ToolCallIn, ToolDef, ToolPlan, answer_events, history
 
 router = APIRouter(tags=["OpenAI-compatible"])
 MAX_CHOICES = 8  # n: each choice takes a batch slot
@@ -304,30 +304,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     async def choice(index: int, handle: GenerationHandle):
         """One choice's events: SSE strings, then its Finished (or Failed)."""
         yield chunk(index, {"role": "assistant", "content": ""})
-        held: list[Chunk] | None = [] if plan else None  # an answer that may be a tool call is held back
-        async for item in chunked(handle, body.chunk_size, body.stream_delay_ms):
-            if isinstance(item, Chunk) and held is not None:
-                held.append(item)
-                if plan.choice == "auto" and not plan.may_be_call("".join(c.text for c in held)):
-                    for piece in held:  # plain text after all: stream it as it comes
-                        yield chunk(index, {"content": piece.text}, logprobs=lp([piece]))
-                    held = None
-            elif isinstance(item, Chunk):
+        called = False
+        async for item in answer_events(handle, plan, body.chunk_size, body.stream_delay_ms):
+            if isinstance(item, Chunk):
                 yield chunk(index, {"content": item.text}, logprobs=lp([item]))
+            elif isinstance(item, Calls):
+                called = True
+                for n, call in enumerate(item.calls):
+                    yield chunk(index, {"tool_calls": [{"index": n, "id": call["id"], "type": "function",
+                                                        "function": {"name": call["function"]["name"],
+                                                                     "arguments": ""}}]},
+                                logprobs=lp(item.pieces) if n == 0 else None)
+                    yield chunk(index, {"tool_calls": [{"index": n, "function": {
+                        "arguments": call["function"]["arguments"]}}]})
             elif isinstance(item, Finished):
-                calls = None
-                if held is not None:
-                    text = "".join(c.text for c in held)
-                    calls = plan.parse(text) if item.reason == "stop" else None
-                    for n, call in enumerate(calls or []):
-                        yield chunk(index, {"tool_calls": [{"index": n, "id": call["id"], "type": "function",
-                                                            "function": {"name": call["function"]["name"],
-                                                                         "arguments": ""}}]}, logprobs=lp(held))
-                        yield chunk(index, {"tool_calls": [{"index": n, "function": {
-                            "arguments": call["function"]["arguments"]}}]})
-                    if text and not calls:
-                        yield chunk(index, {"content": text}, logprobs=lp(held))
-                yield chunk(index, {}, "tool_calls" if calls else item.reason)
+                yield chunk(index, {}, "tool_calls" if called else item.reason)
                 yield item
             else:
                 yield item

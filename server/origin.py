@@ -28,6 +28,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from llm_pool.errors import MisdirectedRequestError, PermissionDeniedError, ShoalError
 
+from .errors import shaped
+
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PROBES = frozenset({"/health", "/health/ready"})
@@ -152,16 +154,16 @@ def close_reason(text: str) -> str:
 async def refuse(scope: Scope, send: Send, error: ShoalError) -> None:
     """Answer with the error, as an HTTP response (also to a WebSocket handshake where the server
     can: the socket never opens)."""
-    body = json.dumps({"error": error.to_dict()}).encode()
+    status, payload, extra = shaped(error, scope.get("path", ""))
+    body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    if error.retry_after is not None:
-        headers.append((b"retry-after", str(max(1, round(error.retry_after))).encode()))
+    headers += [(name.lower().encode(), value.encode()) for name, value in extra.items()]
     if scope["type"] == "websocket":
         if "websocket.http.response" not in scope.get("extensions", {}):
             await send({"type": "websocket.close", "code": 1008, "reason": close_reason(error.message)})
             return
-        await send({"type": "websocket.http.response.start", "status": error.status, "headers": headers})
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
         await send({"type": "websocket.http.response.body", "body": body})
         return
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})

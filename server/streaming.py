@@ -1,7 +1,7 @@
 """Turning a generation's events into a stream for a client, and cancelling it when they leave.
 
 `chunked(handle, chunk_size, delay_ms)` groups text deltas into chunks of at least `chunk_size`
-tokens and paces them; whatever the transport, the consumer's `finally` cancels the handle, so a
+tokens (never an empty one) and paces them; whatever the transport, the consumer's `finally` cancels the handle, so a
 client that disconnects (the ASGI server cancels the response task) frees its batch slot at once.
 """
 
@@ -24,9 +24,16 @@ class Chunk:
     top: tuple[tuple[tuple[bytes, float], ...], ...] = ()
 
 
-def _join(a: Chunk, b: TextDelta) -> Chunk:
+def _join(a: Chunk, b: TextDelta | Chunk) -> Chunk:
     return Chunk(a.text + b.text, a.token_ids + b.token_ids, a.logprobs + b.logprobs,
                  a.token_bytes + b.token_bytes, a.top + b.top)
+
+
+def joined(chunks: list[Chunk]) -> Chunk:
+    whole = Chunk("", (), ())
+    for chunk in chunks:
+        whole = _join(whole, chunk)
+    return whole
 
 
 async def chunked(handle: GenerationHandle, chunk_size: int = 1,
@@ -38,7 +45,9 @@ async def chunked(handle: GenerationHandle, chunk_size: int = 1,
         async for event in handle:
             if isinstance(event, TextDelta):
                 pending = _join(pending, event)
-                if len(pending.token_ids) >= chunk_size:
+                # a token with no text of its own yet (the end-of-text token, half a character) goes
+                # with the next text: no client is sent an empty delta
+                if len(pending.token_ids) >= chunk_size and pending.text:
                     yield pending
                     pending = empty
                     if delay_ms:

@@ -19,6 +19,7 @@ first. A constrained answer makes one call.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,6 +29,9 @@ from llm_pool import Message, chat_format
 from llm_pool.chat_format import ToolCall
 from llm_pool.constraints import OutputFormat
 from llm_pool.errors import InvalidParamsError
+from llm_pool.stream import Failed, Finished, GenerationHandle
+
+from .streaming import Chunk, chunked, joined
 
 NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -136,3 +140,34 @@ def session_tools(tools: list[ToolDef] | None) -> list[dict] | None:
         return None
     plan = ToolPlan.of(tools, "auto")
     return plan.tool_dicts() if plan else []
+
+
+@dataclass(frozen=True)
+class Calls:
+    """The answer was tool calls (OpenAI `tool_calls` dicts); `pieces`: the text they were read from."""
+    calls: list[dict]
+    pieces: list[Chunk]
+
+
+async def answer_events(handle: GenerationHandle, plan: ToolPlan | None, chunk_size: int = 1,
+                        delay_ms: int = 0) -> AsyncIterator[Chunk | Calls | Finished | Failed]:
+    """A chat answer as every protocol streams it: text as Chunks, or Calls, then Finished or Failed.
+
+    With tools, an answer that may be a call is held back: with `auto`, until its beginning shows
+    it is text (then streamed as it comes); otherwise to the end, where it is read as calls (or,
+    failing that, sent as text)."""
+    held: list[Chunk] | None = [] if plan else None
+    async for item in chunked(handle, chunk_size, delay_ms):
+        if isinstance(item, Chunk) and held is not None:
+            held.append(item)
+            if plan.choice == "auto" and not plan.may_be_call("".join(c.text for c in held)):
+                for piece in held:  # plain text after all: stream it as it comes
+                    yield piece
+                held = None
+        elif isinstance(item, Finished) and held:
+            whole = joined(held)
+            calls = plan.parse(whole.text) if item.reason == "stop" else None
+            yield Calls(calls, held) if calls else whole
+            yield item
+        else:
+            yield item

@@ -455,7 +455,8 @@ class LlamaCppBackend(Backend):
         # (llama.cpp may take the EOS as one past n_predict; a caller never sees more than it asked for)
         usage = Usage(len(waiter.ids), min(produced + (1 if stop_type == "eos" else 0), waiter.wanted), cached)
         self._end(handle, final=Finished(reason, usage, text, self.spec.key, ttft, now - handle.created,
-                                         started - waiter.submitted, stopped_by))
+                                         started - waiter.submitted, stopped_by,
+                                         final.get("stopping_word") or None if stopped_by == "stop_sequence" else None))
 
     def _lost_error(self) -> ShoalError:
         return ServiceUnavailableError(f"model '{self.spec.key}': {self.lost or 'llama.cpp stopped'}; it "

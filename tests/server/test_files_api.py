@@ -81,7 +81,7 @@ def test_bad_uploads_are_refused_clearly(live_server, services):
     too_big = upload(url, sid, "huge.txt", b"x" * (services.documents.max_bytes + 1))
     assert too_big.status_code == 413 and "limit" in too_big.json()["error"]["message"]
     empty = upload(url, sid, "empty.txt", b"")
-    assert empty.status_code == 422
+    assert empty.status_code == 400
     binary = upload(url, sid, "notes.txt", files.binary_bytes()).json()
     assert wait_ready(url, sid, binary["id"])["reason"] == "this looks like a binary file, not text"
     sneaky = upload(url, sid, "../../app.py", b"print('hi')\n").json()

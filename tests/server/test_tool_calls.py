@@ -111,7 +111,7 @@ def test_bad_tool_requests_are_refused_by_name(live_server, body, field):
 def test_a_tool_message_must_name_its_call(live_server):
     response = httpx.post(f"{live_server.url}/v1/chat/completions", timeout=60, json={
         "max_tokens": 2, "messages": [*QUESTION, {"role": "tool", "content": "31 degrees"}]})
-    assert response.status_code == 422 and "tool_call_id" in response.json()["error"]["message"]
+    assert response.status_code == 400 and "tool_call_id" in response.json()["error"]["message"]
 
 
 def test_a_session_with_tools_calls_one_and_answers_from_the_result(live_server):
