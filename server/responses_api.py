@@ -1,0 +1,340 @@
+"""OpenAI's Responses API: POST /v1/responses (streamed or not), what Codex CLI and the OpenAI
+Agents SDK speak.
+
+Translation only, as for chat completions: `instructions` and the `input` (text, or items:
+messages with `input_text` / `output_text` parts, `function_call` and `function_call_output`)
+become the same chat; `tools` (function tools), `tool_choice`, `parallel_tool_calls` and
+`text.format` (json_object / json_schema, enforced while decoding) go through the same tool plan
+and constraints. The answer is `output` items (a `message` with `output_text`, or `function_call`
+items); a stream sends the event types the `openai` SDK parses (`response.created`,
+`response.output_item.added`, `response.output_text.delta`, `response.function_call_arguments.delta`,
+..., `response.completed` / `response.incomplete`).
+
+Stored responses are not built yet: every response is answered with `store: false`, and a request
+that relies on storage (`store: true`, `previous_response_id`, `conversation`, `background`) is
+refused with a 400 naming the field, never silently treated as stateless. Send the whole input
+each turn (as Codex CLI does with `store: false`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from llm_pool import Finished, GenerationParams, GenerationRequest
+from llm_pool.constraints import OutputFormat
+from llm_pool.errors import InvalidParamsError
+from llm_pool.stream import Failed
+
+from .context import admit
+from .openai_api import ChatMessageIn
+from .protocol import MaxTokens, ModelRef, Seed, Temperature, TopP
+from .streaming import SSE_HEADERS, Chunk, result_or_disconnect
+from .tool_calls import Calls, FunctionDef, FunctionName, NamedToolChoice, ToolDef, ToolPlan, answer_events, history
+
+router = APIRouter(tags=["OpenAI-compatible"])
+
+IGNORED = frozenset({"metadata", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
+                     "prompt_cache_options", "user", "truncation", "include", "stream_options", "moderation"})
+NEEDS_STORAGE = {
+    "previous_response_id": "stored responses are not supported yet: send the whole conversation as input",
+    "conversation": "stored conversations are not supported yet: send the whole conversation as input",
+    "background": "background responses need storage, which is not supported yet",
+}
+NOT_SUPPORTED = {
+    "reasoning": "no model here reasons (null or {} is accepted)",
+    "prompt": "stored prompt templates are not supported",
+    "max_tool_calls": "built-in tools are not supported, so there is nothing to limit",
+    "top_logprobs": "logprobs on responses are not supported yet (use /v1/chat/completions)",
+    "access_programs": "not supported", "background_options": "not supported", "image": "not supported",
+    "context_management": "not supported",
+}
+
+
+def _refused(field: str, why: str) -> InvalidParamsError:
+    return InvalidParamsError(f"{field}: {why}", param=field)
+
+
+class FunctionTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = Field(None, max_length=8192)
+    parameters: dict | None = None
+    strict: bool | None = Field(None, description="Accepted; with required or a named tool the schema is "
+                                "always enforced.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _built_in(cls, data):
+        if isinstance(data, dict) and data.get("type") != "function":
+            raise ValueError(f"tool type '{data.get('type')}': only function tools are supported (built-in tools "
+                             "such as web search, file search and MCP are not)")
+        return data
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["function"]
+    name: str = Field(max_length=64)
+
+
+class TextFormat(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"]
+    name: str | None = Field(None, max_length=64)
+    description: str | None = Field(None, max_length=4096)
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class TextConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format: TextFormat | None = None
+    verbosity: Literal["medium"] | None = Field(None, description="Only medium (the model's own) is supported.")
+
+
+class ResponsesRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _screen(cls, data):
+        if not isinstance(data, dict):
+            return data
+        if data.get("store") is True:
+            raise _refused("store", "responses are not stored yet: send store: false and the whole input")
+        for field, why in {**NEEDS_STORAGE, **NOT_SUPPORTED}.items():
+            value = data.get(field)
+            if value not in (None, False, {}) and not (field == "reasoning" and value == {"effort": None}):
+                raise _refused(field, why)
+        return {k: v for k, v in data.items() if k not in IGNORED and k not in NEEDS_STORAGE
+                and k not in NOT_SUPPORTED and k != "store"}
+
+    model: ModelRef = None
+    input: str | list[dict[str, Any]] = Field(description="Text, or input items (messages, function_call, "
+                                              "function_call_output).")
+    instructions: str | None = Field(None, max_length=1_000_000)
+    max_output_tokens: MaxTokens = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    seed: Seed = None
+    stream: bool = False
+    tools: list[FunctionTool] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    parallel_tool_calls: bool | None = None
+    text: TextConfig | None = None
+
+    def chat(self) -> list[ChatMessageIn]:
+        out: list[ChatMessageIn] = []
+        if self.instructions:
+            out.append(ChatMessageIn(role="system", content=self.instructions))
+        if isinstance(self.input, str):
+            return [*out, ChatMessageIn(role="user", content=self.input)]
+        calls: list[dict] = []  # consecutive function_call items make one assistant turn
+        for i, item in enumerate(self.input):
+            kind, at = item.get("type", "message"), f"input.{i}"
+            if kind != "function_call" and calls:
+                out.append(ChatMessageIn(role="assistant", content=None, tool_calls=calls))
+                calls = []
+            if kind == "message":
+                role = item.get("role")
+                if role not in ("user", "assistant", "system", "developer"):
+                    raise InvalidParamsError(f"{at}.role: one of user, assistant, system, developer",
+                                             param=f"{at}.role")
+                out.append(ChatMessageIn(role=role, content=_text(item.get("content"), f"{at}.content")))
+            elif kind == "function_call":
+                if not all(isinstance(item.get(k), str) for k in ("call_id", "name", "arguments")):
+                    raise InvalidParamsError(f"{at}: a function_call item has call_id, name and arguments", param=at)
+                calls.append({"id": item["call_id"],
+                              "function": {"name": item["name"], "arguments": item["arguments"]}})
+            elif kind == "function_call_output":
+                output = item.get("output")
+                if not isinstance(item.get("call_id"), str) or output is None:
+                    raise InvalidParamsError(f"{at}: a function_call_output item has call_id and output", param=at)
+                text = output if isinstance(output, str) else _text(output, f"{at}.output")
+                out.append(ChatMessageIn(role="tool", content=text, tool_call_id=item["call_id"]))
+            elif kind == "reasoning":
+                continue  # another model's thoughts: not shown to this one
+            else:
+                raise _refused(f"{at}.type", f"'{kind}' items are not supported (message, function_call, "
+                               "function_call_output)")
+        if calls:
+            out.append(ChatMessageIn(role="assistant", content=None, tool_calls=calls))
+        return out
+
+    def plan(self) -> ToolPlan | None:
+        tools = [ToolDef(type="function", function=FunctionDef(name=t.name, description=t.description,
+                                                               parameters=t.parameters))
+                 for t in self.tools or ()] or None
+        choice = self.tool_choice
+        if isinstance(choice, NamedFunction):
+            choice = NamedToolChoice(type="function", function=FunctionName(name=choice.name))
+        plan = ToolPlan.of(tools, choice, self.parallel_tool_calls)
+        if plan is not None and self.format() is not None:
+            raise InvalidParamsError("text.format: not with tools (a call's arguments already follow its schema)",
+                                     param="text.format")
+        return plan
+
+    def format(self) -> OutputFormat | None:
+        wanted = self.text.format if self.text else None
+        if wanted is None or wanted.type == "text":
+            return None
+        if wanted.type == "json_object":
+            return OutputFormat.json(None)
+        if wanted.schema_ is None:
+            raise InvalidParamsError("text.format.schema: required for json_schema", param="text.format.schema")
+        return OutputFormat.json(wanted.schema_, param="text.format.schema")
+
+    def request(self, plan: ToolPlan | None) -> GenerationRequest:
+        params = GenerationParams.validated(max_new_tokens=self.max_output_tokens, temperature=self.temperature,
+                                            top_p=self.top_p, seed=self.seed)
+        return GenerationRequest(params, messages=history(self.chat()),
+                                 output_format=plan.output_format() if plan else self.format(),
+                                 tools=plan.tool_dicts() if plan else None,
+                                 tool_prompt=plan.prompt() if plan else None)
+
+
+def _text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidParamsError(f"{where}: text or a list of text parts", param=where)
+    parts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+            raise _refused(f"{where}.{i}.type", f"'{kind}' parts are not supported, only input_text and output_text")
+        parts.append(part["text"])
+    return "".join(parts)
+
+
+class _Answer:
+    """The response object, as it grows while streaming and as it is returned."""
+
+    def __init__(self, body: ResponsesRequest, model: str):
+        self.body = body
+        self.id = f"resp_{uuid.uuid4().hex[:24]}"
+        self.model = model
+        self.created = int(time.time())
+        self.output: list[dict] = []
+        self.final: Finished | None = None
+
+    def message(self, text: str, status: str = "completed") -> dict:
+        return {"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "status": status, "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+
+    @staticmethod
+    def call(call: dict, status: str = "completed") -> dict:
+        return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex[:24]}", "call_id": call["id"],
+                "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": status}
+
+    def status(self) -> str:
+        if self.final is None:
+            return "in_progress"
+        return "incomplete" if self.final.reason == "length" else "completed"
+
+    def usage(self) -> dict | None:
+        if self.final is None:
+            return None
+        usage = self.final.usage
+        return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+                "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+
+    def dict(self) -> dict:
+        body = self.body
+        fmt = body.text.format.model_dump(by_alias=True, exclude_none=True) if body.text and body.text.format \
+            else {"type": "text"}
+        choice = body.tool_choice
+        return {
+            "id": self.id, "object": "response", "created_at": self.created, "status": self.status(),
+            "model": self.model, "output": self.output, "usage": self.usage(), "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if self.status() == "incomplete" else None,
+            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
+            "temperature": body.temperature, "top_p": body.top_p, "metadata": {}, "store": False,
+            "previous_response_id": None, "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "tool_choice": choice.model_dump() if isinstance(choice, NamedFunction) else (choice or "auto"),
+            "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()],
+            "text": {"format": fmt}, "reasoning": None, "truncation": "disabled",
+        }
+
+
+@router.post("/v1/responses", summary="Create a response (OpenAI Responses API)")
+async def create_response(body: ResponsesRequest, request: Request):
+    plan = body.plan()
+    handle = await admit(request, body.model, body.request(plan))
+    answer = _Answer(body, handle.model)
+    if not body.stream:
+        answer.final = await result_or_disconnect(handle, request)
+        calls = plan.parse(answer.final.text) if plan and answer.final.reason == "stop" else None
+        answer.output = [answer.call(c) for c in calls] if calls else [answer.message(answer.final.text)]
+        return answer.dict()
+
+    sequence = 0
+
+    def event(kind: str, **data) -> str:
+        nonlocal sequence
+        sequence += 1
+        payload = {"type": kind, "sequence_number": sequence - 1, **data}
+        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+    async def events():
+        yield event("response.created", response=answer.dict())
+        yield event("response.in_progress", response=answer.dict())
+        text: list[str] = []
+        message: dict | None = None
+        async for item in answer_events(handle, plan):
+            if isinstance(item, Chunk):
+                if message is None:
+                    message = answer.message("", "in_progress")
+                    message["content"] = []
+                    answer.output.append(message)
+                    at = len(answer.output) - 1
+                    yield event("response.output_item.added", output_index=at, item=message)
+                    yield event("response.content_part.added", item_id=message["id"], output_index=at,
+                                content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+                text.append(item.text)
+                yield event("response.output_text.delta", item_id=message["id"], output_index=at, content_index=0,
+                            delta=item.text, logprobs=[])
+            elif isinstance(item, Calls):
+                for call in item.calls:
+                    done = answer.call(call)
+                    at = len(answer.output)
+                    answer.output.append(done)
+                    yield event("response.output_item.added", output_index=at,
+                                item={**done, "arguments": "", "status": "in_progress"})
+                    yield event("response.function_call_arguments.delta", item_id=done["id"], output_index=at,
+                                delta=done["arguments"])
+                    yield event("response.function_call_arguments.done", item_id=done["id"], output_index=at,
+                                name=done["name"], arguments=done["arguments"])
+                    yield event("response.output_item.done", output_index=at, item=done)
+            elif isinstance(item, Finished):
+                answer.final = item
+                if message is not None:
+                    whole = "".join(text)
+                    part = {"type": "output_text", "text": whole, "annotations": [], "logprobs": []}
+                    message.update(status="completed", content=[part])
+                    yield event("response.output_text.done", item_id=message["id"], output_index=at, content_index=0,
+                                text=whole, logprobs=[])
+                    yield event("response.content_part.done", item_id=message["id"], output_index=at,
+                                content_index=0, part=part)
+                    yield event("response.output_item.done", output_index=at, item=message)
+                kind = "response.incomplete" if answer.status() == "incomplete" else "response.completed"
+                yield event(kind, response=answer.dict())
+                return
+            elif isinstance(item, Failed):
+                error = item.error
+                yield event("error", code=error.code or error.type, message=error.message, param=error.param)
+                failed = {**answer.dict(), "status": "failed", "error": {"code": error.code or "server_error",
+                                                                           "message": error.message}}
+                yield event("response.failed", response=failed)
+                return
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
