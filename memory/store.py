@@ -21,7 +21,13 @@ from typing import Any
 import diskcache
 
 from llm_pool import faults
-from llm_pool.errors import InsufficientStorageError, InvalidParamsError, NotFoundError, ServiceUnavailableError
+from llm_pool.errors import (
+    ConflictError,
+    InsufficientStorageError,
+    InvalidParamsError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 from memory import index as passages
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
@@ -192,6 +198,9 @@ class SessionStore:
             self._db.delete(f"s:{session_id}")
             self._db.delete(f"m:{session_id}")
             self._db.delete(f"f:{session_id}")
+            for response_id in self._db.get(f"rs:{session_id}", []):
+                self._db.delete(f"r:{response_id}")
+            self._db.delete(f"rs:{session_id}")
             passages.delete(self._db._sql, session_id)
             self._db.set(f"u:{user}", [s for s in self._index(user) if s != session_id])
         self._write(write)
@@ -230,6 +239,39 @@ class SessionStore:
             self._db.set(f"s:{session_id}", asdict(session))
             return session
         return self._write(write)
+
+    # ------------------------------------------------------------------ stored API responses
+    def add_response(self, user: str, session_id: str, new: list[StoredMessage], response: dict[str, Any],
+                     *, after: int) -> Session:
+        """Append a Responses API exchange to the session in one transaction, and keep the response
+        (its id maps to this session and to the history up to its end). `after`: how many
+        messages the exchange follows; a session that has grown since is refused (the caller forks)."""
+        def write():
+            session = self._session(user, session_id)
+            if session.message_count != after:
+                raise ConflictError("the conversation moved on meanwhile", code="conversation_moved")
+            session = self.append(user, session_id, new)
+            self._db.set(f"r:{response['id']}", {"user": user, "session_id": session_id,
+                                                 "count": session.message_count, "response": response})
+            self._db.set(f"rs:{session_id}", self._db.get(f"rs:{session_id}", []) + [response["id"]])
+            return session
+        return self._write(write)
+
+    def response(self, user: str, response_id: str) -> dict[str, Any]:
+        """{"session_id", "count", "response"} of a stored response of this user (else not found)."""
+        record = self._db.get(f"r:{response_id}") if isinstance(response_id, str) and len(response_id) < 100 else None
+        if record is None or record.get("user") != user or self._db.get(f"s:{record['session_id']}") is None:
+            raise NotFoundError(f"response '{str(response_id)[:100]}' not found", param="response_id",
+                                code="response_not_found")
+        return record
+
+    def delete_response(self, user: str, response_id: str) -> None:
+        def write():
+            record = self.response(user, response_id)
+            self._db.delete(f"r:{response_id}")
+            self._db.set(f"rs:{record['session_id']}",
+                         [r for r in self._db.get(f"rs:{record['session_id']}", []) if r != response_id])
+        self._write(write)
 
     # ------------------------------------------------------------------ uploaded files (records only)
     def files(self, user: str, session_id: str) -> list[dict[str, Any]]:

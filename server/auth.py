@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from llm_pool.errors import AuthenticationError, PermissionDeniedError, RateLimitedError
 from service.identity import Caller, Identity
 
+from .errors import error_body
 from .origin import refuse
 
 COOKIE = "shoal_session"
@@ -193,15 +194,14 @@ class IdentityMiddleware:
             await _redirect(send, "/login")
             return
         in_url = "api_key" in conn.query_params
-        await _unauthorized(send, in_url)
+        await _unauthorized(send, in_url, path)
 
 
-async def _unauthorized(send: Send, key_in_url: bool) -> None:
+async def _unauthorized(send: Send, key_in_url: bool, path: str = "") -> None:
     message = "An API key is required: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'."
     if key_in_url:
         message += " Keys in the URL are not accepted (URLs are written to logs)."
-    body = json.dumps({"error": {"message": message, "type": "authentication_error", "param": None,
-                                 "code": "invalid_api_key"}}).encode()
+    body = json.dumps(error_body(message, "authentication_error", None, "invalid_api_key", path, 401)).encode()
     await send({"type": "http.response.start", "status": 401,
                 "headers": [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]})
     await send({"type": "http.response.body", "body": body})

@@ -10,14 +10,17 @@ items); a stream sends the event types the `openai` SDK parses (`response.create
 `response.output_item.added`, `response.output_text.delta`, `response.function_call_arguments.delta`,
 ..., `response.completed` / `response.incomplete`).
 
-Stored responses are not built yet: every response is answered with `store: false`, and a request
-that relies on storage (`store: true`, `previous_response_id`, `conversation`, `background`) is
-refused with a 400 naming the field, never silently treated as stateless. Send the whole input
-each turn (as Codex CLI does with `store: false`).
+Stored and durable, per user (`service/responses.py`): with `store` (OpenAI's default, for a
+caller with an identity: a key, or the trusted local owner) a response and its conversation are
+kept as one of the user's chats, so `previous_response_id` and `conversation` (a chat's id)
+continue it, across restarts, and the user can open it in the UI. `GET` / `DELETE
+/v1/responses/{id}`. A caller without an identity (keys off, a stranger) gets `store: false`
+unless it asks for storage, which is then a 401 as for sessions. `background` is refused by name.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -27,12 +30,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from llm_pool import Finished, GenerationParams, GenerationRequest
+from llm_pool import Finished, GenerationParams, GenerationRequest, Message
 from llm_pool.constraints import OutputFormat
-from llm_pool.errors import InvalidParamsError
+from llm_pool.errors import AuthenticationError, InvalidParamsError, NotFoundError, ShoalError
 from llm_pool.stream import Failed
+from memory.store import StoredMessage
+from service.responses import Opening, answer_messages
 
-from .context import admit
+from .auth import caller_of
+from .context import admit, services_of
 from .openai_api import ChatMessageIn
 from .protocol import MaxTokens, ModelRef, Seed, Temperature, TopP
 from .streaming import SSE_HEADERS, Chunk, result_or_disconnect
@@ -42,12 +48,8 @@ router = APIRouter(tags=["OpenAI-compatible"])
 
 IGNORED = frozenset({"metadata", "service_tier", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
                      "prompt_cache_options", "user", "truncation", "include", "stream_options", "moderation"})
-NEEDS_STORAGE = {
-    "previous_response_id": "stored responses are not supported yet: send the whole conversation as input",
-    "conversation": "stored conversations are not supported yet: send the whole conversation as input",
-    "background": "background responses need storage, which is not supported yet",
-}
 NOT_SUPPORTED = {
+    "background": "background responses are not supported (stream instead)",
     "reasoning": "no model here reasons (null or {} is accepted)",
     "prompt": "stored prompt templates are not supported",
     "max_tool_calls": "built-in tools are not supported, so there is nothing to limit",
@@ -108,14 +110,13 @@ class ResponsesRequest(BaseModel):
     def _screen(cls, data):
         if not isinstance(data, dict):
             return data
-        if data.get("store") is True:
-            raise _refused("store", "responses are not stored yet: send store: false and the whole input")
-        for field, why in {**NEEDS_STORAGE, **NOT_SUPPORTED}.items():
+        for field, why in NOT_SUPPORTED.items():
             value = data.get(field)
             if value not in (None, False, {}) and not (field == "reasoning" and value == {"effort": None}):
                 raise _refused(field, why)
-        return {k: v for k, v in data.items() if k not in IGNORED and k not in NEEDS_STORAGE
-                and k not in NOT_SUPPORTED and k != "store"}
+        if isinstance(data.get("conversation"), dict):
+            data = {**data, "conversation": data["conversation"].get("id")}
+        return {k: v for k, v in data.items() if k not in IGNORED and k not in NOT_SUPPORTED}
 
     model: ModelRef = None
     input: str | list[dict[str, Any]] = Field(description="Text, or input items (messages, function_call, "
@@ -130,13 +131,17 @@ class ResponsesRequest(BaseModel):
     tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
+    store: bool | None = Field(None, description="Keep the response and its conversation as one of your "
+                               "chats (the default when you have an identity).")
+    previous_response_id: str | None = Field(None, max_length=100, description="Continue from this stored "
+                                             "response (a branch if its chat has moved on).")
+    conversation: str | None = Field(None, max_length=100, description="A chat's id: continue it at its end.")
 
     def chat(self) -> list[ChatMessageIn]:
+        """The new messages of this request (not the instructions, not a stored history)."""
         out: list[ChatMessageIn] = []
-        if self.instructions:
-            out.append(ChatMessageIn(role="system", content=self.instructions))
         if isinstance(self.input, str):
-            return [*out, ChatMessageIn(role="user", content=self.input)]
+            return [ChatMessageIn(role="user", content=self.input)]
         calls: list[dict] = []  # consecutive function_call items make one assistant turn
         for i, item in enumerate(self.input):
             kind, at = item.get("type", "message"), f"input.{i}"
@@ -192,10 +197,11 @@ class ResponsesRequest(BaseModel):
             raise InvalidParamsError("text.format.schema: required for json_schema", param="text.format.schema")
         return OutputFormat.json(wanted.schema_, param="text.format.schema")
 
-    def request(self, plan: ToolPlan | None) -> GenerationRequest:
+    def request(self, plan: ToolPlan | None, earlier: list[Message] = ()) -> GenerationRequest:
         params = GenerationParams.validated(max_new_tokens=self.max_output_tokens, temperature=self.temperature,
                                             top_p=self.top_p, seed=self.seed)
-        return GenerationRequest(params, messages=history(self.chat()),
+        opening = [Message("system", self.instructions)] if self.instructions else []
+        return GenerationRequest(params, messages=[*opening, *earlier, *history(self.chat())],
                                  output_format=plan.output_format() if plan else self.format(),
                                  tools=plan.tool_dicts() if plan else None,
                                  tool_prompt=plan.prompt() if plan else None)
@@ -218,8 +224,10 @@ def _text(content: Any, where: str) -> str:
 class _Answer:
     """The response object, as it grows while streaming and as it is returned."""
 
-    def __init__(self, body: ResponsesRequest, model: str):
+    def __init__(self, body: ResponsesRequest, model: str, store: bool):
         self.body = body
+        self.store = store
+        self.conversation: str | None = None
         self.id = f"resp_{uuid.uuid4().hex[:24]}"
         self.model = model
         self.created = int(time.time())
@@ -258,23 +266,59 @@ class _Answer:
             "model": self.model, "output": self.output, "usage": self.usage(), "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if self.status() == "incomplete" else None,
             "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-            "temperature": body.temperature, "top_p": body.top_p, "metadata": {}, "store": False,
-            "previous_response_id": None, "parallel_tool_calls": body.parallel_tool_calls is not False,
+            "temperature": body.temperature, "top_p": body.top_p, "metadata": {}, "store": self.store,
+            "previous_response_id": body.previous_response_id,
+            "conversation": {"id": self.conversation} if self.conversation else None,
+            "parallel_tool_calls": body.parallel_tool_calls is not False,
             "tool_choice": choice.model_dump() if isinstance(choice, NamedFunction) else (choice or "auto"),
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()],
             "text": {"format": fmt}, "reasoning": None, "truncation": "disabled",
         }
 
 
+def _stored(messages: list[ChatMessageIn]) -> list[StoredMessage]:
+    """The request's new messages as a chat stores them (a tool's output as the user's answer to
+    the call, as in the UI's chats)."""
+    out = []
+    for m in messages:
+        if m.role == "tool":
+            out.append(StoredMessage("user", m.text(), meta={"tool_call_id": m.tool_call_id}))
+        elif m.role == "assistant" and m.tool_calls:
+            calls = [{"id": c.id, "type": "function", "function": c.function.model_dump()} for c in m.tool_calls]
+            out.append(StoredMessage("assistant", m.text(), meta={"tool_calls": calls, "finish_reason": "tool_calls"}))
+        else:
+            out.append(StoredMessage("system" if m.role == "developer" else m.role, m.text()))
+    return out
+
+
 @router.post("/v1/responses", summary="Create a response (OpenAI Responses API)")
 async def create_response(body: ResponsesRequest, request: Request):
+    services, caller = services_of(request), caller_of(request)
+    store = body.store if body.store is not None else caller.user is not None
+    if (store or body.previous_response_id or body.conversation) and caller.user is None:
+        field = "store" if body.store else "previous_response_id" if body.previous_response_id else "conversation"
+        raise AuthenticationError(services.identity.user_refusal(), param=field, code="api_key_required")
+    if body.previous_response_id and body.conversation:
+        raise InvalidParamsError("send previous_response_id or conversation, not both", param="conversation")
     plan = body.plan()
-    handle = await admit(request, body.model, body.request(plan))
-    answer = _Answer(body, handle.model)
+    opening = Opening()
+    if body.previous_response_id or body.conversation:
+        opening = await asyncio.to_thread(services.responses.opening, caller.user, body.previous_response_id,
+                                          body.conversation)
+    handle = await admit(request, body.model, body.request(plan, opening.messages()))
+    answer = _Answer(body, handle.model, store)
+
+    async def keep(final: Finished, calls: list[dict] | None) -> None:
+        if store:
+            new = [*_stored(body.chat()), answer_messages(final, calls)]
+            answer.conversation = await asyncio.to_thread(services.responses.save, caller.user, opening, new,
+                                                          answer.dict(), handle.model)
+
     if not body.stream:
         answer.final = await result_or_disconnect(handle, request)
         calls = plan.parse(answer.final.text) if plan and answer.final.reason == "stop" else None
         answer.output = [answer.call(c) for c in calls] if calls else [answer.message(answer.final.text)]
+        await keep(answer.final, calls)
         return answer.dict()
 
     sequence = 0
@@ -290,6 +334,7 @@ async def create_response(body: ResponsesRequest, request: Request):
         yield event("response.in_progress", response=answer.dict())
         text: list[str] = []
         message: dict | None = None
+        called: list[dict] | None = None
         async for item in answer_events(handle, plan):
             if isinstance(item, Chunk):
                 if message is None:
@@ -304,6 +349,7 @@ async def create_response(body: ResponsesRequest, request: Request):
                 yield event("response.output_text.delta", item_id=message["id"], output_index=at, content_index=0,
                             delta=item.text, logprobs=[])
             elif isinstance(item, Calls):
+                called = item.calls
                 for call in item.calls:
                     done = answer.call(call)
                     at = len(answer.output)
@@ -317,6 +363,13 @@ async def create_response(body: ResponsesRequest, request: Request):
                     yield event("response.output_item.done", output_index=at, item=done)
             elif isinstance(item, Finished):
                 answer.final = item
+                try:
+                    await keep(item, called)
+                except ShoalError as exc:
+                    yield event("error", code=exc.code or exc.type, message=exc.message, param=exc.param)
+                    yield event("response.failed", response={**answer.dict(), "status": "failed", "error": {
+                        "code": exc.code or "server_error", "message": exc.message}})
+                    return
                 if message is not None:
                     whole = "".join(text)
                     part = {"type": "output_text", "text": whole, "annotations": [], "logprobs": []}
@@ -338,3 +391,26 @@ async def create_response(body: ResponsesRequest, request: Request):
                 return
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.get("/v1/responses/{response_id}", summary="A stored response (OpenAI Responses API)")
+async def get_response(response_id: str, request: Request):
+    caller = caller_of(request)
+    if caller.user is None:
+        raise NotFoundError(f"response '{response_id[:100]}' not found", param="response_id", code="response_not_found")
+    return await asyncio.to_thread(services_of(request).responses.get, caller.user, response_id)
+
+
+@router.delete("/v1/responses/{response_id}", summary="Delete a stored response (its chat stays)")
+async def delete_response(response_id: str, request: Request):
+    caller = caller_of(request)
+    if caller.user is None:
+        raise NotFoundError(f"response '{response_id[:100]}' not found", param="response_id", code="response_not_found")
+    await asyncio.to_thread(services_of(request).responses.delete, caller.user, response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+@router.post("/v1/responses/{response_id}/cancel", summary="Cancel a background response")
+async def cancel_response(response_id: str):
+    raise InvalidParamsError("only background responses can be cancelled, and they are not supported (close the "
+                             "stream to cancel a response)", param="response_id")

@@ -38,6 +38,7 @@ from .identity import Caller, Identity
 from .limits import RateLimiter
 from .metrics import Metrics
 from .quotas import Quotas
+from .responses import ResponsesService
 from .settings import Settings, parse_size
 
 log = logging.getLogger("shoal")
@@ -53,6 +54,7 @@ class Services:
     metrics: Metrics | None = None
     documents: DocumentService | None = None
     chat: ChatService | None = None
+    responses: ResponsesService | None = None  # stored Responses API conversations (as chats)
     session_secret: str = ""  # never leaves the server (signs browser ids and login cookies)
     identity: Identity | None = None
     draining: bool = False  # set on SIGTERM: new requests get 503 while in-flight ones finish
@@ -70,6 +72,8 @@ class Services:
             self.metrics = Metrics(self.pool)
         if self.chat is None:
             self.chat = ChatService(self.store, self, self.documents)
+        if self.responses is None:
+            self.responses = ResponsesService(self.store, self.chat)
         self._share_fairly()
 
     def _share_fairly(self) -> None:

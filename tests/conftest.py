@@ -111,6 +111,29 @@ def live_server(services) -> Iterator[LiveServer]:
     server.stop()
 
 
+@pytest.fixture
+def own_server(pool, tmp_path):
+    """A server with its own data directory (shared model), which a test may restart."""
+    state = {"port": free_port(), "dir": tmp_path / "data"}
+
+    def start() -> LiveServer:
+        from server.app import create_app
+        from service import build_services
+        services = build_services(make_settings(state["dir"]), pool=pool)
+        state["services"] = services
+        state["server"] = LiveServer(create_app(services, own_services=False), state["port"]).start()
+        return state["server"]
+
+    def stop() -> None:
+        state["server"].stop()
+        state["services"].store.close()
+
+    state["start"], state["stop"] = start, stop
+    start()
+    yield state
+    stop()
+
+
 @pytest.fixture(scope="module")
 def keyed_server(pool, embedder, tmp_path_factory):
     """A server with API keys on (sk-test-1), sharing the session's loaded model."""

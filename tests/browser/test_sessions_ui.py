@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from playwright.sync_api import Page, expect
 
-from service import build_services
 from tests.browser import open_panel
-from tests.conftest import LiveServer, free_port, make_settings
 
 BOT = "#chatbot [data-testid='bot']"
 USER = "#chatbot [data-testid='user']"
@@ -38,28 +35,6 @@ def open_page(browser, url: str, width: int = 1280) -> Page:
     expect(page.locator("#chat-input textarea")).to_be_visible()
     expect(page.locator("#ui-loaded")).to_have_text("loaded")  # this browser's sessions are in
     return page
-
-
-@pytest.fixture
-def own_server(pool, tmp_path):
-    """A server with its own data directory (shared model), which a test may restart."""
-    state = {"port": free_port(), "dir": tmp_path / "data"}
-
-    def start() -> LiveServer:
-        from server.app import create_app
-        services = build_services(make_settings(state["dir"]), pool=pool)
-        state["services"] = services
-        state["server"] = LiveServer(create_app(services, own_services=False), state["port"]).start()
-        return state["server"]
-
-    def stop() -> None:
-        state["server"].stop()
-        state["services"].store.close()
-
-    state["start"], state["stop"] = start, stop
-    start()
-    yield state
-    stop()
 
 
 def test_streamed_reply_then_stop_mid_reply_keeps_the_partial_answer(browser, own_server, artifacts, pool):

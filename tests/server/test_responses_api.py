@@ -1,8 +1,9 @@
 """OpenAI's Responses API through the real `openai` SDK against a real server on loopback, on both
 engines: a response and its stream (the SDK's own event handling and final response), a
 function-tool round trip with the call and its output sent back as input items, `text.format`
-validated with jsonschema, and refusals naming the field, among them what needs stored
-responses (not built yet), so no client is silently treated as stateless."""
+validated with jsonschema, stored conversations (`previous_response_id` across a restart, a
+branch, `conversation`, the chat in the sessions API, other users and strangers refused), and
+refusals naming the field."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import json
 import httpx
 import jsonschema
 import pytest
-from openai import BadRequestError, OpenAI
+from openai import AuthenticationError, BadRequestError, NotFoundError, OpenAI
 
 from tests.conftest import CHAT_ENGINES, CHAT_MODEL
 
@@ -84,9 +85,7 @@ def test_text_format_json_schema(client):
 
 
 @pytest.mark.parametrize(("extra", "field"), [
-    ({"store": True}, "store"),
-    ({"previous_response_id": "resp_123"}, "previous_response_id"),
-    ({"conversation": "conv_123"}, "conversation"),
+    ({"background": True}, "background"),
     ({"reasoning": {"effort": "high"}}, "reasoning"),
     ({"tools": [{"type": "web_search"}]}, "tools.0"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]},
@@ -100,3 +99,67 @@ def test_refusals_name_the_field(client, live_server, extra, field):
     assert field in response.json()["error"]["message"]
     with pytest.raises(BadRequestError):
         client.responses.create(**body)
+
+
+def test_a_stored_conversation_continues_across_a_restart_and_branches(own_server):
+    def client() -> OpenAI:
+        return OpenAI(base_url=f"{own_server['server'].url}/v1", api_key="unused", max_retries=0, timeout=180)
+
+    greedy = {"model": CHAT_MODEL, "temperature": 0, "max_output_tokens": 16}
+    first = client().responses.create(input="My name is Ada. Say hello.", **greedy)  # store: OpenAI's default
+    assert first.store is True and first.conversation.id
+    chat = first.conversation.id
+
+    own_server["stop"]()
+    own_server["start"]()  # a new process's services on the same data dir
+    second = client().responses.create(input="What is my name?", previous_response_id=first.id, **greedy)
+    assert second.conversation.id == chat and second.previous_response_id == first.id
+    assert second.usage.input_tokens > first.usage.input_tokens + first.usage.output_tokens  # the history was read
+    assert client().responses.retrieve(first.id).output_text == first.output_text
+
+    stored = httpx.get(f"{own_server['server'].url}/v1/sessions/{chat}").json()  # an ordinary chat of this user
+    assert [m["role"] for m in stored["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert stored["messages"][2]["content"] == "What is my name?"
+
+    branch = client().responses.create(input="What is my surname?", previous_response_id=first.id, **greedy)
+    assert branch.conversation.id != chat  # the chat had moved on: a branch from the first answer
+    branched = httpx.get(f"{own_server['server'].url}/v1/sessions/{branch.conversation.id}").json()["messages"]
+    assert [m["content"] for m in branched[::2]] == ["My name is Ada. Say hello.", "What is my surname?"]
+
+    third = client().responses.create(input="Thanks.", conversation=chat, **greedy)
+    assert third.conversation.id == chat
+    assert len(httpx.get(f"{own_server['server'].url}/v1/sessions/{chat}").json()["messages"]) == 6
+
+    client().responses.delete(second.id)
+    with pytest.raises(NotFoundError):
+        client().responses.retrieve(second.id)
+
+
+def test_stored_responses_belong_to_their_user(pool, embedder, tmp_path):
+    from service import build_services
+    from tests.conftest import make_settings, serve
+    server = serve(build_services(make_settings(tmp_path / "keys", api_keys=["sk-ann", "sk-bob"]), pool=pool,
+                                  embedder=embedder))
+    public = serve(build_services(make_settings(tmp_path / "open", trust_loopback=False), pool=pool,
+                                  embedder=embedder))
+    try:
+        ann, bob = (OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0, timeout=180)
+                    for key in ("sk-ann", "sk-bob"))
+        made = ann.responses.create(model=CHAT_MODEL, input="Hello", max_output_tokens=4)
+        assert made.store is True and ann.responses.retrieve(made.id).id == made.id
+        with pytest.raises(NotFoundError):
+            bob.responses.retrieve(made.id)
+        with pytest.raises(NotFoundError):  # nor continue it: as if it did not exist
+            bob.responses.create(model=CHAT_MODEL, input="Hi", previous_response_id=made.id, max_output_tokens=4)
+        with pytest.raises(NotFoundError):
+            bob.responses.delete(made.id)
+        assert ann.responses.retrieve(made.id).id == made.id
+
+        stranger = OpenAI(base_url=f"{public.url}/v1", api_key="unused", max_retries=0, timeout=180)
+        answered = stranger.responses.create(model=CHAT_MODEL, input="Hello", max_output_tokens=4)
+        assert answered.store is False and answered.conversation is None  # nobody to keep it for: said so
+        with pytest.raises(AuthenticationError):  # asking to keep it needs an identity, as sessions do
+            stranger.responses.create(model=CHAT_MODEL, input="Hello", max_output_tokens=4, store=True)
+    finally:
+        server.stop()
+        public.stop()
