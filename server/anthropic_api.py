@@ -33,11 +33,21 @@ from llm_pool.stream import Failed
 
 from .auth import caller_of
 from .context import admit, services_of
-from .errors import ANTHROPIC_TYPES
+from .errors import ANTHROPIC_TYPES, from_client
 from .openai_api import ChatMessageIn
 from .protocol import MAX_NEW_TOKENS_LIMIT, MaxTokens, ModelRef, StopText, Temperature, TopK, TopP
 from .streaming import SSE_HEADERS, Chunk, result_or_disconnect
-from .tool_calls import Calls, FunctionDef, FunctionName, NamedToolChoice, ToolDef, ToolPlan, answer_events, history
+from .tool_calls import (
+    NAME,
+    Calls,
+    FunctionDef,
+    FunctionName,
+    NamedToolChoice,
+    ToolDef,
+    ToolPlan,
+    answer_events,
+    history,
+)
 
 router = APIRouter(tags=["Anthropic-compatible"])
 
@@ -60,7 +70,7 @@ class Tool(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["custom"] | None = Field(None, description="Client tools only; server tools (web search, "
                                            "code execution, ...) are refused by name.")
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: str = Field(pattern=NAME)
     description: str | None = Field(None, max_length=8192)
     input_schema: dict = Field(description="JSON Schema of the tool's input.")
     cache_control: dict | None = Field(None, description="Accepted; prompt caching is automatic.")
@@ -77,7 +87,7 @@ class Tool(BaseModel):
 class ToolChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["auto", "any", "tool", "none"]
-    name: str | None = Field(None, max_length=64)
+    name: str | None = Field(None, pattern=NAME)
     disable_parallel_tool_use: bool | None = None
 
 
@@ -137,6 +147,9 @@ class MessagesRequest(BaseModel):
 
     def chat(self) -> list[ChatMessageIn]:
         """The conversation as the OpenAI route's messages (same history, same tool turns)."""
+        return from_client("messages", self._chat)
+
+    def _chat(self) -> list[ChatMessageIn]:
         out: list[ChatMessageIn] = []
         if self.system is not None:
             out.append(ChatMessageIn(role="system", content=_text(self.system, "system")))

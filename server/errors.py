@@ -14,9 +14,10 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llm_pool.errors import ShoalError
+from llm_pool.errors import InvalidParamsError, ShoalError
 
 log = logging.getLogger("shoal.http")
 
@@ -84,6 +85,17 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None, in
         return f"{field}: {reason} (see the README's compatibility table)", field, 400
     message = first.get("msg", "invalid value")
     return (f"{field}: {message}" if field else message), field, 400
+
+
+def from_client(where: str, build):
+    """`build()`, which turns a client's items into the shared request models: a value those
+    models refuse (a name, an id too long) is the client's error (400 naming it), never a 500."""
+    try:
+        return build()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first.get("loc", ()))
+        raise InvalidParamsError(f"{where}: {field + ': ' if field else ''}{first.get('msg')}", param=where) from None
 
 
 def install_error_handlers(app: FastAPI) -> None:

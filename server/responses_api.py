@@ -39,10 +39,21 @@ from service.responses import Opening, answer_messages
 
 from .auth import caller_of
 from .context import admit, services_of
+from .errors import from_client
 from .openai_api import ChatMessageIn
 from .protocol import MaxTokens, ModelRef, Seed, Temperature, TopP
 from .streaming import SSE_HEADERS, Chunk, result_or_disconnect
-from .tool_calls import Calls, FunctionDef, FunctionName, NamedToolChoice, ToolDef, ToolPlan, answer_events, history
+from .tool_calls import (
+    NAME,
+    Calls,
+    FunctionDef,
+    FunctionName,
+    NamedToolChoice,
+    ToolDef,
+    ToolPlan,
+    answer_events,
+    history,
+)
 
 router = APIRouter(tags=["OpenAI-compatible"])
 
@@ -66,7 +77,7 @@ def _refused(field: str, why: str) -> InvalidParamsError:
 class FunctionTool(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["function"]
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    name: str = Field(pattern=NAME)
     description: str | None = Field(None, max_length=8192)
     parameters: dict | None = None
     strict: bool | None = Field(None, description="Accepted; with required or a named tool the schema is "
@@ -84,7 +95,7 @@ class FunctionTool(BaseModel):
 class NamedFunction(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["function"]
-    name: str = Field(max_length=64)
+    name: str = Field(pattern=NAME)
 
 
 class TextFormat(BaseModel):
@@ -139,6 +150,9 @@ class ResponsesRequest(BaseModel):
 
     def chat(self) -> list[ChatMessageIn]:
         """The new messages of this request (not the instructions, not a stored history)."""
+        return from_client("input", self._chat)
+
+    def _chat(self) -> list[ChatMessageIn]:
         out: list[ChatMessageIn] = []
         if isinstance(self.input, str):
             return [ChatMessageIn(role="user", content=self.input)]

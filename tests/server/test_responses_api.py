@@ -91,6 +91,8 @@ def test_text_format_json_schema(client):
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "http://x/y.png"}]}]},
      "input.0.content.0.type"),
     ({"temperature": 5}, "temperature"),
+    ({"tool_choice": {"type": "function", "name": "no such name!"}, "tools": [WEATHER]}, "tool_choice"),
+    ({"input": [{"type": "function_call_output", "call_id": "c" * 300, "output": "x"}]}, "input"),
 ])
 def test_refusals_name_the_field(client, live_server, extra, field):
     body = {"model": CHAT_MODEL, "input": QUESTION, "max_output_tokens": 8, **extra}
