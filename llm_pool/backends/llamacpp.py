@@ -370,7 +370,7 @@ class LlamaCppBackend(Backend):
             if not free:
                 return
             waiter = self._queue.popleft()
-            slot, reuse = pick_slot(free, waiter, self._batch)
+            slot, reuse = pick_slot(free, waiter, self._batch, busy=[s.id for s in self._slots if s.busy])
             slot.busy = True
             self.stats["peak_running"] = max(self.stats["peak_running"], sum(s.busy for s in self._slots))
             task = asyncio.ensure_future(self._generate(waiter, slot, reuse))

@@ -32,31 +32,43 @@ class Waiter:
     future: asyncio.Future | None = None
 
 
-def pick_slot(free: list[Slot], waiter: Waiter, batch: int) -> tuple[Slot, bool]:
-    """The free slot whose KV this request may reuse the most of; else an empty one; else the
-    least recently used (its KV is recomputed: nothing of another scope is reused).
+def pick_slot(free: list[Slot], waiter: Waiter, batch: int, busy: list[int] = ()) -> tuple[Slot, bool]:
+    """The free slot whose KV this request may reuse the most of, if that is more than one step's
+    prompt tokens (`batch`). Else a long prompt takes the highest free slot, and a short one, in
+    order: a slot that does not widen the span of busy slot ids (`busy`), one that is empty or the
+    caller's own (other callers' prefixes are kept while there is room), the caller's own with the
+    longest shared prefix, the least recently used. Nothing of another scope is ever reused.
 
-    llama-server fills each step's batch with prompt tokens slot by slot in id order, so where
-    the slot is a free choice a long prompt takes the highest id and a short one the lowest:
-    a short request's prompt goes into the next step instead of waiting behind a long one.
-    (Measured and not kept yet: llama.cpp's attention at each step spans every slot between the
-    lowest and highest busy one, so least-recently-used choices spread 16 streams over 32 slots;
-    packing them measured 0.84x -> 0.93x of a bare `llama-server -np 16`, but both packing rules
-    tried broke other behaviour in the full suite; see issue 25's note.)"""
+    The span: with a KV per slot, llama.cpp's attention at each step covers every slot between
+    the lowest and the highest one in the batch (`llama_kv_cache::get_k`: streams s0..s1), so 16
+    streams spread over 32 slots cost as much as 32 (least recently used slots alone measured
+    0.84x of a bare `llama-server -np 16` at 16 clients). llama-server also fills each step's
+    batch with prompt tokens slot by slot in id order, so a long prompt on the highest id lets a
+    short request's prompt go first.
+
+    (Last session this rule was reverted because a browser test's tools chat answered in plain
+    text in CI; the cause was the test filling a field Gradio had not finished rendering, seen
+    with the old rule too, and is mended in the test.)"""
     scope = waiter.handle.request.cache_scope
-    if scope is not None:
-        mine = [s for s in free if s.scope == scope]
-        if mine:
-            best = max(mine, key=lambda s: (common_prefix(s.tokens, waiter.ids), s.used))
-            if common_prefix(best.tokens, waiter.ids) > 0:
-                return best, True
-    long = len(waiter.ids) > batch
-    empty = [s for s in free if not s.tokens]
-    if empty:
-        return (empty[-1] if long else empty[0]), False
-    if long:
-        return max(free, key=lambda s: s.id), False
-    return min(free, key=lambda s: s.used), False
+
+    def shared(slot: Slot) -> int:
+        return common_prefix(slot.tokens, waiter.ids) if scope is not None and slot.scope == scope else 0
+
+    mine = max(free, key=lambda s: (shared(s), s.used))
+    if shared(mine) > batch:  # a chat's history: worth its slot wherever it is
+        return mine, True
+    if len(waiter.ids) > batch:
+        highest = max(free, key=lambda s: s.id)
+        return highest, shared(highest) > 0
+    low, high = (min(busy), max(busy)) if busy else (None, None)
+
+    def cost(slot: Slot) -> tuple:
+        widen = 0 if low is None else max(0, slot.id - high) + max(0, low - slot.id)
+        others = bool(slot.tokens) and not (scope is not None and slot.scope == scope)
+        return widen, others, -shared(slot), slot.used, slot.id
+
+    chosen = min(free, key=cost)
+    return chosen, shared(chosen) > 0
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
