@@ -93,16 +93,21 @@ class JSONSchemaFormat(BaseModel):
 class ResponseFormat(BaseModel):
     """OpenAI's `response_format`: enforced while decoding, on every local engine."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
+    schema_: dict | None = Field(None, alias="schema", description="llama.cpp's form: json_object with the "
+                                 "schema beside it (as json_schema's schema).")
 
     def output_format(self) -> OutputFormat | None:
+        if self.schema_ is not None and self.type != "json_object":
+            raise InvalidParamsError("response_format.schema: only with json_object (json_schema has its own)",
+                                     param="response_format.schema")
         if self.type == "text":
             return None
         if self.type == "json_object":
-            return OutputFormat.json(None)
+            return OutputFormat.json(self.schema_, param="response_format.schema")
         if self.json_schema is None or self.json_schema.schema_ is None:
             raise InvalidParamsError("response_format.json_schema.schema is required for type json_schema",
                                      param="response_format.json_schema.schema")
@@ -361,6 +366,7 @@ async def completions(body: CompletionRequest, request: Request):
         pieces: list[list[Chunk] | None] = [[] if wants else None for _ in handles]
         finals = await all_results(handles, request, pieces)
         return {"id": ident, "object": "text_completion", "created": created, "model": model,
+                "system_fingerprint": model,
                 "choices": [{"index": i, "text": prefix + final.text, "finish_reason": final.reason,
                              "logprobs": completion_logprobs(collected, 0) if collected is not None else None}
                             for i, (final, collected) in enumerate(zip(finals, pieces))],
@@ -369,6 +375,7 @@ async def completions(body: CompletionRequest, request: Request):
 
     def chunk(index: int, text: str, finish: str | None = None, logprobs: dict | None = None) -> str:
         return sse({"id": ident, "object": "text_completion", "created": created, "model": model,
+                    "system_fingerprint": model,
                     "choices": [{"index": index, "text": text, "finish_reason": finish, "logprobs": logprobs}]})
 
     async def choice(index: int, handle: GenerationHandle):
