@@ -35,12 +35,21 @@ from .auth import caller_of
 from .context import admit, services_of
 from .errors import ANTHROPIC_TYPES, from_client
 from .openai_api import ChatMessageIn
-from .protocol import MAX_NEW_TOKENS_LIMIT, MaxTokens, ModelRef, StopText, Temperature, TopK, TopP
+from .protocol import (
+    MAX_NEW_TOKENS_LIMIT,
+    MaxTokens,
+    ModelRef,
+    StopText,
+    Temperature,
+    TopK,
+    TopP,
+    refused,
+    screened,
+)
 from .streaming import SSE_HEADERS, Chunk, result_or_disconnect
 from .tool_calls import (
     NAME,
     Calls,
-    FunctionDef,
     FunctionName,
     NamedToolChoice,
     ToolDef,
@@ -60,10 +69,6 @@ NOT_SUPPORTED = {
     "thinking": "extended thinking: no model here reasons (type 'disabled' is accepted)",
     "prefill": "not supported: end the messages with an assistant turn instead",
 }
-
-
-def _refused(field: str, why: str) -> InvalidParamsError:
-    return InvalidParamsError(f"{field}: {why}", param=field)
 
 
 class Tool(BaseModel):
@@ -105,7 +110,7 @@ class OutputConfig(BaseModel):
     @model_validator(mode="after")
     def _effort(self) -> OutputConfig:
         if self.effort is not None:
-            raise _refused("output_config.effort", "no model here reasons, so there is no effort to set")
+            raise refused("output_config.effort", "no model here reasons, so there is no effort to set")
         return self
 
 
@@ -122,14 +127,8 @@ class MessagesRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _drop_ignorable(cls, data):
-        if isinstance(data, dict):
-            for field, why in NOT_SUPPORTED.items():
-                value = data.get(field)
-                if value is not None and not (field == "thinking" and isinstance(value, dict)
-                                              and value.get("type") == "disabled"):
-                    raise _refused(field, why)
-            return {k: v for k, v in data.items() if k not in IGNORED and k not in NOT_SUPPORTED}
-        return data
+        return screened(data, IGNORED, NOT_SUPPORTED, lambda field, value: value is None or (
+            field == "thinking" and isinstance(value, dict) and value.get("type") == "disabled"))
 
     model: ModelRef = Field(description="A model served here (name or name@version).")
     messages: list[MessageIn] = Field(min_length=1, max_length=10_000)
@@ -158,9 +157,7 @@ class MessagesRequest(BaseModel):
         return out
 
     def plan(self) -> ToolPlan | None:
-        tools = [ToolDef(type="function", function=FunctionDef(name=t.name, description=t.description,
-                                                               parameters=t.input_schema))
-                 for t in self.tools or ()]
+        tools = [ToolDef.of(t.name, t.description, t.input_schema) for t in self.tools or ()]
         choice = self.tool_choice
         if choice is None:
             return ToolPlan.of(tools or None, None)
@@ -201,7 +198,7 @@ def _text(content: str | list[dict], where: str) -> str:
     parts = []
     for i, block in enumerate(content):
         if block.get("type") != "text" or not isinstance(block.get("text"), str):
-            raise _refused(f"{where}.{i}.type", f"'{block.get('type')}' blocks are not supported here, only text")
+            raise refused(f"{where}.{i}.type", f"'{block.get('type')}' blocks are not supported here, only text")
         parts.append(block["text"])
     return "\n".join(parts)
 
@@ -233,7 +230,7 @@ def _turn(message: MessageIn, where: str) -> list[ChatMessageIn]:
         elif kind in ("thinking", "redacted_thinking") and message.role == "assistant":
             continue  # an earlier answer's thoughts are not shown to the model again (as Anthropic does)
         else:
-            raise _refused(f"{at}.type", f"'{kind}' blocks are not supported in a {message.role} message "
+            raise refused(f"{at}.type", f"'{kind}' blocks are not supported in a {message.role} message "
                            "(text, tool_use from the assistant, tool_result from the user)")
     out = results
     text = "\n".join(texts)

@@ -6,11 +6,13 @@ bodies from these, so a new parameter or a changed bound is one edit here (and o
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any
 
 from pydantic import Field
 
 from llm_pool import Finished
+from llm_pool.errors import InvalidParamsError
 from llm_pool.params import MAX_NEW_TOKENS_LIMIT, MAX_SEED, MAX_STOP_SEQUENCES
 
 MaxTokens = Annotated[int | None, Field(ge=1, le=MAX_NEW_TOKENS_LIMIT, description="Most tokens to generate.")]
@@ -51,3 +53,20 @@ def timings(final: Finished) -> dict:
     return {"ttft_s": round(final.ttft, 4) if final.ttft is not None else None,
             "duration_s": round(final.duration, 4), "queued_s": round(final.queued, 4),
             "tokens_per_second": round(final.tokens_per_second, 2)}
+
+
+def refused(field: str, why: str) -> InvalidParamsError:
+    """A field the client sent that Shoal does not do: a 400 that names it."""
+    return InvalidParamsError(f"{field}: {why}", param=field)
+
+
+def screened(data: Any, ignored: frozenset[str], not_supported: Mapping[str, str],
+             asks_nothing: Callable[[str, Any], bool]) -> Any:
+    """A request body before validation: fields that change nothing about the answer dropped,
+    known unsupported ones refused by name unless their value asks for nothing."""
+    if not isinstance(data, dict):
+        return data
+    for field, why in not_supported.items():
+        if field in data and not asks_nothing(field, data[field]):
+            raise refused(field, why)
+    return {k: v for k, v in data.items() if k not in ignored and k not in not_supported}

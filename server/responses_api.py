@@ -41,12 +41,11 @@ from .auth import caller_of
 from .context import admit, services_of
 from .errors import from_client
 from .openai_api import ChatMessageIn
-from .protocol import MaxTokens, ModelRef, Seed, Temperature, TopP
+from .protocol import MaxTokens, ModelRef, Seed, Temperature, TopP, refused, screened
 from .streaming import SSE_HEADERS, Chunk, result_or_disconnect
 from .tool_calls import (
     NAME,
     Calls,
-    FunctionDef,
     FunctionName,
     NamedToolChoice,
     ToolDef,
@@ -68,10 +67,6 @@ NOT_SUPPORTED = {
     "access_programs": "not supported", "background_options": "not supported", "image": "not supported",
     "context_management": "not supported",
 }
-
-
-def _refused(field: str, why: str) -> InvalidParamsError:
-    return InvalidParamsError(f"{field}: {why}", param=field)
 
 
 class FunctionTool(BaseModel):
@@ -119,15 +114,10 @@ class ResponsesRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _screen(cls, data):
-        if not isinstance(data, dict):
-            return data
-        for field, why in NOT_SUPPORTED.items():
-            value = data.get(field)
-            if value not in (None, False, {}) and not (field == "reasoning" and value == {"effort": None}):
-                raise _refused(field, why)
-        if isinstance(data.get("conversation"), dict):
+        if isinstance(data, dict) and isinstance(data.get("conversation"), dict):
             data = {**data, "conversation": data["conversation"].get("id")}
-        return {k: v for k, v in data.items() if k not in IGNORED and k not in NOT_SUPPORTED}
+        return screened(data, IGNORED, NOT_SUPPORTED, lambda field, value: value in (None, False, {}) or (
+            field == "reasoning" and value == {"effort": None}))
 
     model: ModelRef = None
     input: str | list[dict[str, Any]] = Field(description="Text, or input items (messages, function_call, "
@@ -182,16 +172,14 @@ class ResponsesRequest(BaseModel):
             elif kind == "reasoning":
                 continue  # another model's thoughts: not shown to this one
             else:
-                raise _refused(f"{at}.type", f"'{kind}' items are not supported (message, function_call, "
+                raise refused(f"{at}.type", f"'{kind}' items are not supported (message, function_call, "
                                "function_call_output)")
         if calls:
             out.append(ChatMessageIn(role="assistant", content=None, tool_calls=calls))
         return out
 
     def plan(self) -> ToolPlan | None:
-        tools = [ToolDef(type="function", function=FunctionDef(name=t.name, description=t.description,
-                                                               parameters=t.parameters))
-                 for t in self.tools or ()] or None
+        tools = [ToolDef.of(t.name, t.description, t.parameters) for t in self.tools or ()] or None
         choice = self.tool_choice
         if isinstance(choice, NamedFunction):
             choice = NamedToolChoice(type="function", function=FunctionName(name=choice.name))
@@ -230,7 +218,7 @@ def _text(content: Any, where: str) -> str:
     for i, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
-            raise _refused(f"{where}.{i}.type", f"'{kind}' parts are not supported, only input_text and output_text")
+            raise refused(f"{where}.{i}.type", f"'{kind}' parts are not supported, only input_text and output_text")
         parts.append(part["text"])
     return "".join(parts)
 

@@ -50,6 +50,11 @@ class ToolDef(BaseModel):
     type: Literal["function"]
     function: FunctionDef
 
+    @classmethod
+    def of(cls, name: str, description: str | None, parameters: dict | None) -> ToolDef:
+        """A function tool declared the way another protocol declares it (Anthropic, Responses)."""
+        return cls(type="function", function=FunctionDef(name=name, description=description, parameters=parameters))
+
 
 class FunctionName(BaseModel):
     name: str = Field(pattern=NAME)

@@ -162,6 +162,12 @@ def test_stored_responses_belong_to_their_user(pool, embedder, tmp_path):
         assert answered.store is False and answered.conversation is None  # nobody to keep it for: said so
         with pytest.raises(AuthenticationError):  # asking to keep it needs an identity, as sessions do
             stranger.responses.create(model=CHAT_MODEL, input="Hello", max_output_tokens=4, store=True)
+        with pytest.raises(NotFoundError):  # and a stranger has no stored responses to read or delete
+            stranger.responses.retrieve(answered.id)
+        with pytest.raises(NotFoundError):
+            stranger.responses.delete(answered.id)
+        with pytest.raises(BadRequestError):  # nothing runs in the background, so nothing to cancel
+            stranger.responses.cancel(answered.id)
     finally:
         server.stop()
         public.stop()
