@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .constraints import OutputFormat
+from .errors import InvalidParamsError
 from .grammar_bounds import MAX_CONSTRAINED_TOOLS, GrammarBoundError
 
 TAGGED = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
@@ -185,12 +186,30 @@ def may_be_call(text: str) -> bool:
     return not start or start[0] == "{" or any(p.startswith(start[:len(p)]) for p in ("```", "<tool_call>"))
 
 
+def check_turns(request) -> None:
+    """`continue_final_message` continues the last message, which must be the assistant's own
+    text; it cannot also open a new turn (`add_generation_prompt`), as in vLLM and llama.cpp."""
+    if not request.continue_final_message:
+        return
+    name = "continue_final_message"
+    if request.add_generation_prompt:
+        raise InvalidParamsError(f"{name}: not with add_generation_prompt true (send add_generation_prompt: "
+                                 "false to continue the last message)", param=name)
+    last = request.messages[-1] if request.messages else None
+    if last is None or last.role != "assistant":
+        raise InvalidParamsError(f"{name}: the last message must be an assistant message (the text to "
+                                 "continue)", param=name)
+    if last.tool_calls:
+        raise InvalidParamsError(f"{name}: an assistant message with tool_calls cannot be continued", param=name)
+
+
 def render(request, native: bool, object_arguments: bool = True) -> tuple[list[dict[str, Any]], list[dict] | None]:
     """The turns to hand a chat template, and the tools to hand it (None for the generic format)."""
+    check_turns(request)
     if native:
         return template_messages(request.messages, object_arguments), request.tools or None
     return generic_messages(request.messages, request.tool_prompt), None
 
 
-__all__ = ["TOOL_RESULT", "ToolCall", "call_format", "generic_messages", "knows_tools", "may_be_call",
+__all__ = ["TOOL_RESULT", "ToolCall", "call_format", "check_turns", "generic_messages", "knows_tools", "may_be_call",
            "parse_calls", "render", "template_messages", "tool_prompt"]

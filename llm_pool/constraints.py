@@ -1,21 +1,23 @@
 """Structured output: what the generated text must be, and how each engine enforces it.
 
-An `OutputFormat` says "JSON (any object, or valid against this JSON schema)" or "a match of this
-regular expression". It is checked when the request arrives (a bad schema or pattern is a 400
-naming the field it came from), and each engine enforces it while decoding, never by checking
-afterwards:
+An `OutputFormat` says "JSON (any object, or valid against this JSON schema)", "a match of this
+regular expression" or "a sentence of this GBNF grammar" (llama.cpp's `grammar`). It is checked
+when the request arrives (a bad schema, pattern or grammar is a 400 naming the field it came
+from), and each engine enforces it while decoding, never by checking afterwards:
 
 - the transformers engine masks, at every step, the tokens the grammar does not allow
   (`TokenConstraint`, built on llguidance, the grammar engine llama.cpp and vLLM also use);
-- the llama.cpp engine passes the JSON schema to the server, which turns it into its own grammar.
+- the llama.cpp engine passes the JSON schema (or the GBNF grammar) to the server, which turns it
+  into its own grammar; a GBNF grammar is read by llguidance first (`gbnf_to_lark`), so a broken
+  one is a 400 on both engines.
 
 JSON is generated compactly (no free whitespace): a small model left to choose whitespace can
 spend its whole budget on newlines.
 
 A grammar is enforced inside the engine's batch step, so its cost is every user's: schemas and
 patterns past the bounds of `grammar_bounds` (depth, alternatives, counts, a pattern's width and
-expanded size) are refused when the request arrives, and compiling the grammar (`check`) has a
-time budget.
+expanded size) are refused when the request arrives, a GBNF grammar is bounded in size
+(`MAX_GRAMMAR_BYTES`), and compiling the grammar (`check`) has a time budget.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from .grammar_bounds import check_pattern, check_schema
 
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_PATTERN_LENGTH = 4096
+MAX_GRAMMAR_BYTES = 32 * 1024  # a GBNF grammar (llama.cpp's `grammar`)
 COMPILE_SECONDS = 2.0  # a grammar that takes longer to compile is refused (it would stall its engine)
 _compiler = ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-check")
 _COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -40,9 +43,10 @@ ANY_OBJECT: dict[str, Any] = {"type": "object"}
 
 @dataclass(frozen=True)
 class OutputFormat:
-    kind: str  # "json" | "regex"
+    kind: str  # "json" | "regex" | "gbnf"
     schema_text: str | None = None  # json: the schema as JSON text; None = any JSON object
     pattern: str | None = None  # regex
+    gbnf_text: str | None = None  # gbnf: llama.cpp's grammar format
     param: str = "response_format"  # the request field it came from, for error messages
 
     @property
@@ -72,11 +76,26 @@ class OutputFormat:
         check_pattern(pattern, param, param)
         return cls("regex", pattern=pattern, param=param)
 
+    @classmethod
+    def gbnf(cls, text: str, param: str = "grammar") -> OutputFormat:
+        """llama.cpp's GBNF (`root ::= "yes" | "no"`); it is read and compiled by `check`."""
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidParamsError(f"{param}: the grammar must be a non-empty GBNF text", param=param)
+        if len(text.encode()) > MAX_GRAMMAR_BYTES:
+            raise InvalidParamsError(f"{param}: the grammar is over {MAX_GRAMMAR_BYTES // 1024} KB", param=param)
+        return cls("gbnf", gbnf_text=text, param=param)
+
     def grammar(self) -> str:
-        """The grammar in llguidance's format."""
+        """The grammar in llguidance's format (raises ValueError for GBNF it cannot read)."""
         from llguidance import LLMatcher
         if self.kind == "regex":
             return LLMatcher.grammar_from_regex(self.pattern or "")
+        if self.kind == "gbnf":
+            from llguidance.gbnf_to_lark import gbnf_to_lark
+            try:
+                return LLMatcher.grammar_from_lark(gbnf_to_lark(self.gbnf_text or ""))
+            except Exception as exc:  # the converter raises plain Exceptions ("Rule 'x' not found")
+                raise ValueError(f"not a valid GBNF grammar ({exc})") from None
         return LLMatcher.grammar_from_json_schema(self.schema_text or json.dumps(ANY_OBJECT),
                                                   overrides=_COMPACT)
 
@@ -106,6 +125,8 @@ class OutputFormat:
         if self.kind == "regex":
             import re
             return re.fullmatch(self.pattern or "", text) is not None
+        if self.kind == "gbnf":
+            raise ValueError("validate: GBNF grammars are enforced while decoding, not checked here")
         try:
             value = json.loads(text)
         except ValueError:

@@ -55,6 +55,10 @@ class GenerationRequest:
     # renders them, and the same described in words, for one that does not
     tools: list[dict] | None = None
     tool_prompt: str | None = None
+    # How a chat is rendered (vLLM's fields): open a new assistant turn after the messages, or
+    # leave the last (assistant) message open so that the answer continues it (chat_format.check_turns)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
 
 
 @dataclass(frozen=True)

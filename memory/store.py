@@ -77,6 +77,7 @@ class Session:
     context_policy: dict[str, Any] = field(default_factory=dict)  # e.g. {"max_history_turns": 20}
     tools: list[dict[str, Any]] = field(default_factory=list)  # OpenAI tool objects the model may call
     tool_choice: str = "auto"  # auto | required: on the user's turns (after a tool's result: auto)
+    mcp_servers: list[str] = field(default_factory=list)  # MCP servers whose tools this chat may call
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     message_count: int = 0
@@ -176,7 +177,8 @@ class SessionStore:
         return self._session(user, session_id)
 
     def update(self, user: str, session_id: str, **changes: Any) -> Session:
-        allowed = {"title", "model", "system_prompt", "params", "context_policy", "tools", "tool_choice"}
+        allowed = {"title", "model", "system_prompt", "params", "context_policy", "tools", "tool_choice",
+                   "mcp_servers"}
         unknown = set(changes) - allowed
         if unknown:
             raise InvalidParamsError(f"cannot change '{sorted(unknown)[0]}'", param=sorted(unknown)[0])

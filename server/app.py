@@ -19,6 +19,7 @@ from . import (
     batch_api,
     embeddings_api,
     files_api,
+    mcp_api,
     models_api,
     openai_api,
     responses_api,
@@ -59,6 +60,7 @@ def create_app(services: Services, *, with_ui: bool = True, own_services: bool =
     app.state.key_throttle = throttle = KeyThrottle.from_settings(settings)
     install_error_handlers(app)
     for module in (models_api, openai_api, responses_api, anthropic_api, tgi_api, tokens_api, embeddings_api, batch_api,
+                   mcp_api,
                    sessions_api, files_api, ws_api):
         app.include_router(module.router)
     _add_service_routes(app, services)

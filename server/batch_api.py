@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from llm_pool import GenerationParams, GenerationRequest
 from llm_pool.errors import InvalidParamsError, ShoalError
@@ -20,21 +20,7 @@ from .auth import caller_of
 from .context import services_of
 from .errors import api_status
 from .openai_api import ChatMessageIn
-from .protocol import (
-    FrequencyPenalty,
-    LogitBias,
-    MaxTokens,
-    MinP,
-    PresencePenalty,
-    RepetitionPenalty,
-    Seed,
-    StopList,
-    Temperature,
-    TopK,
-    TopP,
-    timings,
-    usage_dict,
-)
+from .protocol import MaxTokens, SamplingParams, timings, usage_dict
 from .tool_calls import history
 
 router = APIRouter(tags=["batch"])
@@ -48,25 +34,11 @@ class ClientGoneError(ShoalError):
     type = "client_closed_request"
 
 
-class BatchParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    max_tokens: MaxTokens = None
-    temperature: Temperature = None
-    top_p: TopP = None
-    top_k: TopK = None
-    min_p: MinP = None
-    repetition_penalty: RepetitionPenalty = None
-    presence_penalty: PresencePenalty = None
-    frequency_penalty: FrequencyPenalty = None
-    logit_bias: LogitBias = None
-    seed: Seed = None
-    stop: StopList = None
+class BatchParams(SamplingParams):
+    max_new_tokens: MaxTokens = Field(None, alias="max_tokens")  # OpenAI's name, as the rest of /v1
 
     def merged(self, base: GenerationParams) -> GenerationParams:
-        values = self.model_dump(exclude_none=True)
-        values["max_new_tokens"] = values.pop("max_tokens", None)
-        return base.updated(**values)
+        return base.updated(**self.values())
 
 
 class BatchItem(BaseModel):

@@ -2,10 +2,12 @@
 pool's embedding models (catalog `kind = "embedding"`; all-MiniLM-L6-v2 ships offline).
 
 OpenAI's SDK asks for `encoding_format="base64"` by default (little-endian float32), so both
-encodings are answered. Token-id inputs and `dimensions` other than the model's own are refused by
-name. Same owner as generation: anyone with keys off, a key holder with keys on. Each request is
-bounded in tokens (--max-embedding-tokens, 413) and waits for its caller's turn (`Services.embed`);
-a client that leaves while it waits gives up its place.
+encodings are answered. `input` may be token ids as OpenAI allows (a list of ints: one text; a
+list of lists: several), fed to the model as they are and checked against its vocabulary;
+`dimensions` other than the model's own is refused by name. Same owner as generation: anyone
+with keys off, a key holder with keys on. Each request is bounded in tokens
+(--max-embedding-tokens, 413) and waits for its caller's turn (`Services.embed`); a client that
+leaves while it waits gives up its place.
 """
 
 from __future__ import annotations
@@ -43,23 +45,33 @@ async def _embed(request: Request, model: str | None, texts: list[str], keep_ali
         watcher.cancel()
 
 
-def _texts(value: str | list, param: str = "input") -> list[str]:
-    items = [value] if isinstance(value, str) else value
+def _texts(value: str | list, param: str = "input", ids: bool = False) -> list:
+    """The inputs as a list: texts, or (with `ids`, OpenAI's forms) lists of token ids, where a
+    flat list of ints is one text's tokens."""
+    items = [value] if isinstance(value, str) or (ids and _token_list(value)) else value
     if not items or len(items) > MAX_INPUTS:
         raise InvalidParamsError(f"{param}: send 1 to {MAX_INPUTS} texts", param=param)
     for i, item in enumerate(items):
-        if not isinstance(item, str):
-            raise InvalidParamsError(f"{param}.{i}: token-id inputs are not supported; send text",
+        if not isinstance(item, str) and not (ids and _token_list(item)):
+            raise InvalidParamsError(f"{param}.{i}: send a text" + (" or a list of token ids" if ids else ""),
                                      param=f"{param}.{i}")
         if not item:
-            raise InvalidParamsError(f"{param}.{i}: an empty text has no embedding", param=f"{param}.{i}")
+            raise InvalidParamsError(f"{param}.{i}: an empty input has no embedding", param=f"{param}.{i}")
+    if ids and len({isinstance(item, str) for item in items}) > 1:
+        raise InvalidParamsError(f"{param}: send texts or lists of token ids, not both", param=param)
     return items
+
+
+def _token_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    input: str | list[str] | list[int] | list[list[int]] = Field(description="A text or a list of texts.")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="A text, a list of texts, one text's token ids, or a list of them (this model's ids).")
     model: str | None = Field(None, max_length=200, description="Default: the catalog's first embedding model.")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(None, ge=1, le=65536, description="Only the model's own size.")
@@ -80,8 +92,13 @@ class OllamaEmbedRequest(BaseModel):
 
 @router.post("/v1/embeddings", summary="Embeddings (OpenAI-compatible)")
 async def embeddings(body: EmbeddingRequest, request: Request):
-    texts = _texts(body.input)
-    vectors, tokens, model = await _embed(request, body.model, texts)
+    texts = _texts(body.input, ids=True)
+    try:
+        vectors, tokens, model = await _embed(request, body.model, texts)
+    except ShoalError as exc:  # one text sent as a flat list of ids: its problems are input's, not input.0's
+        if exc.param == "input.0" and _token_list(body.input):
+            exc.param, exc.message = "input", exc.message.replace("input.0", "input", 1)
+        raise
     if body.dimensions is not None and body.dimensions != vectors.shape[1]:
         raise InvalidParamsError(f"dimensions: this model's embeddings have {vectors.shape[1]} dimensions",
                                  param="dimensions")

@@ -157,8 +157,14 @@ class SamplingFields(BaseModel):
     keep_alive: KeepAlive = None
     response_format: ResponseFormat | None = Field(None, description="json_object or json_schema: the "
                                                    "answer is constrained to valid JSON (of the schema).")
+    grammar: str | None = Field(None, description="llama.cpp's GBNF grammar (`root ::= \"yes\" | \"no\"`): "
+                                "the answer is a sentence of it, enforced while decoding on both engines.")
 
     def output_format(self) -> OutputFormat | None:
+        if self.grammar is not None:
+            if self.response_format is not None and self.response_format.type != "text":
+                raise InvalidParamsError("grammar: not with response_format (send one of them)", param="grammar")
+            return OutputFormat.gbnf(self.grammar)
         return self.response_format.output_format() if self.response_format else None
 
     def params(self, max_tokens: int | None = None) -> GenerationParams:
@@ -184,8 +190,16 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = Field(None, description="An answer in <tool_call> blocks may make "
                                              "several calls; false keeps the first. A constrained answer "
                                              "(required, a named tool) makes one.")
+    add_generation_prompt: bool = Field(True, description="vLLM's: open the assistant's turn after the "
+                                        "messages (false: the chat as it is, e.g. to continue its last message).")
+    continue_final_message: bool = Field(False, description="vLLM's: the last message is the assistant's "
+                                         "unfinished answer; the reply continues it (needs add_generation_prompt "
+                                         "false).")
 
     def tool_plan(self) -> ToolPlan | None:
+        if self.grammar is not None and self.tools:
+            raise InvalidParamsError("grammar: not with tools (a call's arguments already follow its schema)",
+                                     param="grammar")
         plan = ToolPlan.of(self.tools, self.tool_choice, self.parallel_tool_calls)
         if plan is not None and self.response_format is not None and self.response_format.type != "text":
             raise InvalidParamsError("response_format: not with tools (a call's arguments already follow "
@@ -199,7 +213,9 @@ class ChatCompletionRequest(SamplingFields):
                                  output_format=plan.output_format() if plan else self.output_format(),
                                  want_logprobs=self.logprobs, top_logprobs=self.top_logprobs or 0,
                                  tools=plan.tool_dicts() if plan else None,
-                                 tool_prompt=plan.prompt() if plan else None)
+                                 tool_prompt=plan.prompt() if plan else None,
+                                 add_generation_prompt=self.add_generation_prompt,
+                                 continue_final_message=self.continue_final_message)
 
 
 class CompletionRequest(SamplingFields):

@@ -1,7 +1,8 @@
 """Each request field every router shares, declared once (type, bounds, description), as
 llama-cpp-python's `server/types.py` does. The OpenAI, TGI, batch and session routers build their
-bodies from these, so a new parameter or a changed bound is one edit here (and one in
-`llm_pool.params`, which checks the same bounds again and never trusts that this ran).
+bodies from these (batch and sessions share a whole `params` object, `SamplingParams`), so a
+new parameter or a changed bound is one edit here (and one in `llm_pool.params`, which checks the
+same bounds again and never trusts that this ran).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from llm_pool import Finished
 from llm_pool.errors import InvalidParamsError
@@ -38,6 +39,30 @@ ModelRef = Annotated[str | None, Field(max_length=200, description="Model name (
                                        "server's default model.")]
 KeepAlive = Annotated[str | float | None, Field(description="Ollama's meaning: how long the model stays loaded "
                                                "once idle (300, '5m', 0, -1 = until evicted); admins only.")]
+
+
+class SamplingParams(BaseModel):
+    """The `params` object of the batch and session bodies: how to sample, and nothing else.
+    Unknown fields are refused. A subclass may rename the token limit with an alias (batch calls it
+    `max_tokens`, as OpenAI does) and keeps its place first in the schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: MaxTokens = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    top_k: TopK = None
+    min_p: MinP = None
+    repetition_penalty: RepetitionPenalty = None
+    presence_penalty: PresencePenalty = None
+    frequency_penalty: FrequencyPenalty = None
+    logit_bias: LogitBias = None
+    seed: Seed = None
+    stop: StopList = None
+
+    def values(self) -> dict[str, Any]:
+        """The fields that were set, by `GenerationParams`' names."""
+        return self.model_dump(exclude_none=True)
 
 
 # ------------------------------------------------------------------ response parts

@@ -24,17 +24,19 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from llm_pool import Finished, GenerationParams, GenerationRequest, Message
+from llm_pool.chat_format import ToolCall
 from llm_pool.constraints import OutputFormat
 from llm_pool.errors import AuthenticationError, InvalidParamsError, NotFoundError, ShoalError
 from llm_pool.stream import Failed
 from memory.store import StoredMessage
+from service.mcp import McpTool
 from service.responses import Opening, answer_messages
 
 from .auth import caller_of
@@ -62,7 +64,6 @@ NOT_SUPPORTED = {
     "background": "background responses are not supported (stream instead)",
     "reasoning": "no model here reasons (null or {} is accepted)",
     "prompt": "stored prompt templates are not supported",
-    "max_tool_calls": "built-in tools are not supported, so there is nothing to limit",
     "top_logprobs": "logprobs on responses are not supported yet (use /v1/chat/completions)",
     "access_programs": "not supported", "background_options": "not supported", "image": "not supported",
     "context_management": "not supported",
@@ -78,19 +79,65 @@ class FunctionTool(BaseModel):
     strict: bool | None = Field(None, description="Accepted; with required or a named tool the schema is "
                                 "always enforced.")
 
+
+
+class McpToolFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tool_names: list[str] | None = Field(None, max_length=256)
+    read_only: bool | None = None
+
+
+class McpApprovalFilter(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    never: McpToolFilter | None = None
+
+
+class McpToolIn(BaseModel):
+    """OpenAI's `mcp` tool, naming one of the MCP servers the operator configured (--mcp-config)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["mcp"]
+    server_label: str = Field(max_length=64, description="The name of a server in the operator's --mcp-config.")
+    allowed_tools: list[str] | McpToolFilter | None = Field(None, description="Only these of its tools.")
+    require_approval: Literal["never"] | McpApprovalFilter | None = Field(
+        None, description="Shoal runs the calls itself, without an approval round trip (never).")
+    server_description: str | None = Field(None, max_length=4096, description="Accepted; the server's tools "
+                                           "carry their own descriptions.")
+
     @model_validator(mode="before")
     @classmethod
-    def _built_in(cls, data):
-        if isinstance(data, dict) and data.get("type") != "function":
-            raise ValueError(f"tool type '{data.get('type')}': only function tools are supported (built-in tools "
-                             "such as web search, file search and MCP are not)")
+    def _configured_only(cls, data):
+        if isinstance(data, dict):
+            for field in ("server_url", "connector_id", "tunnel_id", "headers", "authorization"):
+                if data.get(field) is not None:
+                    raise refused(field, "Shoal calls only the MCP servers its operator configured "
+                                  "(--mcp-config); name one by server_label")
+            if data.get("require_approval") == "always":
+                raise refused("require_approval", "approvals are not supported: Shoal runs the calls of the "
+                              "operator's servers itself (use 'never')")
+            if data.get("defer_loading"):
+                raise refused("defer_loading", "not supported")
         return data
+
+    def allowed(self) -> set[str] | None:
+        if isinstance(self.allowed_tools, McpToolFilter):
+            if self.allowed_tools.read_only:
+                raise refused("allowed_tools.read_only", "not supported (name the tools in tool_names)")
+            return set(self.allowed_tools.tool_names) if self.allowed_tools.tool_names is not None else None
+        return set(self.allowed_tools) if self.allowed_tools is not None else None
 
 
 class NamedFunction(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["function"]
     name: str = Field(pattern=NAME)
+
+
+class NamedMcpTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["mcp"]
+    server_label: str = Field(max_length=64)
+    name: str | None = Field(None, max_length=128, description="One tool of that server (else any of them).")
 
 
 class TextFormat(BaseModel):
@@ -116,6 +163,12 @@ class ResponsesRequest(BaseModel):
     def _screen(cls, data):
         if isinstance(data, dict) and isinstance(data.get("conversation"), dict):
             data = {**data, "conversation": data["conversation"].get("id")}
+        if isinstance(data, dict) and isinstance(data.get("tools"), list):
+            for i, tool in enumerate(data["tools"]):
+                kind = tool.get("type") if isinstance(tool, dict) else None
+                if kind not in ("function", "mcp"):
+                    raise refused(f"tools.{i}.type", f"'{kind}' tools are not supported (function tools, and mcp "
+                                  "tools naming the operator's MCP servers)")
         return screened(data, IGNORED, NOT_SUPPORTED, lambda field, value: value in (None, False, {}) or (
             field == "reasoning" and value == {"effort": None}))
 
@@ -128,8 +181,10 @@ class ResponsesRequest(BaseModel):
     top_p: TopP = None
     seed: Seed = None
     stream: bool = False
-    tools: list[FunctionTool] | None = Field(None, max_length=128)
-    tool_choice: Literal["none", "auto", "required"] | NamedFunction | None = None
+    tools: list[Annotated[FunctionTool | McpToolIn, Field(discriminator="type")]] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | NamedFunction | NamedMcpTool | None = None
+    max_tool_calls: int | None = Field(None, ge=1, le=50, description="MCP calls Shoal runs for this response "
+                                       "at most (and never more than --mcp-max-steps).")
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
     store: bool | None = Field(None, description="Keep the response and its conversation as one of your "
@@ -178,9 +233,22 @@ class ResponsesRequest(BaseModel):
             out.append(ChatMessageIn(role="assistant", content=None, tool_calls=calls))
         return out
 
-    def plan(self) -> ToolPlan | None:
-        tools = [ToolDef.of(t.name, t.description, t.parameters) for t in self.tools or ()] or None
+    def mcp_servers(self) -> list[McpToolIn]:
+        return [t for t in self.tools or () if isinstance(t, McpToolIn)]
+
+    def plan(self, mcp_tools: list[McpTool] = ()) -> ToolPlan | None:
+        tools = [ToolDef.of(t.name, t.description, t.parameters) for t in self.tools or ()
+                 if isinstance(t, FunctionTool)]
+        tools += [ToolDef.of(**t.function()) for t in mcp_tools]
+        tools = tools or None
         choice = self.tool_choice
+        if isinstance(choice, NamedMcpTool):
+            named = [t for t in mcp_tools if t.server == choice.server_label and choice.name in (None, t.name)]
+            if not named:
+                raise InvalidParamsError("tool_choice: no such tool among the request's mcp tools",
+                                         param="tool_choice")
+            choice = "required" if choice.name is None else NamedToolChoice(
+                type="function", function=FunctionName(name=named[0].function_name))
         if isinstance(choice, NamedFunction):
             choice = NamedToolChoice(type="function", function=FunctionName(name=choice.name))
         plan = ToolPlan.of(tools, choice, self.parallel_tool_calls)
@@ -199,11 +267,11 @@ class ResponsesRequest(BaseModel):
             raise InvalidParamsError("text.format.schema: required for json_schema", param="text.format.schema")
         return OutputFormat.json(wanted.schema_, param="text.format.schema")
 
-    def request(self, plan: ToolPlan | None, earlier: list[Message] = ()) -> GenerationRequest:
+    def request(self, plan: ToolPlan | None, earlier: list[Message] = (), ran: list[Message] = ()) -> GenerationRequest:
         params = GenerationParams.validated(max_new_tokens=self.max_output_tokens, temperature=self.temperature,
                                             top_p=self.top_p, seed=self.seed)
         opening = [Message("system", self.instructions)] if self.instructions else []
-        return GenerationRequest(params, messages=[*opening, *earlier, *history(self.chat())],
+        return GenerationRequest(params, messages=[*opening, *earlier, *history(self.chat()), *ran],
                                  output_format=plan.output_format() if plan else self.format(),
                                  tools=plan.tool_dicts() if plan else None,
                                  tool_prompt=plan.prompt() if plan else None)
@@ -235,6 +303,7 @@ class _Answer:
         self.created = int(time.time())
         self.output: list[dict] = []
         self.final: Finished | None = None
+        self.spent: list[Finished] = []  # every generation of this response (one per MCP step, and the last)
 
     def message(self, text: str, status: str = "completed") -> dict:
         return {"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "status": status, "role": "assistant",
@@ -253,10 +322,13 @@ class _Answer:
     def usage(self) -> dict | None:
         if self.final is None:
             return None
-        usage = self.final.usage
-        return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens},
-                "output_tokens": usage.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-                "total_tokens": usage.prompt_tokens + usage.completion_tokens}
+        spent = self.spent or [self.final]
+        prompt = sum(f.usage.prompt_tokens for f in spent)
+        completion = sum(f.usage.completion_tokens for f in spent)
+        cached = sum(f.usage.cached_tokens for f in spent)
+        return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+                "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": prompt + completion}
 
     def dict(self) -> dict:
         body = self.body
@@ -272,7 +344,8 @@ class _Answer:
             "previous_response_id": body.previous_response_id,
             "conversation": {"id": self.conversation} if self.conversation else None,
             "parallel_tool_calls": body.parallel_tool_calls is not False,
-            "tool_choice": choice.model_dump() if isinstance(choice, NamedFunction) else (choice or "auto"),
+            "tool_choice": choice.model_dump(exclude_none=True) if isinstance(choice, NamedFunction | NamedMcpTool)
+            else (choice or "auto"),
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()],
             "text": {"format": fmt}, "reasoning": None, "truncation": "disabled",
         }
@@ -293,6 +366,60 @@ def _stored(messages: list[ChatMessageIn]) -> list[StoredMessage]:
     return out
 
 
+class _McpRun:
+    """The request's MCP tools and the calls Shoal runs for it (the call -> result -> continue loop)."""
+
+    def __init__(self, services, caller, body: ResponsesRequest):
+        self.services, self.caller, self.body = services, caller, body
+        self.tools: list[McpTool] = []
+        self.listed: list[dict] = []  # mcp_list_tools items, one per server
+        self.limit = min(body.max_tool_calls or services.settings.mcp_max_steps, services.settings.mcp_max_steps)
+        self.steps = 0
+        self.ran: list[Message] = []  # the calls and results, as the model reads them next
+        self.stored: list[StoredMessage] = []  # the same, as the chat stores them
+
+    async def open(self) -> None:
+        wanted = self.body.mcp_servers()
+        if not wanted:
+            return
+        if self.caller.user is None:
+            raise AuthenticationError(self.services.identity.user_refusal(), param="tools", code="api_key_required")
+        for i, tool in enumerate(wanted):
+            self.services.mcp.check([tool.server_label], f"tools.{i}.server_label")
+            found = await self.services.mcp.tools([tool.server_label], tool.allowed())
+            self.tools += found
+            self.listed.append({"type": "mcp_list_tools", "id": f"mcpl_{uuid.uuid4().hex[:24]}",
+                                "server_label": tool.server_label, "error": None,
+                                "tools": [{"name": t.name, "description": t.description, "input_schema": t.schema,
+                                           "annotations": None} for t in found]})
+
+    def runnable(self, calls: list[dict] | None) -> list[tuple[dict, McpTool]] | None:
+        """The calls Shoal runs itself: all of the answer's calls, when each is an MCP tool's."""
+        if not calls or self.steps >= self.limit:
+            return None
+        found = [(c, next((t for t in self.tools if t.function_name == c["function"]["name"]), None)) for c in calls]
+        return found if all(t is not None for _, t in found) else None
+
+    async def run(self, call: dict, tool: McpTool) -> dict:
+        self.steps += 1
+        result = await self.services.mcp.call(tool, call["function"]["arguments"], self.caller.user)
+        self.ran += [Message("assistant", "", (ToolCall(call["id"], call["function"]["name"],
+                                                       call["function"]["arguments"]),)),
+                     Message("tool", result.text or "(no output)", tool_call_id=call["id"])]
+        self.stored += [StoredMessage("assistant", "", meta={"tool_calls": [call], "finish_reason": "tool_calls"}),
+                        StoredMessage("user", result.text or "(no output)", meta={
+                            "tool_call_id": call["id"], "tool": call["function"]["name"], "mcp_server": tool.server,
+                            "mcp_tool": tool.name, **({"mcp_error": True} if result.error else {})})]
+        return {"type": "mcp_call", "id": f"mcp_{uuid.uuid4().hex[:24]}", "server_label": tool.server,
+                "name": tool.name, "arguments": call["function"]["arguments"], "approval_request_id": None,
+                "output": None if result.error else result.text, "status": "failed" if result.error else "completed",
+                "error": {"type": "mcp_tool_execution_error", "content": result.text} if result.error else None}
+
+    def next_request(self, plan: ToolPlan, opening: Opening) -> GenerationRequest:
+        """After a result the model answers freely (auto), as after a client's function output."""
+        return self.body.request(ToolPlan(plan.tools, "auto", plan.parallel), opening.messages(), self.ran)
+
+
 @router.post("/v1/responses", summary="Create a response (OpenAI Responses API)")
 async def create_response(body: ResponsesRequest, request: Request):
     services, caller = services_of(request), caller_of(request)
@@ -302,7 +429,9 @@ async def create_response(body: ResponsesRequest, request: Request):
         raise AuthenticationError(services.identity.user_refusal(), param=field, code="api_key_required")
     if body.previous_response_id and body.conversation:
         raise InvalidParamsError("send previous_response_id or conversation, not both", param="conversation")
-    plan = body.plan()
+    mcp = _McpRun(services, caller, body)
+    await mcp.open()
+    plan = body.plan(mcp.tools)
     opening = Opening()
     if body.previous_response_id or body.conversation:
         opening = await asyncio.to_thread(services.responses.opening, caller.user, body.previous_response_id,
@@ -312,14 +441,24 @@ async def create_response(body: ResponsesRequest, request: Request):
 
     async def keep(final: Finished, calls: list[dict] | None) -> None:
         if store:
-            new = [*_stored(body.chat()), answer_messages(final, calls)]
+            new = [*_stored(body.chat()), *mcp.stored, answer_messages(final, calls)]
             answer.conversation = await asyncio.to_thread(services.responses.save, caller.user, opening, new,
                                                           answer.dict(), handle.model)
 
     if not body.stream:
-        answer.final = await result_or_disconnect(handle, request)
-        calls = plan.parse(answer.final.text) if plan and answer.final.reason == "stop" else None
-        answer.output = [answer.call(c) for c in calls] if calls else [answer.message(answer.final.text)]
+        answer.output += mcp.listed
+        while True:
+            answer.final = await result_or_disconnect(handle, request)
+            answer.spent.append(answer.final)
+            current = plan if not mcp.steps else ToolPlan(plan.tools, "auto", plan.parallel)
+            calls = current.parse(answer.final.text) if plan and answer.final.reason == "stop" else None
+            runnable = mcp.runnable(calls)
+            if not runnable:
+                break
+            for call, tool in runnable:
+                answer.output.append(await mcp.run(call, tool))
+            handle = await admit(request, body.model, mcp.next_request(plan, opening))
+        answer.output += [answer.call(c) for c in calls] if calls else [answer.message(answer.final.text)]
         await keep(answer.final, calls)
         return answer.dict()
 
@@ -332,64 +471,103 @@ async def create_response(body: ResponsesRequest, request: Request):
         return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
     async def events():
+        nonlocal handle
         yield event("response.created", response=answer.dict())
         yield event("response.in_progress", response=answer.dict())
-        text: list[str] = []
-        message: dict | None = None
-        called: list[dict] | None = None
-        async for item in answer_events(handle, plan):
-            if isinstance(item, Chunk):
-                if message is None:
-                    message = answer.message("", "in_progress")
-                    message["content"] = []
-                    answer.output.append(message)
-                    at = len(answer.output) - 1
-                    yield event("response.output_item.added", output_index=at, item=message)
-                    yield event("response.content_part.added", item_id=message["id"], output_index=at,
-                                content_index=0, part={"type": "output_text", "text": "", "annotations": []})
-                text.append(item.text)
-                yield event("response.output_text.delta", item_id=message["id"], output_index=at, content_index=0,
-                            delta=item.text, logprobs=[])
-            elif isinstance(item, Calls):
-                called = item.calls
-                for call in item.calls:
-                    done = answer.call(call)
-                    at = len(answer.output)
-                    answer.output.append(done)
-                    yield event("response.output_item.added", output_index=at,
-                                item={**done, "arguments": "", "status": "in_progress"})
-                    yield event("response.function_call_arguments.delta", item_id=done["id"], output_index=at,
-                                delta=done["arguments"])
-                    yield event("response.function_call_arguments.done", item_id=done["id"], output_index=at,
-                                name=done["name"], arguments=done["arguments"])
-                    yield event("response.output_item.done", output_index=at, item=done)
-            elif isinstance(item, Finished):
-                answer.final = item
-                try:
-                    await keep(item, called)
-                except ShoalError as exc:
-                    yield event("error", code=exc.code or exc.type, message=exc.message, param=exc.param)
-                    yield event("response.failed", response={**answer.dict(), "status": "failed", "error": {
-                        "code": exc.code or "server_error", "message": exc.message}})
+        for at, listed in enumerate(mcp.listed):
+            answer.output.append(listed)
+            yield event("response.output_item.added", output_index=at, item={**listed, "tools": []})
+            yield event("response.mcp_list_tools.in_progress", item_id=listed["id"], output_index=at)
+            yield event("response.mcp_list_tools.completed", item_id=listed["id"], output_index=at)
+            yield event("response.output_item.done", output_index=at, item=listed)
+        while True:
+            text: list[str] = []
+            message: dict | None = None
+            called: list[dict] | None = None
+            async for item in answer_events(handle, plan if not mcp.steps else ToolPlan(plan.tools, "auto",
+                                                                                         plan.parallel)):
+                if isinstance(item, Chunk):
+                    if message is None:
+                        message = answer.message("", "in_progress")
+                        message["content"] = []
+                        answer.output.append(message)
+                        at = len(answer.output) - 1
+                        yield event("response.output_item.added", output_index=at, item=message)
+                        yield event("response.content_part.added", item_id=message["id"], output_index=at,
+                                    content_index=0, part={"type": "output_text", "text": "", "annotations": []})
+                    text.append(item.text)
+                    yield event("response.output_text.delta", item_id=message["id"], output_index=at,
+                                content_index=0, delta=item.text, logprobs=[])
+                elif isinstance(item, Calls):
+                    called = item.calls
+                    if mcp.runnable(called):
+                        continue  # run below, once the answer has finished
+                    for call in item.calls:
+                        done = answer.call(call)
+                        at = len(answer.output)
+                        answer.output.append(done)
+                        yield event("response.output_item.added", output_index=at,
+                                    item={**done, "arguments": "", "status": "in_progress"})
+                        yield event("response.function_call_arguments.delta", item_id=done["id"], output_index=at,
+                                    delta=done["arguments"])
+                        yield event("response.function_call_arguments.done", item_id=done["id"], output_index=at,
+                                    name=done["name"], arguments=done["arguments"])
+                        yield event("response.output_item.done", output_index=at, item=done)
+                elif isinstance(item, Finished):
+                    answer.final = item
+                    answer.spent.append(item)
+                    runnable = mcp.runnable(called)
+                    if runnable:
+                        break
+                    try:
+                        await keep(item, called)
+                    except ShoalError as exc:
+                        yield event("error", code=exc.code or exc.type, message=exc.message, param=exc.param)
+                        yield event("response.failed", response={**answer.dict(), "status": "failed", "error": {
+                            "code": exc.code or "server_error", "message": exc.message}})
+                        return
+                    if message is not None:
+                        whole = "".join(text)
+                        part = {"type": "output_text", "text": whole, "annotations": [], "logprobs": []}
+                        message.update(status="completed", content=[part])
+                        yield event("response.output_text.done", item_id=message["id"], output_index=at,
+                                    content_index=0, text=whole, logprobs=[])
+                        yield event("response.content_part.done", item_id=message["id"], output_index=at,
+                                    content_index=0, part=part)
+                        yield event("response.output_item.done", output_index=at, item=message)
+                    kind = "response.incomplete" if answer.status() == "incomplete" else "response.completed"
+                    yield event(kind, response=answer.dict())
                     return
-                if message is not None:
-                    whole = "".join(text)
-                    part = {"type": "output_text", "text": whole, "annotations": [], "logprobs": []}
-                    message.update(status="completed", content=[part])
-                    yield event("response.output_text.done", item_id=message["id"], output_index=at, content_index=0,
-                                text=whole, logprobs=[])
-                    yield event("response.content_part.done", item_id=message["id"], output_index=at,
-                                content_index=0, part=part)
-                    yield event("response.output_item.done", output_index=at, item=message)
-                kind = "response.incomplete" if answer.status() == "incomplete" else "response.completed"
-                yield event(kind, response=answer.dict())
-                return
-            elif isinstance(item, Failed):
-                error = item.error
-                yield event("error", code=error.code or error.type, message=error.message, param=error.param)
-                failed = {**answer.dict(), "status": "failed", "error": {"code": error.code or "server_error",
-                                                                           "message": error.message}}
-                yield event("response.failed", response=failed)
+                elif isinstance(item, Failed):
+                    error = item.error
+                    yield event("error", code=error.code or error.type, message=error.message, param=error.param)
+                    failed = {**answer.dict(), "status": "failed", "error": {"code": error.code or "server_error",
+                                                                               "message": error.message}}
+                    yield event("response.failed", response=failed)
+                    return
+            for call, tool in runnable:
+                at = len(answer.output)
+                pending = {"type": "mcp_call", "id": f"mcp_{uuid.uuid4().hex[:24]}", "server_label": tool.server,
+                           "name": tool.name, "arguments": "", "status": "in_progress", "output": None,
+                           "error": None, "approval_request_id": None}
+                answer.output.append(pending)
+                yield event("response.output_item.added", output_index=at, item=pending)
+                yield event("response.mcp_call_arguments.delta", item_id=pending["id"], output_index=at,
+                            delta=call["function"]["arguments"])
+                yield event("response.mcp_call_arguments.done", item_id=pending["id"], output_index=at,
+                            arguments=call["function"]["arguments"])
+                yield event("response.mcp_call.in_progress", item_id=pending["id"], output_index=at)
+                done = {**await mcp.run(call, tool), "id": pending["id"]}
+                answer.output[at] = done
+                yield event("response.mcp_call.failed" if done["error"] else "response.mcp_call.completed",
+                            item_id=done["id"], output_index=at)
+                yield event("response.output_item.done", output_index=at, item=done)
+            try:
+                handle = await admit(request, body.model, mcp.next_request(plan, opening))
+            except ShoalError as exc:
+                yield event("error", code=exc.code or exc.type, message=exc.message, param=exc.param)
+                yield event("response.failed", response={**answer.dict(), "status": "failed", "error": {
+                    "code": exc.code or "server_error", "message": exc.message}})
                 return
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)

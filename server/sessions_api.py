@@ -6,7 +6,7 @@ touch the store are plain functions, which FastAPI runs off the event loop."""
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
@@ -19,21 +19,7 @@ from service.identity import Caller
 
 from .auth import user_caller
 from .context import services_of
-from .protocol import (
-    FrequencyPenalty,
-    LogitBias,
-    MaxTokens,
-    MinP,
-    PresencePenalty,
-    RepetitionPenalty,
-    Seed,
-    StopList,
-    Temperature,
-    TopK,
-    TopP,
-    timings,
-    usage_dict,
-)
+from .protocol import SamplingParams, timings, usage_dict
 from .streaming import SSE_HEADERS, Chunk, chunked, result_or_disconnect, sse
 from .tool_calls import ToolDef, session_tools
 
@@ -41,23 +27,8 @@ router = APIRouter(tags=["sessions"])
 User = Depends(user_caller)
 
 
-class SessionParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    max_new_tokens: MaxTokens = None
-    temperature: Temperature = None
-    top_p: TopP = None
-    top_k: TopK = None
-    min_p: MinP = None
-    repetition_penalty: RepetitionPenalty = None
-    presence_penalty: PresencePenalty = None
-    frequency_penalty: FrequencyPenalty = None
-    logit_bias: LogitBias = None
-    seed: Seed = None
-    stop: StopList = None
-
-    def values(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
+class SessionParams(SamplingParams):
+    pass  # stored with the session (or sent for one message); its own name in /docs
 
 
 class ContextPolicy(BaseModel):
@@ -69,6 +40,8 @@ class ContextPolicy(BaseModel):
 TOOLS = ("Functions the model may call in this session (OpenAI tool objects). A reply that calls one is "
          "stored with its tool_calls; the next message you send is that call's result.")
 SYSTEM_PROMPT = "At most --max-system-prompt-chars characters (else 413)."
+MCP_SERVERS = ("MCP servers (names from the operator's --mcp-config, see GET /v1/mcp/servers) whose tools the model "
+               "may call in this session; Shoal runs each call and the model answers from its result.")
 TOOL_CHOICE = "auto, or required: every message you write is answered with a call (the turn after a result: auto)."
 
 
@@ -82,6 +55,7 @@ class NewSession(BaseModel):
     context_policy: ContextPolicy = Field(default_factory=ContextPolicy)
     tools: list[ToolDef] = Field(default_factory=list, max_length=128, description=TOOLS)
     tool_choice: Literal["auto", "required"] = Field("auto", description=TOOL_CHOICE)
+    mcp_servers: list[str] = Field(default_factory=list, max_length=16, description=MCP_SERVERS)
 
 
 class SessionChanges(BaseModel):
@@ -94,6 +68,7 @@ class SessionChanges(BaseModel):
     context_policy: ContextPolicy | None = None
     tools: list[ToolDef] | None = Field(None, max_length=128, description=TOOLS + " [] removes them.")
     tool_choice: Literal["auto", "required"] | None = Field(None, description=TOOL_CHOICE)
+    mcp_servers: list[str] | None = Field(None, max_length=16, description=MCP_SERVERS)
 
 
 class NewMessage(BaseModel):
@@ -118,7 +93,7 @@ def create_session(body: NewSession, request: Request, caller: Caller = User) ->
     session = chat.create(caller.user, title=body.title, model=body.model,
                           system_prompt=body.system_prompt, params=body.params.values(),
                           context_policy=_policy(body.context_policy), tools=session_tools(body.tools),
-                          tool_choice=body.tool_choice)
+                          tool_choice=body.tool_choice, mcp_servers=body.mcp_servers)
     return session.public()
 
 
@@ -143,7 +118,7 @@ def change_session(session_id: str, body: SessionChanges, request: Request, call
     changes = {"title": body.title, "model": body.model, "system_prompt": body.system_prompt,
                "params": body.params.values() if body.params else None,
                "context_policy": _policy(body.context_policy), "tools": session_tools(body.tools),
-               "tool_choice": body.tool_choice}
+               "tool_choice": body.tool_choice, "mcp_servers": body.mcp_servers}
     return chat.update(caller.user, session_id, **changes).public()
 
 
@@ -167,25 +142,47 @@ async def send_message(session_id: str, body: NewMessage, request: Request, call
     services = services_of(request)
     turn = await services.chat.send(caller, session_id, body.content, params=body.params.values())
     if not body.stream:
-        final = await result_or_disconnect(turn.handle, request)
-        _raise_if_failed(await turn.saved)
-        return _assistant(final, turn)
+        ran = []
+        while True:
+            final = await result_or_disconnect(turn.handle, request)
+            _raise_if_failed(await turn.saved)
+            following = await services.chat.follow_up(caller, turn)
+            if following is None:
+                return {**_assistant(final, turn), **({"mcp_calls": ran} if ran else {})}
+            ran.append(_ran(*following))
+            turn = following[1]
 
     async def events():
-        async for item in chunked(turn.handle, body.chunk_size, body.stream_delay_ms):
-            if isinstance(item, Chunk):
-                yield sse({"type": "token", "text": item.text})
-            elif isinstance(item, Finished):
-                saved = await turn.saved
-                if isinstance(saved, ShoalError):
-                    yield sse({"type": "error", "error": saved.to_dict()})
-                else:
-                    yield sse({"type": "done", "message": _assistant(item, turn)})
-            elif isinstance(item, Failed):
-                yield sse({"type": "error", "error": item.error.to_dict()})
+        nonlocal turn
+        while turn is not None:
+            async for item in chunked(turn.handle, body.chunk_size, body.stream_delay_ms):
+                if isinstance(item, Chunk):
+                    yield sse({"type": "token", "text": item.text})
+                elif isinstance(item, Finished):
+                    saved = await turn.saved
+                    if isinstance(saved, ShoalError):
+                        yield sse({"type": "error", "error": saved.to_dict()})
+                    else:
+                        yield sse({"type": "done", "message": _assistant(item, turn)})
+                elif isinstance(item, Failed):
+                    yield sse({"type": "error", "error": item.error.to_dict()})
+            try:  # a call of an MCP tool: run it, then the model answers from its result
+                following = await services.chat.follow_up(caller, turn)
+            except ShoalError as exc:
+                yield sse({"type": "error", "error": exc.to_dict()})
+                following = None
+            if following is not None:
+                yield sse({"type": "mcp_call", **_ran(*following)})
+            turn = following[1] if following else None
         yield sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def _ran(step: dict, _following) -> dict:
+    result = step["result"]
+    return {"tool_call": step["call"], "server": result.server, "tool": result.tool, "output": result.text,
+            "is_error": result.error}
 
 
 def _raise_if_failed(saved) -> None:

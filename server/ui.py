@@ -118,6 +118,9 @@ def create_ui(services: Services) -> gr.Blocks:
                                                         '"parameters": {"type": "object", ...}}}]')
                     tool_choice = gr.Radio(["auto", "required"], value="auto", label="Tool use", elem_id="tool-choice",
                                            info="required: each message you write is answered with a call")
+                mcp_servers = gr.CheckboxGroup(services.mcp.names, value=[], label="MCP tools this chat may call",
+                                               info="Shoal runs each call and the model answers from its result",
+                                               elem_id="mcp-servers", visible=bool(services.mcp.names))
 
         with gr.Tab("Complete", id="complete"):
             comp_model = gr.Dropdown(all_models, value=completion_models[0] if completion_models else None,
@@ -149,7 +152,8 @@ def create_ui(services: Services) -> gr.Blocks:
 
         params = [temperature, top_p, top_k, max_new, repetition, seed, stop_text]
         settings = [model, system, *params, history_limit]
-        tool_settings = [tools_text, tool_choice]  # saved on their own: a half-typed JSON list is not saved
+        # saved on their own: a half-typed JSON list is not saved
+        tool_settings = [tools_text, tool_choice, mcp_servers]
         view = [session_id, sessions, chatbot, title, reply_figures, *settings, *tool_settings]
 
         demo.load(handlers.start, [browser_id], [browser_id, *view, model_controls, status, table],
@@ -175,8 +179,8 @@ def create_ui(services: Services) -> gr.Blocks:
         sessions.change(handlers.files_view, [browser_id, session_id], [files_table, file_pick],
                         api_visibility="private", show_progress="hidden")
 
-        gr.on([tools_text.blur, tool_choice.input], handlers.save_tools, [browser_id, session_id, *tool_settings],
-              [status], api_visibility="private", show_progress="hidden")
+        gr.on([tools_text.blur, tool_choice.input, mcp_servers.input], handlers.save_tools,
+              [browser_id, session_id, *tool_settings], [status], api_visibility="private", show_progress="hidden")
 
         turn_out = [chatbot, message, reply_figures, sessions, session_id, edit_index, editing]
         turn_in = [browser_id, session_id, message, edit_index, *settings, json_mode, json_schema, *tool_settings]

@@ -83,6 +83,7 @@ class ChatHandlers:
                 0,
                 "",
                 "auto",
+                [],
             ]
         messages = self.store.messages(user, session.id)
         values = {**DEFAULTS, **session.params}
@@ -99,6 +100,7 @@ class ChatHandlers:
             session.context_policy.get("max_history_messages") or 0,
             json.dumps(session.tools, indent=1) if session.tools else "",
             session.tool_choice,
+            list(session.mcp_servers),
         ]
 
     @staticmethod
@@ -203,9 +205,9 @@ class ChatHandlers:
                 raise _error(exc) from None
         return model_line(self.services, values["model"])
 
-    def save_tools(self, browser_id, session_id, tools_text, tool_choice, request: gr.Request):
+    def save_tools(self, browser_id, session_id, tools_text, tool_choice, mcp_servers, request: gr.Request):
         user = ui_user(self.services, browser_id, request)
-        values = self._tools(tools_text, tool_choice)
+        values = self._tools(tools_text, tool_choice, mcp_servers)
         if session_id:
             try:
                 self.chat.update(user, session_id, **values)
@@ -214,7 +216,7 @@ class ChatHandlers:
         return gr.Markdown()
 
     @staticmethod
-    def _tools(tools_text: str | None, tool_choice: str | None) -> dict:
+    def _tools(tools_text: str | None, tool_choice: str | None, mcp_servers: list[str] | None = None) -> dict:
         """The tools box as checked OpenAI tool objects (gr.Error naming what is wrong)."""
         tools: list = []
         if tools_text and tools_text.strip():
@@ -232,7 +234,7 @@ class ChatHandlers:
                 raise gr.Error(f"Tools: {where}: {first['msg']}") from None
             except ShoalError as exc:
                 raise _error(exc) from None
-        return {"tools": tools, "tool_choice": tool_choice or "auto"}
+        return {"tools": tools, "tool_choice": tool_choice or "auto", "mcp_servers": list(mcp_servers or [])}
 
     def rename(self, browser_id, session_id, title, request: gr.Request):
         user = ui_user(self.services, browser_id, request)
@@ -315,6 +317,7 @@ class ChatHandlers:
         json_schema,
         tools_text,
         tool_choice,
+        mcp_servers,
         request: gr.Request,
     ):
         caller = ui_caller(self.services, browser_id, request)
@@ -325,7 +328,7 @@ class ChatHandlers:
         output_format = self._output_format(json_mode, json_schema)
         values = self._settings(
             model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
-        ) | self._tools(tools_text, tool_choice)
+        ) | self._tools(tools_text, tool_choice, mcp_servers)
         try:  # store writes run in a thread: this handler runs on the event loop
             if session_id:
                 await asyncio.to_thread(self.chat.update, user, session_id, **values)
@@ -394,18 +397,30 @@ class ChatHandlers:
                    replace_from if typed else None, editing)
             raise _error(exc) from None
         note = ""
-        try:
-            async for event in turn.handle:
-                if isinstance(event, TextDelta):
-                    view[-1]["content"] += event.text
-                    yield view, "", "", radio, session_id, None, ""
-                elif isinstance(event, Finished):
-                    note = figures(event)
-                elif isinstance(event, Failed):
-                    raise _error(event.error)
-        finally:
-            turn.handle.cancel()
-        await turn.saved
+        while turn is not None:
+            try:
+                async for event in turn.handle:
+                    if isinstance(event, TextDelta):
+                        view[-1]["content"] += event.text
+                        yield view, "", "", radio, session_id, None, ""
+                    elif isinstance(event, Finished):
+                        note = figures(event)
+                    elif isinstance(event, Failed):
+                        raise _error(event.error)
+            finally:
+                turn.handle.cancel()
+            try:  # a call of one of the chat's MCP tools: Shoal runs it and the model answers from its result
+                following = await self.chat.follow_up(caller, turn)
+            except ShoalError as exc:
+                raise _error(exc) from None
+            turn = following[1] if following else None
+            if turn is not None:
+                view = chat_view(await asyncio.to_thread(self.store.messages, user, session_id))
+                result = following[0]["result"]
+                view += [{"role": "assistant", "content": result.text,
+                          "metadata": {"title": f"↩ Result of {result.tool}{' (failed)' if result.error else ''}"}},
+                         {"role": "assistant", "content": ""}]
+                yield view, "", "", radio, session_id, None, ""
         stored = await asyncio.to_thread(self.store.messages, user, session_id)
         yield (
             chat_view(stored),

@@ -110,14 +110,23 @@ def _pretty(arguments: str) -> str:
 def chat_view(messages: list[StoredMessage]) -> list[dict]:
     """Stored messages as Chatbot messages, with the sources an answer used."""
     view = []
+    ran = {m.meta["tool_call_id"]: m.meta for m in messages if m.role == "user" and m.meta.get("mcp_server")}
     for message in messages:
         if message.role == "system":
             continue
         calls = message.meta.get("tool_calls") if message.role == "assistant" else None
         if calls:  # shown as calls, not as the JSON the model wrote
             for call in calls:
+                mcp = ran.get(call["id"])
+                title = (f"🔧 Called {mcp['mcp_tool']} on MCP server {mcp['mcp_server']}" if mcp
+                         else f"🔧 Called {call['function']['name']}: reply with its result")
                 view.append({"role": "assistant", "content": f"```json\n{_pretty(call['function']['arguments'])}\n```",
-                             "metadata": {"title": f"🔧 Called {call['function']['name']}: reply with its result"}})
+                             "metadata": {"title": title}})
+            continue
+        if message.role == "user" and message.meta.get("mcp_server"):  # Shoal ran the call: its result
+            failed = " (failed)" if message.meta.get("mcp_error") else ""
+            view.append({"role": "assistant", "content": message.content,
+                         "metadata": {"title": f"↩ Result of {message.meta.get('mcp_tool')}{failed}"}})
             continue
         if message.role == "user" and message.meta.get("tool_call_id"):
             view.append({"role": "user", "content": f"↩ Result of {message.meta.get('tool')}:\n\n{message.content}"})

@@ -42,6 +42,9 @@ class Turn:
     saved: asyncio.Future | None = None
     answering: dict | None = None  # the tool call the user's message is the result of
     tool_calls: list[dict] | None = None  # once saved: the reply as tool calls, if it made any
+    functions: frozenset[str] = frozenset()  # the names of the functions the model was offered
+    step: int = 0  # MCP calls run for this turn so far (the call -> result -> continue loop)
+    result_meta: dict | None = None  # on a turn answering an MCP call: which server and tool ran it
 
 
 class ChatService:
@@ -72,18 +75,20 @@ class ChatService:
     def create(self, user: str, *, title: str = "New chat", model: str | None = None,
                system_prompt: str = "", params: dict | None = None,
                context_policy: dict | None = None, tools: list[dict] | None = None,
-               tool_choice: str | None = None) -> Session:
+               tool_choice: str | None = None, mcp_servers: list[str] | None = None) -> Session:
         """`tools`: OpenAI tool objects, checked by the caller (the server's ToolDef)."""
         if model is not None:
             self.services.pool.resolve(model)  # 404 for a model that does not exist
         self.quotas.check_system_prompt(system_prompt)
         clean = self.check_params(params or {})
         _check_calls(tools or [], tool_choice or "auto")
+        servers = self.services.mcp.check(list(mcp_servers or []), "mcp_servers")
         with self._creating:
             self._check_room(user)
             return self.store.create(user, title=title, model=model, system_prompt=system_prompt or "",
                                      params=clean, context_policy=self._policy(context_policy or {}),
-                                     tools=list(tools or []), tool_choice=self._tool_choice(tool_choice or "auto"))
+                                     tools=list(tools or []), tool_choice=self._tool_choice(tool_choice or "auto"),
+                                     mcp_servers=servers)
 
     def import_session(self, user: str, data: Any) -> Session:
         """A session exported by Shoal (shoal-session/1), within the same quotas as a new one."""
@@ -110,6 +115,8 @@ class ChatService:
             changes["context_policy"] = self._policy(changes["context_policy"])
         if "tool_choice" in changes:
             changes["tool_choice"] = self._tool_choice(changes["tool_choice"])
+        if "mcp_servers" in changes:
+            changes["mcp_servers"] = self.services.mcp.check(list(changes["mcp_servers"]), "mcp_servers")
         if "tools" in changes or "tool_choice" in changes:
             current = self.store.get(user, session_id)
             _check_calls(changes.get("tools", current.tools), changes.get("tool_choice", current.tool_choice))
@@ -138,7 +145,8 @@ class ChatService:
 
     # ------------------------------------------------------------------ turns
     async def send(self, caller: Caller, session_id: str, text: str, *, params: dict | None = None,
-                   replace_from: int | None = None, output_format: OutputFormat | None = None) -> Turn:
+                   replace_from: int | None = None, output_format: OutputFormat | None = None,
+                   result_meta: dict | None = None) -> Turn:
         """Start a turn for `caller` (a user). `replace_from`: index of the history message the new
         turn replaces (regenerate / edit); the reply is stored in its place. Reading the store,
         counting tokens and retrieval run off the event loop."""
@@ -163,17 +171,22 @@ class ChatService:
                                              backend, answering)
         request = GenerationRequest(gen_params, messages=context.messages, cache_key=session_id,
                                     output_format=output_format)
-        if session.tools:
+        tools = list(session.tools)
+        if session.mcp_servers:
+            tools += [{"type": "function", "function": t.function()}
+                      for t in await self.services.mcp.tools(session.mcp_servers)]
+        if tools:
             if output_format is not None:
                 raise InvalidParamsError("response_format: not in a session with tools (a call's arguments "
                                          "already follow its schema)", param="response_format")
             # the user's turns follow the session's tool_choice; the turn after a tool's result answers
             choice = "auto" if answering else session.tool_choice
-            functions = [t["function"] for t in session.tools]
-            request.tools, request.tool_prompt = session.tools, chat_format.tool_prompt(functions, choice)
+            functions = [t["function"] for t in tools]
+            request.tools, request.tool_prompt = tools, chat_format.tool_prompt(functions, choice)
             request.output_format = chat_format.call_format(functions, choice)
         handle = await self.services.submit(model, request, caller)
-        turn = Turn(handle, session, text, context.passages, context.history_dropped, answering=answering)
+        turn = Turn(handle, session, text, context.passages, context.history_dropped, answering=answering,
+                    functions=frozenset(t["function"]["name"] for t in tools), result_meta=result_meta)
         turn.saved = loop.create_future()
         turn_index = len(history)
         # stored in a thread of its own: an fsync'd transaction must not stall the engine's step
@@ -240,13 +253,13 @@ class ChatService:
                                     "tokens_per_second": final.tokens_per_second},
                         "sources": [p.citation() for p in turn.passages]}
                 calls = None
-                if turn.session.tools and final.reason == "stop":
-                    calls = chat_format.parse_calls(final.text, {t["function"]["name"] for t in turn.session.tools})
+                if turn.functions and final.reason == "stop":
+                    calls = chat_format.parse_calls(final.text, set(turn.functions))
                 if calls:
                     meta.update(tool_calls=calls, finish_reason="tool_calls")
                     turn.tool_calls = calls
-                answered = ({"tool_call_id": turn.answering["id"], "tool": turn.answering["function"]["name"]}
-                            if turn.answering else {})
+                answered = ({"tool_call_id": turn.answering["id"], "tool": turn.answering["function"]["name"],
+                             **(turn.result_meta or {})} if turn.answering else {})
                 now = time.time()
                 result = self.store.append(user, turn.session.id, [
                     StoredMessage("user", turn.user_text, now, answered),
@@ -261,6 +274,24 @@ class ChatService:
                 loop.call_soon_threadsafe(_resolve, turn.saved, result)
             except RuntimeError:  # the caller's loop is gone: nobody waits for it
                 pass
+
+    async def follow_up(self, caller: Caller, turn: Turn) -> tuple[dict, Turn] | None:
+        """The server-side tool loop: when a stored reply calls one of the chat's MCP tools, run the
+        call with the caller's identity and start the turn that answers from its result (stored as
+        the call's result). None when there is nothing to run, or after --mcp-max-steps calls."""
+        if turn.saved is not None:
+            await turn.saved
+        calls = turn.tool_calls or []
+        if not calls or not turn.session.mcp_servers or turn.step >= self.services.settings.mcp_max_steps:
+            return None
+        tool = self.services.mcp.tool(turn.session.mcp_servers, calls[0]["function"]["name"])
+        if tool is None:  # a function of the chat's own tools: the user answers it
+            return None
+        result = await self.services.mcp.call(tool, calls[0]["function"]["arguments"], caller.user)
+        meta = {"mcp_server": result.server, "mcp_tool": result.tool, **({"mcp_error": True} if result.error else {})}
+        following = await self.send(caller, turn.session.id, result.text or "(no output)", result_meta=meta)
+        following.step = turn.step + 1
+        return {"call": calls[0], "result": result}, following
 
     async def _loaded_backend(self, model: str):
         pool = self.services.pool

@@ -36,6 +36,7 @@ from .documents import DocumentService
 from .fairness import FairGate, Share, fair_key
 from .identity import Caller, Identity
 from .limits import RateLimiter
+from .mcp import McpHub, load_config
 from .metrics import Metrics
 from .quotas import Quotas
 from .responses import ResponsesService
@@ -62,6 +63,7 @@ class Services:
     fair: FairGate | None = None  # each model's batch slots, shared between callers
     embed_gate: FairGate | None = None  # embedding work, shared between callers the same way
     embed_threads: ThreadPoolExecutor | None = None  # embedding's own threads: never generation's
+    mcp: McpHub | None = None  # the operator's MCP servers (--mcp-config)
 
     def __post_init__(self) -> None:
         if self.identity is None:
@@ -70,6 +72,8 @@ class Services:
                                      trust_loopback=self.settings.loopback_trusted)
         if self.metrics is None:
             self.metrics = Metrics(self.pool)
+        if self.mcp is None:
+            self.mcp = McpHub([])
         if self.chat is None:
             self.chat = ChatService(self.store, self, self.documents)
         if self.responses is None:
@@ -153,17 +157,20 @@ class Services:
         handle.on_done(lambda h: self._finished(h, client))
         return handle
 
-    async def tokenize(self, model: str | None, request: GenerationRequest, caller: Caller) -> tuple[list[int], int]:
+    async def tokenize(self, model: str | None, request: GenerationRequest, caller: Caller,
+                       pieces: bool = False) -> tuple[list, int]:
         """The prompt's token ids as the model sees them (chat template applied), and its context
-        length. Counted by the rate limiter like a generation: it loads models and uses CPU."""
+        length; with `pieces`, (id, the token's bytes) pairs. Counted by the rate limiter like a
+        generation: it loads models and uses CPU."""
         self._check_size(request)
         self.check_version(model, caller)
         self.limiter.admit(caller.rate_key)
-        return await self.pool.ause(model, lambda backend: (backend.tokenize(request), backend.context_length))
+        return await self.pool.ause(model, lambda backend: (
+            backend.tokenize_pieces(request) if pieces else backend.tokenize(request), backend.context_length))
 
-    async def embed(self, model: str | None, texts: list[str], caller: Caller, keep_alive=None):
-        """(vectors, tokens, model key) from an embedding model of the pool; the default is the
-        catalog's first embedding model."""
+    async def embed(self, model: str | None, texts: list[str | list[int]], caller: Caller, keep_alive=None):
+        """(vectors, tokens, model key) from an embedding model of the pool (texts, or lists of
+        token ids); the default is the catalog's first embedding model."""
         if model is None:
             model = next((n for n in self.catalog.names() if self.catalog.get(n).kind == "embedding"), None)
             if model is None:
@@ -303,6 +310,7 @@ class Services:
 
     def close(self) -> None:
         self.embed_threads.shutdown(wait=False, cancel_futures=True)
+        self.mcp.close()
         self.pool.shutdown()
         if self.documents:
             self.documents.close()
@@ -345,8 +353,10 @@ def build_services(settings: Settings, pool: ModelPool | None = None, embedder: 
                                                    niceness=settings.index_niceness),
                                 busy=(lambda: pool.generating() > 0) if settings.index_yield_seconds else None,
                                 yield_seconds=settings.index_yield_seconds, quotas=Quotas.from_settings(settings))
+    mcp = McpHub(load_config(settings.mcp_config, SourcePolicy([], settings.allow_private_remotes, []).check_url)
+                 if settings.mcp_config else [], settings.mcp_timeout, settings.mcp_max_result_chars)
     return Services(settings=settings, catalog=pool.catalog, pool=pool, store=store, limiter=limiter,
-                    documents=documents, session_secret=settings.session_secret or _stored_secret(data_dir))
+                    documents=documents, mcp=mcp, session_secret=settings.session_secret or _stored_secret(data_dir))
 
 
 def retrieval_embedder(pool: ModelPool) -> PoolEmbedder | Embedder:

@@ -198,6 +198,17 @@ class Settings(BaseSettings):
     upload_ttl: float = Field(
         300.0, gt=0, description="Seconds a file uploaded to the web UI is kept for the event that uses it; then "
         "it is deleted (a file a chat took is deleted as soon as the chat has read it).")
+    # --- MCP ---
+    mcp_config: Path | None = Field(
+        None, description="A JSON file naming MCP servers ({\"mcpServers\": {name: {command, args, env} or {url, "
+        "headers}}}, as Claude Desktop's): their tools can be enabled per chat and per Responses request. "
+        "Commands, URLs, environments and headers are never shown.")
+    mcp_timeout: float = Field(30.0, gt=0, le=600, description="Seconds one MCP tool call may take.")
+    mcp_max_steps: int = Field(
+        5, ge=1, le=50, description="MCP tool calls Shoal runs for one turn or response before it stops "
+        "calling (the call -> result -> continue loop).")
+    mcp_max_result_chars: int = Field(16_000, ge=100, description="Characters of an MCP tool's result the model "
+                                      "reads (the rest is cut).")
     share: bool = Field(False, description="Ask Gradio for a public share link.")
     drain_timeout: float = Field(30.0, ge=0, description="On SIGTERM, seconds in-flight requests get to finish.")
 

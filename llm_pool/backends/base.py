@@ -67,6 +67,11 @@ class Backend(ABC):
         raise InvalidRequestError(f"model '{self.spec.name}' is served remotely: its tokenizer is not here",
                                   param="model", code="no_tokenizer")
 
+    def tokenize_pieces(self, request: GenerationRequest) -> list[tuple[int, bytes]]:
+        """As `tokenize`, with each token's exact bytes (a character may be split across tokens)."""
+        raise InvalidParamsError(f"with_pieces: model '{self.spec.name}' does not give token pieces "
+                                 "(chat and completion models on this machine do)", param="with_pieces")
+
     def detokenize(self, ids: list[int]) -> str:
         raise InvalidRequestError(f"model '{self.spec.name}' is served remotely: its tokenizer is not here",
                                   param="model", code="no_tokenizer")

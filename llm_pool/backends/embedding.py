@@ -5,7 +5,8 @@ generations. A sentence-transformers folder brings its own pooling; any other mo
 transformers folder, or a GGUF, dequantized once as for generation) is mean-pooled over its last
 hidden states, as sentence-transformers does for plain models. Vectors are
 L2-normalised float32, as OpenAI's are. A text longer than the model's window is refused, never
-cut silently.
+cut silently. An input may also be token ids (OpenAI's form), fed to the model as they are: ids
+from this model's tokenizer, special tokens included, give the text's own vector.
 """
 
 from __future__ import annotations
@@ -87,10 +88,11 @@ class EmbeddingBackend(Backend):
     def context_length(self) -> int:
         return int(self.model.max_seq_length) if self.model else (self.spec.context_length or 512)
 
-    def embed(self, texts: list[str], check: Callable[[list[int]], None] | None = None,
+    def embed(self, texts: list[str | list[int]], check: Callable[[list[int]], None] | None = None,
               pace: Callable[[], None] | None = None, truncate: bool = False) -> tuple[np.ndarray, int]:
-        """L2-normalised vectors, one per text, and the tokens they took. `check` sees each text's
-        token count before anything is encoded, and may refuse them (e.g. a bound on their sum).
+        """L2-normalised vectors, one per text (or list of token ids, fed as they are), and the
+        tokens they took. `check` sees each text's token count before anything is encoded, and may
+        refuse them (e.g. a bound on their sum).
         `pace`, called between slices of about PACE_TOKENS tokens, may wait (e.g. while chats
         generate on the same cores: on two cores, llama.cpp's threads stall while anything else runs).
         A text over the model's window is refused, or with `truncate` embedded up to the window
@@ -99,23 +101,36 @@ class EmbeddingBackend(Backend):
             raise ModelLoadError(f"model '{self.spec.key}' is not loaded")
         if not texts or len(texts) > MAX_INPUTS:
             raise InvalidParamsError(f"input: send 1 to {MAX_INPUTS} texts", param="input")
+        check_input_ids(texts, len(self.model.tokenizer))
         with self._lock:
             limit = self.context_length
-            lengths = [min(n, limit) if truncate else n for n in self._lengths(texts)]
+            lengths = [min(n, limit) if truncate and isinstance(t, str) else n
+                       for t, n in zip(texts, self._lengths(texts))]
             for i, length in enumerate(lengths):
                 if length > limit:
                     raise InvalidParamsError(f"input.{i}: {length} tokens; this model reads at most {limit} "
                                              "(split the text)", param=f"input.{i}")
             if check is not None:
                 check(lengths)
-            parts = paced(lengths, pace, lambda start, end: self.model.encode(
-                texts[start:end], batch_size=32, normalize_embeddings=True, convert_to_numpy=True,
-                show_progress_bar=False))
+            parts = paced(lengths, pace, lambda start, end: self._encode(texts[start:end]))
         return np.asarray(np.concatenate(parts), dtype=np.float32), sum(lengths)
 
-    def _lengths(self, texts: list[str]) -> list[int]:
-        encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        return [len(ids) for ids in encoded]
+    def _encode(self, items: list[str | list[int]]) -> np.ndarray:
+        if all(isinstance(item, str) for item in items):
+            return self.model.encode(items, batch_size=32, normalize_embeddings=True, convert_to_numpy=True,
+                                     show_progress_bar=False)
+        import torch
+        rows = [self.model.tokenizer(item)["input_ids"] if isinstance(item, str) else item for item in items]
+        features = self.model.tokenizer.pad({"input_ids": rows}, return_tensors="pt")  # padding masked out
+        with torch.no_grad():
+            vectors = self.model(dict(features))["sentence_embedding"]
+        return torch.nn.functional.normalize(vectors.float(), dim=1).numpy()
+
+    def _lengths(self, texts: list[str | list[int]]) -> list[int]:
+        strings = [t for t in texts if isinstance(t, str)]
+        encoded = iter(self.model.tokenizer(strings, add_special_tokens=True, truncation=False)["input_ids"]
+                       if strings else ())
+        return [len(next(encoded)) if isinstance(t, str) else len(t) for t in texts]
 
     def count_tokens(self, text: str) -> int:
         if self.model is None:
@@ -141,6 +156,19 @@ class EmbeddingBackend(Backend):
         return {"engine": self.engine_name, "device": "cpu", "dimensions": self.dimensions or None,
                 "parameters": self._prepared.parameters if self._prepared else None,
                 "context_length": self.context_length}
+
+
+def check_input_ids(inputs: list[str | list[int]], vocab: int) -> None:
+    """Each list of token ids must be non-empty and hold only ids of this model (0..vocab-1)."""
+    for i, item in enumerate(inputs):
+        if isinstance(item, str):
+            continue
+        if not item:
+            raise InvalidParamsError(f"input.{i}: an empty list of token ids has no embedding", param=f"input.{i}")
+        for n, value in enumerate(item):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab:
+                raise InvalidParamsError(f"input.{i}: token {n} ({value!r}) is not a token id of this model "
+                                         f"(0..{vocab - 1})", param=f"input.{i}")
 
 
 def paced(lengths: list[int], pace: Callable[[], None] | None, encode: Callable[[int, int], Any]) -> list:
@@ -213,4 +241,4 @@ def _folder_in_package(spec) -> Path:
     raise ModelLoadError(f"model '{spec.key}': package {spec.location} has no model folder {spec.file}")
 
 
-__all__ = ["EmbeddingBackend"]
+__all__ = ["EmbeddingBackend", "check_input_ids"]

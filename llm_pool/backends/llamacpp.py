@@ -151,6 +151,9 @@ class LlamaCppBackend(Backend):
         args = ["-m", str(self._gguf), "-a", self.spec.key, "-np", str(self.slots), "-c", str(self._ctx_total),
                 "-t", str(self._threads), "-tb", str(self._threads), "--cache-ram", "0", "--no-webui", "--jinja",
                 "--no-slots", "--slot-prompt-similarity", "0",
+                # a chat ending with an assistant message gets a new turn, as on transformers; continuing
+                # that message is asked for (continue_final_message), not guessed
+                "--no-prefill-assistant",
                 # prompt tokens per step beside the running streams: a long prompt is read in
                 # pieces, so running streams keep their pace and a short prompt gets the next step
                 "-b", str(self._batch), "-ub", str(min(self._batch, 512))]
@@ -239,7 +242,8 @@ class LlamaCppBackend(Backend):
             task.cancel()  # _generate ends its handle: engine lost, or unloading
 
     # ------------------------------------------------------------------ prompts
-    def prompt_ids(self, request: GenerationRequest) -> list[int]:
+    def prompt_ids(self, request: GenerationRequest, with_pieces: bool = False) -> list:
+        """The prompt's token ids (with `with_pieces`, llama-server's {"id", "piece"} objects)."""
         if self._http is None:
             raise ModelLoadError(f"model '{self.spec.key}' is not loaded")
         if request.messages is not None:
@@ -251,16 +255,24 @@ class LlamaCppBackend(Backend):
             if not request.messages:
                 raise InvalidParamsError("messages must not be empty", param="messages")
             messages, tools = chat_format.render(request, self.tool_template, object_arguments=False)
-            templated = self._post("/apply-template", {"messages": messages, **({"tools": tools} if tools else {})})
+            templated = self._post("/apply-template", {
+                "messages": messages, **({"tools": tools} if tools else {}),
+                "add_generation_prompt": request.add_generation_prompt,
+                **({"continue_final_message": True} if request.continue_final_message else {})})
             return self._post("/tokenize", {"content": templated["prompt"], "add_special": False,
-                                            "parse_special": True})["tokens"]
+                                            "parse_special": True, "with_pieces": with_pieces})["tokens"]
         if not request.prompt:
             raise InvalidParamsError("prompt must not be empty", param="prompt")
         return self._post("/tokenize", {"content": request.prompt, "add_special": True,
-                                        "parse_special": True})["tokens"]
+                                        "parse_special": True, "with_pieces": with_pieces})["tokens"]
 
     def tokenize(self, request: GenerationRequest) -> list[int]:
         return self.prompt_ids(request)
+
+    def tokenize_pieces(self, request: GenerationRequest) -> list[tuple[int, bytes]]:
+        """llama-server's pieces: text, or a list of byte values where a piece is not UTF-8."""
+        return [(t["id"], bytes(t["piece"]) if isinstance(t["piece"], list) else t["piece"].encode())
+                for t in self.prompt_ids(request, with_pieces=True)]
 
     def detokenize(self, ids: list[int]) -> str:
         check_token_ids(ids, self._facts.get("vocab") or 0)
@@ -301,7 +313,7 @@ class LlamaCppBackend(Backend):
         if self._loop is None:
             raise ModelLoadError(f"model '{self.spec.key}' is not loaded")
         fmt = request.output_format
-        if fmt is not None and fmt.kind != "json":
+        if fmt is not None and fmt.kind == "regex":
             raise InvalidRequestError(f"{fmt.param}: a regular expression is enforced on the transformers engine "
                                       f"only; '{self.spec.key}' runs on llama.cpp (ask for a transformers "
                                       "version, or a JSON schema)", param=fmt.param)

@@ -12,7 +12,7 @@ Texts are tokenized here with the folder's own `tokenizer.json` (the `tokenizers
 sentence-transformers uses, without torch) and sent as token ids, so counts, refusals and the
 truncation at the model's `max_seq_length` are exactly sentence-transformers': a text longer than
 the window is refused, unless the caller asks to `truncate` (retrieval does, as
-sentence-transformers' `encode` does).
+sentence-transformers' `encode` does). Token-id inputs (OpenAI's form) are sent as they are.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from .. import llamacpp_build
 from ..errors import InvalidParamsError, InvalidRequestError, ModelLoadError, ServiceUnavailableError
 from ..stream import GenerationHandle, GenerationRequest
 from .base import Backend, Progress, check_token_ids
-from .embedding import MAX_INPUTS, _folder_in_package, _is_gguf, paced
+from .embedding import MAX_INPUTS, _folder_in_package, _is_gguf, check_input_ids, paced
 from .llamacpp_server import LlamaServer
 
 log = logging.getLogger("shoal.embedding")
@@ -147,13 +147,17 @@ class LlamaCppEmbeddingBackend(Backend):
     def context_length(self) -> int:
         return self._window
 
-    def _ids(self, texts: list[str]) -> list[list[int]]:
+    def _ids(self, texts: list[str | list[int]]) -> list[list[int]]:
+        """Each text's token ids; a list of ids stays as it is (checked against the vocabulary)."""
         if self._tokenizer is None:
             raise ModelLoadError(f"model '{self.spec.key}' is not loaded")
         with self._lock:
-            return [e.ids for e in self._tokenizer.encode_batch(texts)]
+            check_input_ids(texts, self._tokenizer.get_vocab_size())
+            strings = [t for t in texts if isinstance(t, str)]
+            encoded = iter([e.ids for e in self._tokenizer.encode_batch(strings)] if strings else [])
+        return [next(encoded) if isinstance(t, str) else list(t) for t in texts]
 
-    def embed(self, texts: list[str], check: Callable[[list[int]], None] | None = None,
+    def embed(self, texts: list[str | list[int]], check: Callable[[list[int]], None] | None = None,
               pace: Callable[[], None] | None = None, truncate: bool = False) -> tuple[np.ndarray, int]:
         """As `EmbeddingBackend.embed`: L2-normalised vectors and the tokens they took."""
         if not texts or len(texts) > MAX_INPUTS:
@@ -162,7 +166,7 @@ class LlamaCppEmbeddingBackend(Backend):
         limit = self._window
         for i, one in enumerate(ids):
             if len(one) > limit:
-                if not truncate:
+                if not truncate or not isinstance(texts[i], str):
                     raise InvalidParamsError(f"input.{i}: {len(one)} tokens; this model reads at most {limit} "
                                              "(split the text)", param=f"input.{i}")
                 ids[i] = one[:limit - 1] + one[-1:]  # keep the closing [SEP], as the tokenizer's truncation does

@@ -61,8 +61,11 @@ def completion_body(request: GenerationRequest, ids: list[int], wanted: int, slo
         "n_probs": max(1, request.top_logprobs) if request.want_logprobs else 0,
         "timings_per_token": False,
     }
-    if request.output_format is not None:  # llama.cpp turns the schema into its grammar
-        body["json_schema"] = request.output_format.schema
+    fmt = request.output_format
+    if fmt is not None and fmt.kind == "gbnf":  # llama.cpp's own grammar format, as the caller wrote it
+        body["grammar"] = fmt.gbnf_text
+    elif fmt is not None:  # llama.cpp turns the schema into its grammar
+        body["json_schema"] = fmt.schema
     return body
 
 

@@ -168,8 +168,15 @@ class LocalBackend(Backend):
                 if not request.messages:
                     raise InvalidParamsError("messages must not be empty", param="messages")
                 messages, tools = chat_format.render(request, self.tool_template)
-                text = self.tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
-                                                          add_generation_prompt=True)
+                try:
+                    text = self.tokenizer.apply_chat_template(
+                        messages, tools=tools, tokenize=False, add_generation_prompt=request.add_generation_prompt,
+                        continue_final_message=request.continue_final_message)
+                except ValueError as exc:  # transformers: the template does not show the last message as sent
+                    if not request.continue_final_message:
+                        raise
+                    raise InvalidParamsError(f"continue_final_message: this model's chat template cannot leave "
+                                             f"the last message open ({exc})", param="continue_final_message") from None
                 return self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if not request.prompt:
                 raise InvalidParamsError("prompt must not be empty", param="prompt")
@@ -190,6 +197,8 @@ class LocalBackend(Backend):
         check_logit_bias(request.params, self.model.config.get_text_config().vocab_size)
         constraint = None
         if request.output_format is not None and self._grammar is not None:
+            if request.output_format.kind == "gbnf":  # a caller's grammar: read within the time budget first
+                request.output_format.check()
             constraint = self._grammar.constraint(request.output_format)
         handle = GenerationHandle(request, model=self.spec.key)
         top_n = request.top_logprobs if request.want_logprobs else 0
@@ -198,6 +207,10 @@ class LocalBackend(Backend):
 
     def tokenize(self, request: GenerationRequest) -> list[int]:
         return self.prompt_ids(request)
+
+    def tokenize_pieces(self, request: GenerationRequest) -> list[tuple[int, bytes]]:
+        ids = self.prompt_ids(request)
+        return [(i, self._grammar.token_bytes(i)) for i in ids]
 
     def detokenize(self, ids: list[int]) -> str:
         if self.tokenizer is None:

@@ -46,7 +46,9 @@ def test_ollama_embed_shape(live_server):
 
 @pytest.mark.parametrize("body, field", [
     ({"input": " ".join(["word"] * 2000)}, "input.0"),  # longer than the model reads: refused, not cut
-    ({"input": [[1, 2, 3]]}, "input.0"),
+    ({"input": [[101, 2, 30522]]}, "input.0"),  # a token id past the vocabulary (30522 ids)
+    ({"input": [101, -1, 102]}, "input"),  # one text as token ids
+    ({"input": [[101, 102], []]}, "input.1"),
     ({"input": "hi", "dimensions": 128}, "dimensions"),
     ({"input": "hi", "model": "smollm2-135m"}, "model"),
     ({"input": "hi", "encoding_format": "int8"}, "encoding_format"),
@@ -55,6 +57,28 @@ def test_bad_embedding_requests_are_refused_by_name(live_server, body, field):
     response = httpx.post(f"{live_server.url}/v1/embeddings", json=body, timeout=60)
     assert 400 <= response.status_code < 500, response.text
     assert response.json()["error"]["param"] == field
+
+
+@pytest.mark.parametrize("model", ["all-minilm-l6-v2",  # on llama.cpp where it is built
+                                   "smollm2-135m-embed"])  # on sentence-transformers (mean-pooled)
+def test_token_ids_embed_as_their_text(live_server, pool, model):
+    """OpenAI's token-id input: the ids of a text from the model's own tokenizer (/tokenize) give the
+    text's vector, as one text (a list of ints) or several (a list of lists)."""
+    url = f"{live_server.url}/v1/embeddings"
+    ids = [httpx.post(f"{live_server.url}/tokenize", json={"model": model, "prompt": text}, timeout=120).json()
+           ["tokens"] for text in TEXTS]
+    by_text = httpx.post(url, json={"model": model, "input": TEXTS, "encoding_format": "float"}, timeout=120).json()
+    by_ids = httpx.post(url, json={"model": model, "input": ids, "encoding_format": "float"}, timeout=120).json()
+    one = httpx.post(url, json={"model": model, "input": ids[1], "encoding_format": "float"}, timeout=120).json()
+    texts, tokens = (np.array([d["embedding"] for d in answer["data"]]) for answer in (by_text, by_ids))
+    assert tokens.shape == texts.shape and (np.sum(texts * tokens, axis=1) > 0.999).all()
+    assert np.dot(one["data"][0]["embedding"], texts[1]) > 0.999
+    assert by_ids["usage"]["prompt_tokens"] == by_text["usage"]["prompt_tokens"] == sum(len(i) for i in ids)
+    wrong = httpx.post(url, json={"model": model, "input": [ids[0], [10**7]]}, timeout=120)
+    assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "input.1"
+    if model == "smollm2-135m-embed":
+        assert pool.status(model)["engine"] == "sentence-transformers"
+        pool.unload(model)
 
 
 def test_the_embedding_model_lives_in_the_pool_like_any_model(live_server, client, pool):

@@ -1,0 +1,32 @@
+"""A real MCP server, written with the official `mcp` SDK, that the MCP tests have Shoal start over
+stdio: `vault_code` answers what no model can know, `whoami` says which user Shoal called it for."""
+
+from __future__ import annotations
+
+import os
+
+from mcp.server.mcpserver import Context, MCPServer
+
+app = MCPServer("vault")
+
+
+@app.tool()
+def vault_code(city: str) -> str:
+    """The code of the vault in a city's branch."""
+    return f"The vault code for {city} is ZQ-{sum(map(ord, city.lower())) % 9000 + 1000}."
+
+
+@app.tool()
+def whoami(ctx: Context) -> str:
+    """Which Shoal user this call is made for."""
+    return f"user={(ctx.request_context.meta or {}).get('shoal/user', '')}"
+
+
+@app.tool()
+def secret_seen() -> str:
+    """Whether the operator's environment reached the server."""
+    return "yes" if os.environ.get("VAULT_SECRET") else "no"
+
+
+if __name__ == "__main__":
+    app.run("stdio")
