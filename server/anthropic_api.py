@@ -12,8 +12,12 @@ Anthropic's shape (see errors.py). Keys come in `x-api-key` (or `Authorization: 
 OpenAI route. `temperature`, `top_p` and `top_k`, which the current SDK no longer lists, are
 accepted when sent (older clients and `extra_body`). Refused by name, never ignored: image,
 document and other non-text blocks, server tools (web search, code execution, ...), `mcp_servers`,
-`container`, `output_config.effort` and `thinking` other than disabled (no shipped model reasons;
-see the README's compatibility table).
+`container` and `output_config.effort` (see the README's compatibility table).
+
+A model that thinks (`llm_pool/reasoning.py`) answers with a `thinking` block (its signature
+empty) before its text, streamed as `thinking_delta`s; `thinking` (enabled, adaptive, disabled)
+switches it where the model's chat template allows, and is refused by name otherwise (a model
+that does not reason accepts only disabled).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from llm_pool import Finished, GenerationParams, GenerationRequest
 from llm_pool.constraints import OutputFormat
 from llm_pool.errors import InvalidParamsError
+from llm_pool.reasoning import Thinking, split
 from llm_pool.stream import Failed
 
 from .auth import caller_of
@@ -52,6 +57,7 @@ from .tool_calls import (
     Calls,
     FunctionName,
     NamedToolChoice,
+    Thought,
     ToolDef,
     ToolPlan,
     answer_events,
@@ -66,8 +72,7 @@ IGNORED = frozenset({"metadata", "service_tier", "cache_control", "context_manag
 NOT_SUPPORTED = {
     "mcp_servers": "MCP servers per request are not supported yet",
     "container": "code execution containers are not supported",
-    "thinking": "extended thinking: no model here reasons (type 'disabled' is accepted)",
-    "prefill": "not supported: end the messages with an assistant turn instead",
+    "prefill": "not supported: end the messages with an assistant turn instead (it is continued)",
 }
 
 
@@ -105,13 +110,24 @@ class JSONFormat(BaseModel):
 class OutputConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format: JSONFormat | None = Field(None, description="The answer is constrained to JSON of this schema.")
-    effort: str | None = Field(None, description="Refused unless null: no model here reasons.")
+    effort: str | None = Field(None, description="Refused unless null: switch thinking with `thinking`.")
 
     @model_validator(mode="after")
     def _effort(self) -> OutputConfig:
         if self.effort is not None:
-            raise refused("output_config.effort", "no model here reasons, so there is no effort to set")
+            raise refused("output_config.effort", "not supported: switch a thinking model's thinking with `thinking`")
         return self
+
+
+class ThinkingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["enabled", "adaptive", "disabled"]
+    budget_tokens: int | None = Field(None, ge=1, description="Accepted; the thoughts count within max_tokens.")
+    display: Literal["summarized", "omitted"] | None = Field(None, description="omitted: the thinking blocks "
+                                                             "come empty.")
+
+    def wish(self) -> Thinking:
+        return Thinking(self.type != "disabled", "thinking")
 
 
 class MessageIn(BaseModel):
@@ -127,8 +143,7 @@ class MessagesRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _drop_ignorable(cls, data):
-        return screened(data, IGNORED, NOT_SUPPORTED, lambda field, value: value is None or (
-            field == "thinking" and isinstance(value, dict) and value.get("type") == "disabled"))
+        return screened(data, IGNORED, NOT_SUPPORTED, lambda field, value: value is None)
 
     model: ModelRef = Field(description="A model served here (name or name@version).")
     messages: list[MessageIn] = Field(min_length=1, max_length=10_000)
@@ -143,6 +158,10 @@ class MessagesRequest(BaseModel):
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = None
     output_config: OutputConfig | None = None
+    thinking: ThinkingConfig | None = Field(None, description="For a model that thinks: on (enabled, adaptive) "
+                                            "or off (disabled), where its chat template switches thinking.")
+    grammar: str | None = Field(None, description="Shoal's extension, as on chat completions: llama.cpp's GBNF "
+                                "grammar; the output (thoughts included) is a sentence of it.")
 
     def chat(self) -> list[ChatMessageIn]:
         """The conversation as the OpenAI route's messages (same history, same tool turns)."""
@@ -171,6 +190,11 @@ class MessagesRequest(BaseModel):
 
     def output_format(self, plan: ToolPlan | None) -> OutputFormat | None:
         wanted = self.output_config.format if self.output_config else None
+        if self.grammar is not None:
+            if wanted is not None or plan is not None:
+                raise InvalidParamsError("grammar: not with output_config.format or tools (send one of them)",
+                                         param="grammar")
+            return OutputFormat.gbnf(self.grammar)
         if wanted is None:
             return plan.output_format() if plan else None
         if plan is not None:
@@ -178,12 +202,22 @@ class MessagesRequest(BaseModel):
                                      "schema)", param="output_config.format")
         return OutputFormat.json(wanted.schema_, param="output_config.format.schema")
 
+    def prefilled(self, chat: list[ChatMessageIn]) -> dict:
+        """Anthropic's prefill: a last assistant turn of text is the beginning of the answer, which
+        the model continues (the reply holds only what it adds)."""
+        last = chat[-1] if chat else None
+        if last is not None and last.role == "assistant" and not last.tool_calls and last.text():
+            return {"add_generation_prompt": False, "continue_final_message": True}
+        return {}
+
     def request(self, plan: ToolPlan | None) -> GenerationRequest:
         params = GenerationParams.validated(max_new_tokens=self.max_tokens, temperature=self.temperature,
                                             top_p=self.top_p, top_k=self.top_k, stop=self.stop_sequences)
-        return GenerationRequest(params, messages=history(self.chat()), output_format=self.output_format(plan),
+        chat = self.chat()
+        return GenerationRequest(params, messages=history(chat), output_format=self.output_format(plan),
                                  tools=plan.tool_dicts() if plan else None,
-                                 tool_prompt=plan.prompt() if plan else None)
+                                 tool_prompt=plan.prompt() if plan else None, **self.prefilled(chat),
+                                 thinking=self.thinking.wish() if self.thinking else None)
 
 
 class CountTokensRequest(MessagesRequest):
@@ -269,6 +303,11 @@ def _tool_use(call: dict) -> dict:
             "input": arguments if isinstance(arguments, dict) else {"value": arguments}}
 
 
+def _thinking(text: str) -> dict:
+    """A thinking block; its signature is empty (Shoal's thoughts are not signed)."""
+    return {"type": "thinking", "thinking": text, "signature": ""}
+
+
 def _event(kind: str, data: dict) -> str:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
 
@@ -278,10 +317,14 @@ async def messages(body: MessagesRequest, request: Request):
     plan = body.plan()
     handle = await admit(request, body.model, body.request(plan))
     ident, model = f"msg_{uuid.uuid4().hex[:24]}", handle.model
+    shown = not (body.thinking and body.thinking.display == "omitted")
     if not body.stream:
         final = await result_or_disconnect(handle, request)
-        calls = plan.parse(final.text) if plan and final.reason == "stop" else None
-        content = [_tool_use(c) for c in calls] if calls else [{"type": "text", "text": final.text}]
+        thought, text = split(final.text, handle.request.thoughts)
+        calls = plan.parse(text) if plan and final.reason == "stop" else None
+        content = [_tool_use(c) for c in calls] if calls else [{"type": "text", "text": text}]
+        if thought:
+            content.insert(0, _thinking(thought if shown else ""))
         reason, sequence = _stop(final, bool(calls))
         return {"id": ident, "type": "message", "role": "assistant", "model": model, "content": content,
                 "stop_reason": reason, "stop_sequence": sequence, "usage": _usage(final)}
@@ -290,8 +333,21 @@ async def messages(body: MessagesRequest, request: Request):
         yield _event("message_start", {"message": {
             "id": ident, "type": "message", "role": "assistant", "model": model, "content": [],
             "stop_reason": None, "stop_sequence": None, "usage": _usage(None)}})
-        index, text_open, called = 0, False, False
+        index, text_open, called, thinking = 0, False, False, False
         async for item in answer_events(handle, plan):
+            if isinstance(item, Thought):
+                if not item.text:
+                    continue
+                if not thinking:
+                    yield _event("content_block_start", {"index": index, "content_block": _thinking("")})
+                    thinking = True
+                if shown:
+                    yield _event("content_block_delta", {"index": index,
+                                                         "delta": {"type": "thinking_delta", "thinking": item.text}})
+                continue
+            if thinking:
+                yield _event("content_block_stop", {"index": index})
+                index, thinking = index + 1, False
             if isinstance(item, Chunk):
                 if not text_open:
                     yield _event("content_block_start", {"index": index,
@@ -328,7 +384,9 @@ async def messages(body: MessagesRequest, request: Request):
 @router.post("/v1/messages/count_tokens", summary="Count a message's input tokens (Anthropic-compatible)")
 async def count_tokens(body: CountTokensRequest, request: Request):
     plan = body.plan()
-    gen = GenerationRequest(GenerationParams(), messages=history(body.chat()),
-                            tools=plan.tool_dicts() if plan else None, tool_prompt=plan.prompt() if plan else None)
+    chat = body.chat()
+    gen = GenerationRequest(GenerationParams(), messages=history(chat), tools=plan.tool_dicts() if plan else None,
+                            tool_prompt=plan.prompt() if plan else None, **body.prefilled(chat),
+                            thinking=body.thinking.wish() if body.thinking else None)
     ids, _context = await services_of(request).tokenize(body.model, gen, caller_of(request))
     return {"input_tokens": len(ids)}

@@ -10,6 +10,11 @@ items); a stream sends the event types the `openai` SDK parses (`response.create
 `response.output_item.added`, `response.output_text.delta`, `response.function_call_arguments.delta`,
 ..., `response.completed` / `response.incomplete`).
 
+A model that thinks (`llm_pool/reasoning.py`) gives a `reasoning` item before its answer, with the
+thoughts as `reasoning_text` content (streamed as `response.reasoning_text.delta` / `.done`; the
+summary stays empty) and their tokens in `usage.output_tokens_details.reasoning_tokens`;
+`reasoning.effort` switches thinking where the model's template allows it (else a 400 naming it).
+
 Stored and durable, per user (`service/responses.py`): with `store` (OpenAI's default, for a
 caller with an identity: a key, or the trusted local owner) a response and its conversation are
 kept as one of the user's chats, so `previous_response_id` and `conversation` (a chat's id)
@@ -34,9 +39,11 @@ from llm_pool import Finished, GenerationParams, GenerationRequest, Message
 from llm_pool.chat_format import ToolCall
 from llm_pool.constraints import OutputFormat
 from llm_pool.errors import AuthenticationError, InvalidParamsError, NotFoundError, ShoalError
+from llm_pool.reasoning import Thinking
 from llm_pool.stream import Failed
 from memory.store import StoredMessage
 from service.mcp import McpTool
+from service.mcp import function_name as mcp_function_name
 from service.responses import Opening, answer_messages
 
 from .auth import caller_of
@@ -50,10 +57,12 @@ from .tool_calls import (
     Calls,
     FunctionName,
     NamedToolChoice,
+    Thought,
     ToolDef,
     ToolPlan,
     answer_events,
     history,
+    thoughts_of,
 )
 
 router = APIRouter(tags=["OpenAI-compatible"])
@@ -62,7 +71,6 @@ IGNORED = frozenset({"metadata", "service_tier", "safety_identifier", "prompt_ca
                      "prompt_cache_options", "user", "truncation", "include", "stream_options", "moderation"})
 NOT_SUPPORTED = {
     "background": "background responses are not supported (stream instead)",
-    "reasoning": "no model here reasons (null or {} is accepted)",
     "prompt": "stored prompt templates are not supported",
     "top_logprobs": "logprobs on responses are not supported yet (use /v1/chat/completions)",
     "access_programs": "not supported", "background_options": "not supported", "image": "not supported",
@@ -140,6 +148,17 @@ class NamedMcpTool(BaseModel):
     name: str | None = Field(None, max_length=128, description="One tool of that server (else any of them).")
 
 
+class ReasoningConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
+        None, description="none: no thinking; a level: thinking (passed to a template that reads it). Only for a "
+        "model that thinks and whose template switches it.")
+    summary: Literal["auto", "concise", "detailed"] | None = Field(None, description="Accepted; the thoughts "
+                                                                    "come whole, as reasoning_text, not summarized.")
+    generate_summary: Literal["auto", "concise", "detailed"] | None = Field(None, description="Deprecated "
+                                                                             "form of summary.")
+
+
 class TextFormat(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
     type: Literal["text", "json_object", "json_schema"]
@@ -169,8 +188,7 @@ class ResponsesRequest(BaseModel):
                 if kind not in ("function", "mcp"):
                     raise refused(f"tools.{i}.type", f"'{kind}' tools are not supported (function tools, and mcp "
                                   "tools naming the operator's MCP servers)")
-        return screened(data, IGNORED, NOT_SUPPORTED, lambda field, value: value in (None, False, {}) or (
-            field == "reasoning" and value == {"effort": None}))
+        return screened(data, IGNORED, NOT_SUPPORTED, lambda field, value: value in (None, False, {}))
 
     model: ModelRef = None
     input: str | list[dict[str, Any]] = Field(description="Text, or input items (messages, function_call, "
@@ -187,6 +205,9 @@ class ResponsesRequest(BaseModel):
                                        "at most (and never more than --mcp-max-steps).")
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
+    grammar: str | None = Field(None, description="Shoal's extension, as on chat completions: llama.cpp's GBNF "
+                                "grammar; the output (thoughts included) is a sentence of it.")
+    reasoning: ReasoningConfig | None = None
     store: bool | None = Field(None, description="Keep the response and its conversation as one of your "
                                "chats (the default when you have an identity).")
     previous_response_id: str | None = Field(None, max_length=100, description="Continue from this stored "
@@ -224,11 +245,22 @@ class ResponsesRequest(BaseModel):
                     raise InvalidParamsError(f"{at}: a function_call_output item has call_id and output", param=at)
                 text = output if isinstance(output, str) else _text(output, f"{at}.output")
                 out.append(ChatMessageIn(role="tool", content=text, tool_call_id=item["call_id"]))
-            elif kind == "reasoning":
-                continue  # another model's thoughts: not shown to this one
+            elif kind == "mcp_call":  # an MCP call Shoal ran, sent back (store: false): the call and its result
+                if not all(isinstance(item.get(k), str) for k in ("id", "server_label", "name", "arguments")):
+                    raise InvalidParamsError(f"{at}: an mcp_call item has id, server_label, name and arguments",
+                                             param=at)
+                out.append(ChatMessageIn(role="assistant", content=None, tool_calls=[{
+                    "id": item["id"], "function": {"name": mcp_function_name(item["server_label"], item["name"]),
+                                                   "arguments": item["arguments"]}}]))
+                error = item.get("error")
+                result = item.get("output") if item.get("output") is not None else \
+                    f"error: {error.get('message') or error.get('content') if isinstance(error, dict) else error}"
+                out.append(ChatMessageIn(role="tool", content=str(result), tool_call_id=item["id"]))
+            elif kind in ("reasoning", "mcp_list_tools"):
+                continue  # another model's thoughts, or a listing the tools themselves repeat
             else:
                 raise refused(f"{at}.type", f"'{kind}' items are not supported (message, function_call, "
-                               "function_call_output)")
+                               "function_call_output, mcp_call, mcp_list_tools, reasoning)")
         if calls:
             out.append(ChatMessageIn(role="assistant", content=None, tool_calls=calls))
         return out
@@ -259,6 +291,10 @@ class ResponsesRequest(BaseModel):
 
     def format(self) -> OutputFormat | None:
         wanted = self.text.format if self.text else None
+        if self.grammar is not None:
+            if (wanted is not None and wanted.type != "text") or self.tools:
+                raise InvalidParamsError("grammar: not with text.format or tools (send one of them)", param="grammar")
+            return OutputFormat.gbnf(self.grammar)
         if wanted is None or wanted.type == "text":
             return None
         if wanted.type == "json_object":
@@ -274,7 +310,9 @@ class ResponsesRequest(BaseModel):
         return GenerationRequest(params, messages=[*opening, *earlier, *history(self.chat()), *ran],
                                  output_format=plan.output_format() if plan else self.format(),
                                  tools=plan.tool_dicts() if plan else None,
-                                 tool_prompt=plan.prompt() if plan else None)
+                                 tool_prompt=plan.prompt() if plan else None,
+                                 thinking=Thinking.of_effort(self.reasoning.effort, "reasoning.effort")
+                                 if self.reasoning else None)
 
 
 def _text(content: Any, where: str) -> str:
@@ -304,6 +342,12 @@ class _Answer:
         self.output: list[dict] = []
         self.final: Finished | None = None
         self.spent: list[Finished] = []  # every generation of this response (one per MCP step, and the last)
+        self.reasoning_tokens = 0
+
+    @staticmethod
+    def reasoning(text: str, status: str = "completed") -> dict:
+        return {"type": "reasoning", "id": f"rs_{uuid.uuid4().hex[:24]}", "status": status, "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}]}
 
     def message(self, text: str, status: str = "completed") -> dict:
         return {"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "status": status, "role": "assistant",
@@ -327,7 +371,7 @@ class _Answer:
         completion = sum(f.usage.completion_tokens for f in spent)
         cached = sum(f.usage.cached_tokens for f in spent)
         return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
-                "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
                 "total_tokens": prompt + completion}
 
     def dict(self) -> dict:
@@ -347,7 +391,8 @@ class _Answer:
             "tool_choice": choice.model_dump(exclude_none=True) if isinstance(choice, NamedFunction | NamedMcpTool)
             else (choice or "auto"),
             "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()],
-            "text": {"format": fmt}, "reasoning": None, "truncation": "disabled",
+            "text": {"format": fmt}, "truncation": "disabled",
+            "reasoning": body.reasoning.model_dump(exclude={"generate_summary"}) if body.reasoning else None,
         }
 
 
@@ -441,24 +486,31 @@ async def create_response(body: ResponsesRequest, request: Request):
 
     async def keep(final: Finished, calls: list[dict] | None) -> None:
         if store:
-            new = [*_stored(body.chat()), *mcp.stored, answer_messages(final, calls)]
+            new = [*_stored(body.chat()), *mcp.stored, answer_messages(final, calls, handle.request.thoughts)]
             answer.conversation = await asyncio.to_thread(services.responses.save, caller.user, opening, new,
                                                           answer.dict(), handle.model)
 
     if not body.stream:
         answer.output += mcp.listed
         while True:
-            answer.final = await result_or_disconnect(handle, request)
+            marks = handle.request.thoughts
+            pieces: list[Chunk] | None = [] if marks else None
+            answer.final = await result_or_disconnect(handle, request, pieces)
             answer.spent.append(answer.final)
+            thought, said, spent = thoughts_of(pieces or [], marks)
+            text = "".join(c.text for c in said) if marks else answer.final.text
+            answer.reasoning_tokens += spent
+            if thought:
+                answer.output.append(answer.reasoning(thought))
             current = plan if not mcp.steps else ToolPlan(plan.tools, "auto", plan.parallel)
-            calls = current.parse(answer.final.text) if plan and answer.final.reason == "stop" else None
+            calls = current.parse(text) if plan and answer.final.reason == "stop" else None
             runnable = mcp.runnable(calls)
             if not runnable:
                 break
             for call, tool in runnable:
                 answer.output.append(await mcp.run(call, tool))
             handle = await admit(request, body.model, mcp.next_request(plan, opening))
-        answer.output += [answer.call(c) for c in calls] if calls else [answer.message(answer.final.text)]
+        answer.output += [answer.call(c) for c in calls] if calls else [answer.message(text)]
         await keep(answer.final, calls)
         return answer.dict()
 
@@ -484,8 +536,34 @@ async def create_response(body: ResponsesRequest, request: Request):
             text: list[str] = []
             message: dict | None = None
             called: list[dict] | None = None
+            thinking: dict | None = None  # the reasoning item, while the model thinks
+            thought: list[str] = []
             async for item in answer_events(handle, plan if not mcp.steps else ToolPlan(plan.tools, "auto",
                                                                                          plan.parallel)):
+                if isinstance(item, Thought):
+                    answer.reasoning_tokens += item.tokens
+                    if not item.text:
+                        continue
+                    if thinking is None:
+                        thinking = answer.reasoning("", "in_progress")
+                        thinking["content"] = []
+                        answer.output.append(thinking)
+                        rat = len(answer.output) - 1
+                        yield event("response.output_item.added", output_index=rat, item=thinking)
+                        yield event("response.content_part.added", item_id=thinking["id"], output_index=rat,
+                                    content_index=0, part={"type": "reasoning_text", "text": ""})
+                    thought.append(item.text)
+                    yield event("response.reasoning_text.delta", item_id=thinking["id"], output_index=rat,
+                                content_index=0, delta=item.text)
+                    continue
+                if thinking is not None and thinking["status"] == "in_progress":
+                    part = {"type": "reasoning_text", "text": "".join(thought)}
+                    thinking.update(status="completed", content=[part])
+                    yield event("response.reasoning_text.done", item_id=thinking["id"], output_index=rat,
+                                content_index=0, text=part["text"])
+                    yield event("response.content_part.done", item_id=thinking["id"], output_index=rat,
+                                content_index=0, part=part)
+                    yield event("response.output_item.done", output_index=rat, item=thinking)
                 if isinstance(item, Chunk):
                     if message is None:
                         message = answer.message("", "in_progress")

@@ -8,21 +8,26 @@ import os
 from mcp.server.mcpserver import Context, MCPServer
 
 app = MCPServer("vault")
+ONLY = set(filter(None, os.environ.get("VAULT_TOOLS", "").split(",")))  # a test may offer fewer tools
 
 
-@app.tool()
+def tool(function):
+    return app.tool()(function) if not ONLY or function.__name__ in ONLY else function
+
+
+@tool
 def vault_code(city: str) -> str:
     """The code of the vault in a city's branch."""
     return f"The vault code for {city} is ZQ-{sum(map(ord, city.lower())) % 9000 + 1000}."
 
 
-@app.tool()
+@tool
 def whoami(ctx: Context) -> str:
     """Which Shoal user this call is made for."""
     return f"user={(ctx.request_context.meta or {}).get('shoal/user', '')}"
 
 
-@app.tool()
+@tool
 def secret_seen() -> str:
     """Whether the operator's environment reached the server."""
     return "yes" if os.environ.get("VAULT_SECRET") else "no"

@@ -45,6 +45,19 @@ def test_a_message_and_its_stream_say_the_same(claude, model):
 
 
 @pytest.mark.parametrize("model", CHAT_ENGINES)
+def test_a_last_assistant_turn_is_continued_as_anthropic_prefill(claude, model):
+    """Anthropic's prefill: the answer goes on from the assistant's words (and holds only what it adds)."""
+    prefix = "The capital of France is"
+    prefilled = [QUESTION[0], {"role": "assistant", "content": prefix}]
+    made = claude.messages.create(model=model, max_tokens=12, **GREEDY, messages=prefilled)
+    text = made.content[0].text
+    assert "Paris" in text and not text.lstrip().startswith("The capital")
+    counted = claude.messages.count_tokens(model=model, messages=prefilled)
+    opened = claude.messages.count_tokens(model=model, messages=QUESTION)
+    assert counted.input_tokens > opened.input_tokens  # the prefix is read, no turn is opened after it
+
+
+@pytest.mark.parametrize("model", CHAT_ENGINES)
 def test_a_tool_round_trip(claude, model):
     ask = [{"role": "user", "content": "What is the weather like in Paris?"}]
     first = claude.messages.create(model=model, max_tokens=80, messages=ask, tools=[WEATHER],

@@ -22,10 +22,11 @@ ASK = "What is the vault code for Oslo?"
 OSLO = "ZQ-1445"
 
 
-def mcp_config(tmp_path) -> str:
+def mcp_config(tmp_path, tools: str = "") -> str:
+    """`tools`: only these of the vault's tools (comma-separated), else all."""
     path = tmp_path / "mcp.json"
     path.write_text(json.dumps({"mcpServers": {"vault": {"command": sys.executable, "args": [str(ROOT_SERVER)],
-                                                         "env": {"VAULT_SECRET": SECRET}}}}))
+                                                         "env": {"VAULT_SECRET": SECRET, "VAULT_TOOLS": tools}}}}))
     return str(path)
 
 
@@ -60,6 +61,18 @@ def test_a_response_calls_the_mcp_tool_and_answers_from_its_result(mcp_server, m
     assert OSLO in call.output
     assert OSLO in made.output_text  # the model read the result
     assert made.usage.input_tokens > 0 and made.usage.output_tokens > 0
+
+
+def test_an_answer_sent_back_as_input_keeps_its_mcp_steps(mcp_server):
+    """Without storage a client sends the output items back: the mcp_call carries the call and its result."""
+    made = client(mcp_server).responses.create(model=CHAT_ENGINES[0], input=ASK, tools=[VAULT],
+                                               tool_choice="required", temperature=0, max_output_tokens=60,
+                                               store=False)
+    items = [{"role": "user", "content": ASK}, *[i.model_dump(exclude_none=True) for i in made.output],
+             {"role": "user", "content": "Say the code again."}]
+    again = client(mcp_server).responses.create(model=CHAT_ENGINES[0], input=items, temperature=0,
+                                                max_output_tokens=30, store=False)
+    assert [i.type for i in again.output] == ["message"] and OSLO in again.output_text
 
 
 def test_a_streamed_response_shows_the_call_as_it_runs(mcp_server):
