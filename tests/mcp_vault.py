@@ -4,6 +4,7 @@ stdio: `vault_code` answers what no model can know, `whoami` says which user Sho
 from __future__ import annotations
 
 import os
+import sys
 
 from mcp.server.mcpserver import Context, MCPServer
 
@@ -28,10 +29,15 @@ def whoami(ctx: Context) -> str:
 
 
 @tool
-def secret_seen() -> str:
-    """Whether the operator's environment reached the server."""
-    return "yes" if os.environ.get("VAULT_SECRET") else "no"
+def secret_seen(ctx: Context) -> str:
+    """Whether the operator's secret reached the server (its environment over stdio, a header over HTTP)."""
+    request = getattr(ctx.request_context, "request", None)
+    header = request.headers.get("authorization", "") if request is not None else ""
+    return "yes" if os.environ.get("VAULT_SECRET") or header.startswith("Bearer vault-") else "no"
 
 
 if __name__ == "__main__":
-    app.run("stdio")
+    if sys.argv[1:2] == ["--http"]:  # Streamable HTTP on a loopback port
+        app.run("streamable-http", host="127.0.0.1", port=int(sys.argv[2]))
+    else:
+        app.run("stdio")

@@ -16,7 +16,7 @@ from openai import BadRequestError, OpenAI
 from tests.conftest import CHAT_ENGINES, make_settings, serve
 
 ROOT_SERVER = __import__("pathlib").Path(__file__).resolve().parent.parent / "mcp_vault.py"
-SECRET = "vault-operator-secret-5d1e"
+SECRET = "vault-operator-secret-5d1e"  # also a bearer token "vault-..."
 VAULT = {"type": "mcp", "server_label": "vault", "require_approval": "never"}
 ASK = "What is the vault code for Oslo?"
 OSLO = "ZQ-1445"
@@ -174,6 +174,47 @@ def test_a_stranger_without_an_identity_cannot_call_mcp_tools(pool, embedder, tm
     finally:
         server.stop()
         services.mcp.close()
+
+
+def test_a_streamable_http_server_is_called_with_the_operators_headers(pool, embedder, tmp_path):
+    """The same server over Streamable HTTP on loopback (allowed here with --allow-private-remotes)."""
+    import subprocess
+    import time
+
+    from service import build_services
+    from tests.conftest import free_port
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT_SERVER), "--http", str(port)], env={"VAULT_TOOLS": ""},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    config = tmp_path / "mcp.json"
+    config.write_text(json.dumps({"mcpServers": {"vault": {"url": f"http://127.0.0.1:{port}/mcp",
+                                                           "headers": {"Authorization": f"Bearer {SECRET}"}}}}))
+    services = server = None
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.post(f"http://127.0.0.1:{port}/mcp", json={}, timeout=5)
+                break  # any answer: it listens
+            except httpx.ConnectError:
+                time.sleep(0.2)
+        services = build_services(make_settings(tmp_path / "data", mcp_config=str(config), allow_private_remotes=True),
+                                  pool=pool, embedder=embedder)
+        server = serve(services, with_ui=False)
+        made = httpx.post(f"{server.url}/v1/responses", timeout=120, json={
+            "model": CHAT_ENGINES[0], "input": "Was the secret seen?", "store": False, "max_output_tokens": 60,
+            "tools": [VAULT], "tool_choice": {"type": "mcp", "server_label": "vault", "name": "secret_seen"}})
+        assert made.status_code == 200, made.text
+        call = next(item for item in made.json()["output"] if item["type"] == "mcp_call")
+        assert call["output"] == "yes"  # the header reached the server
+        listed = httpx.get(f"{server.url}/v1/mcp/servers", timeout=30).json()["data"][0]
+        shown = json.dumps(listed)
+        assert listed["transport"] == "http" and SECRET not in shown and str(port) not in shown
+    finally:
+        if server is not None:
+            server.stop()
+            services.mcp.close()
+        process.kill()
 
 
 def test_an_mcp_url_on_a_private_address_is_refused_unless_allowed(tmp_path):
