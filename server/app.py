@@ -7,6 +7,7 @@ import secrets
 import socket
 import threading
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
@@ -54,8 +55,9 @@ def create_app(services: Services, *, with_ui: bool = True, own_services: bool =
             services.close()
 
     settings = services.settings
-    app = FastAPI(title="Shoal", version="0.1.0", lifespan=lifespan,
-                  description="A pool of LLMs behind OpenAI- and TGI-compatible APIs and a chat UI.")
+    app = FastAPI(title="Shoal", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="A pool of LLMs behind OpenAI- (chat, completions, Responses), Anthropic- and "
+                  "TGI-compatible APIs, with MCP tools and a chat UI.")
     app.state.services = services
     app.state.key_throttle = throttle = KeyThrottle.from_settings(settings)
     install_error_handlers(app)
@@ -64,6 +66,7 @@ def create_app(services: Services, *, with_ui: bool = True, own_services: bool =
                    sessions_api, files_api, ws_api):
         app.include_router(module.router)
     _add_service_routes(app, services)
+    _add_docs(app)
     if with_ui:
         mount_ui(app, create_ui(services), settings, css=ui_css(), favicon_path=str(ASSETS / "logo.svg"),
                  footer_links=["api", "settings"], show_error=True, js=ui_js())
@@ -95,6 +98,30 @@ def _share(settings) -> None:
                   "http://%s:%s", type(exc).__name__, exc.__cause__ or exc, host, settings.port)
         return
     log.info("Public share link: %s (it expires after a while; anyone with it can use this app)", url)
+
+
+def _add_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc with their scripts served from here, not a CDN: they work
+    offline and on a machine that reaches nothing else. Same owner as /openapi.json."""
+    import fastapi_offline
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="Shoal API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon.png")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="Shoal API",
+                              redoc_js_url="/docs-assets/redoc.standalone.js",
+                              redoc_favicon_url="/docs-assets/favicon.png", with_google_fonts=False)
 
 
 def _add_service_routes(app: FastAPI, services: Services) -> None:
