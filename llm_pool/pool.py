@@ -626,6 +626,9 @@ class ModelPool:
             # how tools reach the model (chat_format): known once its template is loaded
             "tool_format": ("template" if entry.backend.tool_template else "generic")
             if entry.backend and entry.state == READY and spec.kind == "chat" else None,
+            # whether it thinks in <think> blocks, and the switches its template reads (reasoning.py)
+            "reasoning": entry.backend.reasoning.describe()
+            if entry.backend and entry.state == READY and spec.kind == "chat" else None,
             "expires_at": round(expires) if (expires := entry.expires_at()) is not None else None,
         }
 

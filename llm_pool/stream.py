@@ -22,6 +22,7 @@ from .chat_format import ToolCall
 from .constraints import OutputFormat
 from .errors import ShoalError
 from .params import GenerationParams
+from .reasoning import Thinking, ThoughtMarks
 
 _ids = itertools.count(1)
 log = logging.getLogger("shoal.stream")
@@ -59,6 +60,12 @@ class GenerationRequest:
     # leave the last (assistant) message open so that the answer continues it (chat_format.check_turns)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    # Thinking on or off (or a level), for a model whose chat template switches it (see reasoning);
+    # None: the model's default
+    thinking: Thinking | None = None
+    # Filled by the backend as it renders the chat: how the answer marks thoughts (None: the model
+    # does not reason), so that adapters can show them apart
+    thoughts: ThoughtMarks | None = None
 
 
 @dataclass(frozen=True)

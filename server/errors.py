@@ -27,7 +27,7 @@ NOT_SUPPORTED = {
     "functions": "the deprecated form of tools: send tools", "function_call": "the deprecated form of tool_choice",
     "audio": "audio output is not supported", "modalities": "only text is supported",
     "prediction": "predicted outputs are not supported", "web_search_options": "web search is not supported",
-    "reasoning_effort": "not a reasoning model", "verbosity": "not supported", "suffix": "not supported",
+    "verbosity": "not supported", "suffix": "not supported",
     "best_of": "only 1 is supported",
 }
 

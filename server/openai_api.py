@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from llm_pool import Finished, GenerationParams, GenerationRequest
 from llm_pool.constraints import OutputFormat
 from llm_pool.errors import InvalidParamsError
+from llm_pool.reasoning import Thinking
 from llm_pool.stream import Failed, GenerationHandle
 
 from .context import admit
@@ -42,7 +43,17 @@ from .protocol import (
     usage_dict,
 )
 from .streaming import SSE_HEADERS, Chunk, chunked, merged, result_or_disconnect, sse
-from .tool_calls import Calls, NamedToolChoice, ToolCallIn, ToolDef, ToolPlan, answer_events, history
+from .tool_calls import (
+    Calls,
+    NamedToolChoice,
+    Thought,
+    ToolCallIn,
+    ToolDef,
+    ToolPlan,
+    answer_events,
+    history,
+    thoughts_of,
+)
 
 router = APIRouter(tags=["OpenAI-compatible"])
 MAX_CHOICES = 8  # n: each choice takes a batch slot
@@ -60,6 +71,8 @@ class ChatMessageIn(BaseModel):
     name: str | None = Field(None, max_length=256)
     tool_calls: list[ToolCallIn] | None = Field(None, max_length=64, description="An assistant's calls.")
     tool_call_id: str | None = Field(None, max_length=256, description="On a tool message: the call it answers.")
+    reasoning_content: str | None = Field(None, description="An assistant's earlier thoughts: accepted and not "
+                                          "shown to the model again.")
 
     @model_validator(mode="after")
     def _shape(self) -> ChatMessageIn:
@@ -195,6 +208,10 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = Field(False, description="vLLM's: the last message is the assistant's "
                                          "unfinished answer; the reply continues it (needs add_generation_prompt "
                                          "false).")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = Field(
+        None, description="For a model that thinks and whose chat template switches it (enable_thinking, "
+        "reasoning_effort): none turns thinking off, a level turns it on (and is passed to a template that reads "
+        "it). Refused by name where the model cannot honour it.")
 
     def tool_plan(self) -> ToolPlan | None:
         if self.grammar is not None and self.tools:
@@ -215,7 +232,8 @@ class ChatCompletionRequest(SamplingFields):
                                  tools=plan.tool_dicts() if plan else None,
                                  tool_prompt=plan.prompt() if plan else None,
                                  add_generation_prompt=self.add_generation_prompt,
-                                 continue_final_message=self.continue_final_message)
+                                 continue_final_message=self.continue_final_message,
+                                 thinking=Thinking.of_effort(self.reasoning_effort, "reasoning_effort"))
 
 
 class CompletionRequest(SamplingFields):
@@ -299,15 +317,20 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
     model = handles[0].model
     if not body.stream:
-        pieces: list[list[Chunk] | None] = [[] if body.logprobs else None for _ in handles]
+        marks = handles[0].request.thoughts
+        pieces: list[list[Chunk] | None] = [[] if body.logprobs or marks else None for _ in handles]
         finals = await all_results(handles, request, pieces)
         choices = []
         for index, (final, collected) in enumerate(zip(finals, pieces)):
-            calls = plan.parse(final.text) if plan and final.reason == "stop" else None
+            thought, collected, _spent = thoughts_of(collected, marks) if collected is not None else ("", None, 0)
+            answer = "".join(c.text for c in collected) if marks else final.text
+            calls = plan.parse(answer) if plan and final.reason == "stop" else None
             message = {"role": "assistant", "content": None, "tool_calls": calls} if calls \
-                else {"role": "assistant", "content": final.text}
+                else {"role": "assistant", "content": answer}
+            if marks:
+                message["reasoning_content"] = thought or None
             choices.append({"index": index, "finish_reason": "tool_calls" if calls else final.reason,
-                            "logprobs": chat_logprobs(collected) if collected is not None else None,
+                            "logprobs": chat_logprobs(collected) if body.logprobs else None,
                             "message": message})
         return {"id": ident, "object": "chat.completion", "created": created, "model": model,
                 "system_fingerprint": model, "choices": choices,
@@ -327,7 +350,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         yield chunk(index, {"role": "assistant", "content": ""})
         called = False
         async for item in answer_events(handle, plan, body.chunk_size, body.stream_delay_ms):
-            if isinstance(item, Chunk):
+            if isinstance(item, Thought):
+                if item.text:
+                    yield chunk(index, {"reasoning_content": item.text})
+            elif isinstance(item, Chunk):
                 yield chunk(index, {"content": item.text}, logprobs=lp([item]))
             elif isinstance(item, Calls):
                 called = True

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from llm_pool import Finished, ShoalError
+from llm_pool.reasoning import split
 from llm_pool.stream import Failed
 from memory.store import StorageError
 from service.identity import Caller
@@ -21,7 +22,7 @@ from .auth import user_caller
 from .context import services_of
 from .protocol import SamplingParams, timings, usage_dict
 from .streaming import SSE_HEADERS, Chunk, chunked, result_or_disconnect, sse
-from .tool_calls import ToolDef, session_tools
+from .tool_calls import Thought, ThoughtReader, ToolDef, session_tools
 
 router = APIRouter(tags=["sessions"])
 User = Depends(user_caller)
@@ -155,10 +156,17 @@ async def send_message(session_id: str, body: NewMessage, request: Request, call
     async def events():
         nonlocal turn
         while turn is not None:
+            marks = turn.handle.request.thoughts
+            reader = ThoughtReader(marks) if marks else None
             async for item in chunked(turn.handle, body.chunk_size, body.stream_delay_ms):
-                if isinstance(item, Chunk):
-                    yield sse({"type": "token", "text": item.text})
-                elif isinstance(item, Finished):
+                if isinstance(item, Chunk) or (reader and isinstance(item, Finished)):
+                    # a model that thinks: its thoughts as "thought" events, before the answer's tokens
+                    parts = ([item] if reader is None else reader.read(item)) if isinstance(item, Chunk) \
+                        else reader.end()
+                    for part in parts:
+                        if part.text:
+                            yield sse({"type": "thought" if isinstance(part, Thought) else "token", "text": part.text})
+                if isinstance(item, Finished):
                     saved = await turn.saved
                     if isinstance(saved, ShoalError):
                         yield sse({"type": "error", "error": saved.to_dict()})
@@ -194,7 +202,8 @@ def _raise_if_failed(saved) -> None:
 
 def _assistant(final: Finished, turn) -> dict:
     calls = {"tool_calls": turn.tool_calls} if turn.tool_calls else {}
-    return {"role": "assistant", "content": final.text, "model": final.model,
+    thought, text = split(final.text, turn.handle.request.thoughts)
+    return {"role": "assistant", "content": text, **({"reasoning": thought} if thought else {}), "model": final.model,
             "finish_reason": "tool_calls" if calls else final.reason, **calls,
             "usage": usage_dict(final), "timings": timings(final),
             "sources": [p.citation() for p in turn.passages],

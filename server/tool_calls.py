@@ -15,6 +15,9 @@ for a call as one JSON object, `{"name": ..., "arguments": {...}}`. Either way:
 An assistant message's `tool_calls` and `tool` messages go back in the history (see chat_format).
 `parallel_tool_calls`: an answer in `<tool_call>` blocks may make several calls; `false` keeps the
 first. A constrained answer makes one call.
+
+A model that thinks first (`llm_pool/reasoning.py`) has its thoughts taken apart before any of
+this: they come as `Thought`s, and only the answer after them may be a call.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from llm_pool import Message, chat_format
 from llm_pool.chat_format import ToolCall
 from llm_pool.constraints import OutputFormat
 from llm_pool.errors import InvalidParamsError
+from llm_pool.reasoning import ThoughtMarks, ThoughtSplitter
 from llm_pool.stream import Failed, Finished, GenerationHandle
 
 from .streaming import Chunk, chunked, joined
@@ -154,16 +158,80 @@ class Calls:
     pieces: list[Chunk]
 
 
-async def answer_events(handle: GenerationHandle, plan: ToolPlan | None, chunk_size: int = 1,
-                        delay_ms: int = 0) -> AsyncIterator[Chunk | Calls | Finished | Failed]:
-    """A chat answer as every protocol streams it: text as Chunks, or Calls, then Finished or Failed.
+@dataclass(frozen=True)
+class Thought:
+    """A piece of the model's thinking before its answer; `tokens`: the tokens it took (a last
+    Thought may bring only tokens, those of the close tag, with no text)."""
+    text: str
+    tokens: int
+
+
+class ThoughtReader:
+    """An answer's Chunks as Thoughts and the answer's Chunks (reasoning.ThoughtSplitter). A
+    chunk's tokens count as thought when it began inside the thought or let some out."""
+
+    def __init__(self, marks: ThoughtMarks):
+        self.splitter = ThoughtSplitter(marks)
+        self.tokens = 0  # thought tokens not yet given out with a Thought
+        self.total = 0  # every thought token so far
+
+    def read(self, chunk: Chunk) -> list[Thought | Chunk]:
+        was_thinking = self.splitter.thinking
+        thought, answer = self.splitter.feed(chunk.text)
+        if was_thinking or thought:
+            self.tokens += len(chunk.token_ids)
+        return self._out(thought, answer, chunk)
+
+    def end(self) -> list[Thought | Chunk]:
+        thought, answer = self.splitter.flush()
+        return self._out(thought, answer, Chunk("", (), ()), last=True)
+
+    def _out(self, thought: str, answer: str, chunk: Chunk, last: bool = False) -> list[Thought | Chunk]:
+        out: list[Thought | Chunk] = []
+        if thought or (last and self.tokens):
+            out.append(Thought(thought, self.tokens))
+            self.total += self.tokens
+            self.tokens = 0
+        if answer:
+            out.append(Chunk(answer, chunk.token_ids, chunk.logprobs, chunk.token_bytes, chunk.top))
+        return out
+
+
+def thoughts_of(chunks: list[Chunk], marks: ThoughtMarks | None) -> tuple[str, list[Chunk], int]:
+    """A whole answer's chunks as (thought, the answer's chunks, thought tokens)."""
+    if marks is None:
+        return "", chunks, 0
+    reader = ThoughtReader(marks)
+    parts = [p for c in chunks for p in reader.read(c)] + reader.end()
+    return ("".join(p.text for p in parts if isinstance(p, Thought)), [p for p in parts if isinstance(p, Chunk)],
+            reader.total)
+
+
+async def _thoughts_apart(stream: AsyncIterator, marks: ThoughtMarks | None) -> AsyncIterator:
+    if marks is None:
+        async for item in stream:
+            yield item
+        return
+    reader = ThoughtReader(marks)
+    async for item in stream:
+        parts = reader.read(item) if isinstance(item, Chunk) else [*reader.end(), item]
+        for part in parts:
+            yield part
+
+
+async def answer_events(handle: GenerationHandle, plan: ToolPlan | None, chunk_size: int = 1, delay_ms: int = 0
+                        ) -> AsyncIterator[Thought | Chunk | Calls | Finished | Failed]:
+    """A chat answer as every protocol streams it: first the model's Thoughts (a model that
+    thinks), then text as Chunks, or Calls, then Finished or Failed.
 
     With tools, an answer that may be a call is held back: with `auto`, until its beginning shows
     it is text (then streamed as it comes); otherwise to the end, where it is read as calls (or,
     failing that, sent as text)."""
     held: list[Chunk] | None = [] if plan else None
-    async for item in chunked(handle, chunk_size, delay_ms):
-        if isinstance(item, Chunk) and held is not None:
+    async for item in _thoughts_apart(chunked(handle, chunk_size, delay_ms), handle.request.thoughts):
+        if isinstance(item, Thought):
+            yield item
+        elif isinstance(item, Chunk) and held is not None:
             held.append(item)
             if plan.choice == "auto" and not plan.may_be_call("".join(c.text for c in held)):
                 for piece in held:  # plain text after all: stream it as it comes

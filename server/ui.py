@@ -27,6 +27,7 @@ def create_ui(services: Services) -> gr.Blocks:
     default_chat = services.pool.default_model if services.pool.default_model in chat_models \
         else (chat_models[0] if chat_models else None)
     completion_models = [n for n in all_models if catalog.get(n).kind == "completion"] or chat_models
+    generating = [n for n in all_models if catalog.get(n).kind in ("chat", "completion")]  # not embedders
     handlers = ChatHandlers(services, default_chat)
 
     with gr.Blocks(title="Shoal", fill_height=True) as demo:
@@ -39,6 +40,8 @@ def create_ui(services: Services) -> gr.Blocks:
         with gr.Sidebar(open=True, elem_id="sidebar", width=290):
             gr.HTML("<div class='shoal-header'><span class='shoal-mark'></span><b>Shoal</b></div>")
             new_chat = gr.Button("+ New chat", variant="primary", elem_id="new-chat")
+            same_settings = gr.Checkbox(False, label="New chats: same settings as this chat", elem_id="same-settings",
+                                        container=False)
             sessions = gr.Radio([], label="Chats", elem_id="session-list", container=False)
             with gr.Accordion("This chat", open=False, elem_id="manage-chat"):
                 title = gr.Textbox(label="Title", elem_id="rename-box", max_lines=1)
@@ -123,7 +126,7 @@ def create_ui(services: Services) -> gr.Blocks:
                                                elem_id="mcp-servers", visible=bool(services.mcp.names))
 
         with gr.Tab("Complete", id="complete"):
-            comp_model = gr.Dropdown(all_models, value=completion_models[0] if completion_models else None,
+            comp_model = gr.Dropdown(generating, value=completion_models[0] if completion_models else None,
                                      label="Model", elem_id="complete-model")
             gr.Markdown("Base models continue text: write the beginning, the model writes the rest.")
             prompt = gr.Textbox(label="Text to continue", lines=6, elem_id="complete-prompt")
@@ -160,7 +163,7 @@ def create_ui(services: Services) -> gr.Blocks:
                   api_visibility="private").then(
             lambda: "loaded", None, [loaded], api_visibility="private", queue=False)
         sessions.input(handlers.open, [browser_id, sessions], view, api_visibility="private")
-        new_chat.click(handlers.new, [browser_id, *settings], view, api_visibility="private")
+        new_chat.click(handlers.new, [browser_id, same_settings, *settings], view, api_visibility="private")
         gr.on([w.input for w in settings], handlers.save_settings, [browser_id, session_id, *settings],
               [status], api_visibility="private", show_progress="hidden")
         rename.click(handlers.rename, [browser_id, session_id, title], [sessions], api_visibility="private")

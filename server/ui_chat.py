@@ -25,6 +25,7 @@ from service import Services
 from .gradio_guard import discard
 from .tool_calls import ToolDef, session_tools
 from .ui_common import (
+    StreamedReply,
     admin_check,
     chat_view,
     figures,
@@ -154,6 +155,7 @@ class ChatHandlers:
     def new(
         self,
         browser_id,
+        same_settings,
         model,
         system,
         temperature,
@@ -166,14 +168,13 @@ class ChatHandlers:
         history_limit,
         request: gr.Request,
     ):
+        """A new chat starts from the defaults (model, no system prompt, default parameters) unless the
+        user ticked "same settings as this chat": nothing is carried over silently."""
         user = ui_user(self.services, browser_id, request)
+        settings = self._settings(model, system, temperature, top_p, top_k, max_new, repetition, seed, stop,
+                                  history_limit) if same_settings else {"model": self.default_model}
         try:
-            session = self.chat.create(
-                user,
-                **self._settings(
-                    model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
-                ),
-            )
+            session = self.chat.create(user, **settings)
         except ShoalError as exc:
             raise _error(exc) from None
         return self._view(user, session)
@@ -398,12 +399,14 @@ class ChatHandlers:
             raise _error(exc) from None
         note = ""
         while turn is not None:
+            reply = StreamedReply(view, turn.handle.request.thoughts)
             try:
                 async for event in turn.handle:
                     if isinstance(event, TextDelta):
-                        view[-1]["content"] += event.text
+                        reply.add(event.text)
                         yield view, "", "", radio, session_id, None, ""
                     elif isinstance(event, Finished):
+                        reply.end()
                         note = figures(event)
                     elif isinstance(event, Failed):
                         raise _error(event.error)

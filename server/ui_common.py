@@ -9,6 +9,7 @@ from typing import Any
 import gradio as gr
 
 from llm_pool import Finished, GenerationParams
+from llm_pool.reasoning import ThoughtMarks, ThoughtSplitter
 from memory.store import StoredMessage
 from service import Services
 from service.identity import Caller
@@ -107,13 +108,58 @@ def _pretty(arguments: str) -> str:
         return arguments
 
 
+THOUGHT = "Thought"
+
+
+def thought_message(text: str, done: bool = True) -> dict:
+    """A model's thoughts as a Chatbot message that Gradio shows folded (open, with a spinner,
+    while the model still thinks)."""
+    return {"role": "assistant", "content": text,
+            "metadata": {"title": THOUGHT, "status": "done" if done else "pending"}}
+
+
+class StreamedReply:
+    """A reply as it streams into the Chatbot's last message; a model's thoughts (reasoning.py) go
+    to a Thought message before it."""
+
+    def __init__(self, view: list[dict], marks: ThoughtMarks | None):
+        self.view = view
+        self.splitter = ThoughtSplitter(marks) if marks else None
+        self.thought: dict | None = None
+
+    def add(self, text: str) -> None:
+        if self.splitter is None:
+            self.view[-1]["content"] += text
+        else:
+            self._show(*self.splitter.feed(text))
+
+    def end(self) -> None:
+        if self.splitter is not None:
+            self._show(*self.splitter.flush())
+        if self.thought is not None:
+            self.thought["metadata"]["status"] = "done"
+
+    def _show(self, thought: str, said: str) -> None:
+        if thought and self.thought is None:
+            self.thought = thought_message("", done=False)
+            self.view.insert(len(self.view) - 1, self.thought)
+        if thought:
+            self.thought["content"] += thought
+        self.view[-1]["content"] += said
+        if self.thought is not None and not self.splitter.thinking:
+            self.thought["metadata"]["status"] = "done"
+
+
 def chat_view(messages: list[StoredMessage]) -> list[dict]:
-    """Stored messages as Chatbot messages, with the sources an answer used."""
+    """Stored messages as Chatbot messages, with the sources an answer used and, folded, the
+    thoughts of a model that thinks."""
     view = []
     ran = {m.meta["tool_call_id"]: m.meta for m in messages if m.role == "user" and m.meta.get("mcp_server")}
     for message in messages:
         if message.role == "system":
             continue
+        if message.role == "assistant" and message.meta.get("reasoning"):
+            view.append(thought_message(message.meta["reasoning"]))
         calls = message.meta.get("tool_calls") if message.role == "assistant" else None
         if calls:  # shown as calls, not as the JSON the model wrote
             for call in calls:

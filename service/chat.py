@@ -20,6 +20,7 @@ from llm_pool import Finished, GenerationHandle, GenerationParams, GenerationReq
 from llm_pool.chat_format import ToolCall
 from llm_pool.constraints import OutputFormat
 from llm_pool.errors import InvalidParamsError, InvalidRequestError, PayloadTooLargeError
+from llm_pool.reasoning import split
 from memory.context import Passage, build_context
 from memory.store import Session, SessionStore, StoredMessage
 
@@ -252,9 +253,13 @@ class ChatService:
                         "timings": {"ttft_s": final.ttft, "duration_s": final.duration,
                                     "tokens_per_second": final.tokens_per_second},
                         "sources": [p.citation() for p in turn.passages]}
+                # a model that thinks: its thoughts are kept beside the answer, never shown to it again
+                thought, text = split(final.text, turn.handle.request.thoughts)
+                if thought:
+                    meta["reasoning"] = thought
                 calls = None
                 if turn.functions and final.reason == "stop":
-                    calls = chat_format.parse_calls(final.text, set(turn.functions))
+                    calls = chat_format.parse_calls(text, set(turn.functions))
                 if calls:
                     meta.update(tool_calls=calls, finish_reason="tool_calls")
                     turn.tool_calls = calls
@@ -263,9 +268,9 @@ class ChatService:
                 now = time.time()
                 result = self.store.append(user, turn.session.id, [
                     StoredMessage("user", turn.user_text, now, answered),
-                    StoredMessage("assistant", final.text, now, meta)], truncate_to=replace_from)
-                if self.documents and final.text and not calls:
-                    self.documents.remember_turn(turn.session.id, turn_index, turn.user_text, final.text)
+                    StoredMessage("assistant", text, now, meta)], truncate_to=replace_from)
+                if self.documents and text and not calls:
+                    self.documents.remember_turn(turn.session.id, turn_index, turn.user_text, text)
         except Exception as exc:  # the session may have been deleted meanwhile, or the disk is full
             log.warning("could not store the turn of session %s: %s", turn.session.id, exc)
             result = exc

@@ -16,6 +16,7 @@ from typing import Any
 
 from llm_pool import Finished, Message
 from llm_pool.errors import ConflictError
+from llm_pool.reasoning import ThoughtMarks, split
 from memory.store import SessionStore, StoredMessage
 
 from .chat import ChatService, _as_message
@@ -71,12 +72,16 @@ class ResponsesService:
         return session.id
 
 
-def answer_messages(final: Finished, calls: list[dict] | None) -> StoredMessage:
-    """The answer as the chat stores it (a call as the UI's chats store one)."""
+def answer_messages(final: Finished, calls: list[dict] | None, thoughts: ThoughtMarks | None = None) -> StoredMessage:
+    """The answer as the chat stores it (a call as the UI's chats store one; the thoughts of a model
+    that thinks in the meta, as `reasoning`, so that later turns do not show them to the model)."""
+    thought, text = split(final.text, thoughts)
     meta: dict[str, Any] = {"model": final.model, "finish_reason": "tool_calls" if calls else final.reason,
                             "usage": {"prompt_tokens": final.usage.prompt_tokens,
                                       "completion_tokens": final.usage.completion_tokens,
                                       "cached_tokens": final.usage.cached_tokens}}
     if calls:
         meta["tool_calls"] = calls
-    return StoredMessage("assistant", final.text, meta=meta)
+    if thought:
+        meta["reasoning"] = thought
+    return StoredMessage("assistant", text, meta=meta)

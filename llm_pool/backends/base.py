@@ -12,6 +12,7 @@ from ..catalog import ModelSpec
 from ..config import EngineConfig
 from ..errors import InvalidParamsError, InvalidRequestError
 from ..policy import SourcePolicy
+from ..reasoning import Reasoning
 from ..stream import GenerationHandle, GenerationRequest
 
 Progress = Callable[[float, str], None]
@@ -29,6 +30,9 @@ class Backend(ABC):
     # True once loaded when the model's chat template renders tools itself (chat_format); remote
     # backends and templates without tools get Shoal's generic tool format
     tool_template = False
+    # Once loaded: what the model's chat template says about thinking (reasoning.py); remote
+    # backends and templates without <think> blocks: a model that does not reason
+    reasoning = Reasoning()
 
     def __init__(self, spec: ModelSpec, context: BackendContext):
         self.spec = spec

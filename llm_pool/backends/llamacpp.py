@@ -49,6 +49,7 @@ from ..errors import (
     ServiceUnavailableError,
     ShoalError,
 )
+from ..reasoning import Reasoning
 from ..sources import locate_gguf
 from ..stream import Finished, GenerationHandle, GenerationRequest, Usage
 from .base import Backend, Progress, check_logit_bias, check_token_ids
@@ -167,7 +168,7 @@ class LlamaCppBackend(Backend):
         self._server = LlamaServer(self._binary, args, self.spec.key, self.context.cache_dir / "llama.cpp-logs")
         self._http = self._server.start().http
         progress(0.9, "checking")
-        self.tool_template = self._template_knows_tools()
+        self.tool_template, self.reasoning = self._template_facts()
         self._measured = self._measure()
         self._slots = [Slot(i) for i in range(self.slots)]
         self.lost = None
@@ -178,15 +179,17 @@ class LlamaCppBackend(Backend):
         asyncio.run_coroutine_threadsafe(self._open(), self._loop).result(10)
         progress(1.0, "ready")
 
-    def _template_knows_tools(self) -> bool:
+    def _template_facts(self) -> tuple[bool, Reasoning]:
+        """Whether the chat template renders tools, and what it says about thinking."""
         props = self._http.get("/props")
         if props.status_code != 200:
-            return False
+            return False, Reasoning()
         props = props.json()
+        reasoning = Reasoning.of_template(props.get("chat_template"))
         caps = props.get("chat_template_caps") or {}
         if "supports_tools" in caps:
-            return bool(caps["supports_tools"])
-        return chat_format.knows_tools(props.get("chat_template"))
+            return bool(caps["supports_tools"]), reasoning
+        return chat_format.knows_tools(props.get("chat_template")), reasoning
 
     def _measure(self) -> int:
         """The server's resident memory once loaded (weights mapped, KV and compute buffers
@@ -255,10 +258,13 @@ class LlamaCppBackend(Backend):
             if not request.messages:
                 raise InvalidParamsError("messages must not be empty", param="messages")
             messages, tools = chat_format.render(request, self.tool_template, object_arguments=False)
+            switches = self.reasoning.template_kwargs(request.thinking)
             templated = self._post("/apply-template", {
                 "messages": messages, **({"tools": tools} if tools else {}),
                 "add_generation_prompt": request.add_generation_prompt,
+                **({"chat_template_kwargs": switches} if switches else {}),
                 **({"continue_final_message": True} if request.continue_final_message else {})})
+            request.thoughts = self.reasoning.marks(templated["prompt"])
             return self._post("/tokenize", {"content": templated["prompt"], "add_special": False,
                                             "parse_special": True, "with_pieces": with_pieces})["tokens"]
         if not request.prompt:

@@ -19,6 +19,7 @@ from ..constraints import TokenizerGrammar
 from ..cpu_linear import pack_linears, packed_bytes
 from ..engine import BatchEngine, make_engine
 from ..errors import ContextOverflowError, InvalidParamsError, InvalidRequestError, ModelLoadError
+from ..reasoning import Reasoning
 from ..sources import Prepared, constructing, prepare
 from ..stream import GenerationHandle, GenerationRequest
 from .base import Backend, Progress, check_logit_bias, check_token_ids
@@ -119,6 +120,7 @@ class LocalBackend(Backend):
                                  "template; set kind = 'completion' or give a chat_template")
         self.tokenizer, self.model = tokenizer, model
         self.tool_template = chat_format.knows_tools(tokenizer.chat_template)
+        self.reasoning = Reasoning.of_template(tokenizer.chat_template)
         config = model.config.get_text_config()
         self._context_length = self.spec.context_length or getattr(config, "max_position_embeddings", 2048)
         self._parameters = sum(p.numel() for p in model.parameters())
@@ -168,15 +170,17 @@ class LocalBackend(Backend):
                 if not request.messages:
                     raise InvalidParamsError("messages must not be empty", param="messages")
                 messages, tools = chat_format.render(request, self.tool_template)
+                switches = self.reasoning.template_kwargs(request.thinking)
                 try:
                     text = self.tokenizer.apply_chat_template(
                         messages, tools=tools, tokenize=False, add_generation_prompt=request.add_generation_prompt,
-                        continue_final_message=request.continue_final_message)
+                        continue_final_message=request.continue_final_message, **switches)
                 except ValueError as exc:  # transformers: the template does not show the last message as sent
                     if not request.continue_final_message:
                         raise
                     raise InvalidParamsError(f"continue_final_message: this model's chat template cannot leave "
                                              f"the last message open ({exc})", param="continue_final_message") from None
+                request.thoughts = self.reasoning.marks(text)
                 return self.tokenizer(text, add_special_tokens=False)["input_ids"]
             if not request.prompt:
                 raise InvalidParamsError("prompt must not be empty", param="prompt")

@@ -194,6 +194,7 @@ class RemoteBackend(Backend):
             param = request.output_format.param
             raise InvalidRequestError(f"{param}: structured output is not forwarded to remote models yet; "
                                      f"'{self.spec.name}' is served by a remote server", param=param)
+        self.reasoning.template_kwargs(request.thinking)  # a wish to think is refused: not forwarded yet
         if not request.add_generation_prompt or request.continue_final_message:
             param = "continue_final_message" if request.continue_final_message else "add_generation_prompt"
             raise InvalidRequestError(f"{param}: not forwarded to remote models; '{self.spec.name}' is served "

@@ -100,6 +100,32 @@ def test_sessions_create_switch_rename_delete_and_survive_reload_and_restart(bro
     assert "Geography" not in session_titles(page)
 
 
+def test_a_new_chat_starts_from_the_defaults_unless_asked_to_keep_this_chats_settings(browser, own_server, artifacts):
+    page = open_page(browser, own_server["server"].url)
+    open_panel(page, "params")
+    page.locator("#system-prompt textarea").fill("You are a pirate.")
+    temperature = page.locator("#temperature input[type='number']")
+    temperature.fill("1.5")
+    temperature.press("Enter")
+    send(page, "Hello there.")
+
+    page.locator("#new-chat").click()  # a fresh chat: nothing carried over
+    expect(page.locator(BOT)).to_have_count(0)
+    expect(page.locator("#system-prompt textarea")).to_have_value("")
+    expect(temperature).not_to_have_value("1.5")
+    send(page, "Name a colour.")
+    expect(page.locator("#system-prompt textarea")).to_have_value("")  # the colour chat is stored without it
+
+    page.locator("#session-list label", has_text="Hello there").click()
+    expect(page.locator("#system-prompt textarea")).to_have_value("You are a pirate.")
+    page.locator("#same-settings input").check()  # asked for: the new chat takes this chat's settings
+    page.locator("#new-chat").click()
+    expect(page.locator(BOT)).to_have_count(0)
+    expect(page.locator("#system-prompt textarea")).to_have_value("You are a pirate.")
+    expect(temperature).to_have_value("1.5")
+    page.screenshot(path=str(artifacts / "new-chat-same-settings.png"), full_page=True)
+
+
 def test_another_browser_does_not_see_my_sessions(browser, own_server):
     mine = open_page(browser, own_server["server"].url)
     send(mine, "My private question about tides.")
