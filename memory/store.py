@@ -244,7 +244,7 @@ class SessionStore:
 
     # ------------------------------------------------------------------ stored API responses
     def add_response(self, user: str, session_id: str, new: list[StoredMessage], response: dict[str, Any],
-                     *, after: int) -> Session:
+                     *, after: int, input_items: list[dict[str, Any]] | None = None) -> Session:
         """Append a Responses API exchange to the session in one transaction, and keep the response
         (its id maps to this session and to the history up to its end). `after`: how many
         messages the exchange follows; a session that has grown since is refused (the caller forks)."""
@@ -254,7 +254,8 @@ class SessionStore:
                 raise ConflictError("the conversation moved on meanwhile", code="conversation_moved")
             session = self.append(user, session_id, new)
             self._db.set(f"r:{response['id']}", {"user": user, "session_id": session_id,
-                                                 "count": session.message_count, "response": response})
+                                                 "count": session.message_count, "response": response,
+                                                 "input": input_items or []})
             self._db.set(f"rs:{session_id}", self._db.get(f"rs:{session_id}", []) + [response["id"]])
             return session
         return self._write(write)

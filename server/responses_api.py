@@ -31,7 +31,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -265,6 +265,20 @@ class ResponsesRequest(BaseModel):
             out.append(ChatMessageIn(role="assistant", content=None, tool_calls=calls))
         return out
 
+    def input_items(self) -> list[dict[str, Any]]:
+        """The input as items with ids, as `GET /v1/responses/{id}/input_items` lists them."""
+        items = [{"type": "message", "role": "user", "content": self.input}] if isinstance(self.input, str) \
+            else [dict(item) for item in self.input]
+        for item in items:
+            kind = item.setdefault("type", "message")
+            if kind == "message":
+                part = "output_text" if item.get("role") == "assistant" else "input_text"
+                if isinstance(item.get("content"), str):
+                    item["content"] = [{"type": part, "text": item["content"]}]
+                item.setdefault("status", "completed")
+            item.setdefault("id", f"{'msg' if kind == 'message' else 'item'}_{uuid.uuid4().hex[:24]}")
+        return items
+
     def mcp_servers(self) -> list[McpToolIn]:
         return [t for t in self.tools or () if isinstance(t, McpToolIn)]
 
@@ -488,7 +502,7 @@ async def create_response(body: ResponsesRequest, request: Request):
         if store:
             new = [*_stored(body.chat()), *mcp.stored, answer_messages(final, calls, handle.request.thoughts)]
             answer.conversation = await asyncio.to_thread(services.responses.save, caller.user, opening, new,
-                                                          answer.dict(), handle.model)
+                                                          answer.dict(), handle.model, body.input_items())
 
     if not body.stream:
         answer.output += mcp.listed
@@ -657,6 +671,26 @@ async def get_response(response_id: str, request: Request):
     if caller.user is None:
         raise NotFoundError(f"response '{response_id[:100]}' not found", param="response_id", code="response_not_found")
     return await asyncio.to_thread(services_of(request).responses.get, caller.user, response_id)
+
+
+@router.get("/v1/responses/{response_id}/input_items", summary="The input items of a stored response")
+async def list_input_items(response_id: str, request: Request,
+                           order: Literal["asc", "desc"] = Query("desc", description="Newest first (desc), as OpenAI."),
+                           limit: int = Query(20, ge=1, le=100), after: str | None = Query(None, max_length=100)):
+    caller = caller_of(request)
+    if caller.user is None:
+        raise NotFoundError(f"response '{response_id[:100]}' not found", param="response_id", code="response_not_found")
+    items = await asyncio.to_thread(services_of(request).responses.input_items, caller.user, response_id)
+    if order == "desc":
+        items.reverse()
+    if after is not None:
+        ids = [item.get("id") for item in items]
+        if after not in ids:
+            raise InvalidParamsError(f"after: no input item '{after}' in this response", param="after")
+        items = items[ids.index(after) + 1:]
+    page = items[:limit]
+    return {"object": "list", "data": page, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None, "has_more": len(items) > limit}
 
 
 @router.delete("/v1/responses/{response_id}", summary="Delete a stored response (its chat stays)")

@@ -53,22 +53,27 @@ class ResponsesService:
     def delete(self, user: str, response_id: str) -> None:
         self.store.delete_response(user, response_id)
 
+    def input_items(self, user: str, response_id: str) -> list[dict[str, Any]]:
+        """The input items of a stored response, as it was sent (oldest first)."""
+        return list(self.store.response(user, response_id).get("input") or [])
+
     def save(self, user: str, opening: Opening, new: list[StoredMessage], response: dict[str, Any],
-             model: str) -> str:
+             model: str, input_items: list[dict[str, Any]] | None = None) -> str:
         """Store the exchange; returns the chat's id (a new one for a new conversation or a branch)."""
         self.chat.quotas.check_messages(len(opening.history) + len(new))
         session_id = opening.session_id
         if session_id is not None:
             after = opening.after if opening.after is not None else self.store.get(user, session_id).message_count
             try:
-                self.store.add_response(user, session_id, new, response, after=after)
+                self.store.add_response(user, session_id, new, response, after=after, input_items=input_items)
                 return session_id
             except ConflictError:
                 pass  # the chat moved on after that response: branch off it
         session = self.chat.create(user, title="New chat", model=model)
         if opening.history:
             self.store.append(user, session.id, opening.history)
-        self.store.add_response(user, session.id, new, response, after=len(opening.history))
+        self.store.add_response(user, session.id, new, response, after=len(opening.history),
+                                input_items=input_items)
         return session.id
 
 

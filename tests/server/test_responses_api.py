@@ -132,6 +132,10 @@ def test_a_stored_conversation_continues_across_a_restart_and_branches(own_serve
     assert third.conversation.id == chat
     assert len(httpx.get(f"{own_server['server'].url}/v1/sessions/{chat}").json()["messages"]) == 6
 
+    listed = client().responses.input_items.list(second.id, order="asc")  # what was sent, as items
+    assert [(i.type, i.role, i.content[0].text) for i in listed.data] == [("message", "user", "What is my name?")]
+    assert listed.data[0].id.startswith("msg_") and listed.has_more is False
+
     client().responses.delete(second.id)
     with pytest.raises(NotFoundError):
         client().responses.retrieve(second.id)
@@ -155,6 +159,9 @@ def test_stored_responses_belong_to_their_user(pool, embedder, tmp_path):
             bob.responses.create(model=CHAT_MODEL, input="Hi", previous_response_id=made.id, max_output_tokens=4)
         with pytest.raises(NotFoundError):
             bob.responses.delete(made.id)
+        with pytest.raises(NotFoundError):
+            bob.responses.input_items.list(made.id)
+        assert [i.content[0].text for i in ann.responses.input_items.list(made.id).data] == ["Hello"]
         assert ann.responses.retrieve(made.id).id == made.id
 
         stranger = OpenAI(base_url=f"{public.url}/v1", api_key="unused", max_retries=0, timeout=180)
