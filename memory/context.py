@@ -78,12 +78,20 @@ def build_context(*, system_prompt: str, history: Sequence[Message], user_text: 
     messages = []
     system_parts = [system_text] if system_text else []
     if passage_block:
-        system_parts.append("Use these passages to answer, and cite them by number like [1]:\n" + passage_block)
+        system_parts.append(PASSAGES_INTRO + passage_block)
     if system_parts:
         messages.append(Message("system", "\n\n".join(system_parts)))
     messages += chosen
     messages.append(Message("tool", user_text, tool_call_id=reply_to) if reply_to else Message("user", user_text))
     return Context(messages, used, len(chosen), len(history) - len(chosen), kept_passages)
+
+
+PASSAGES_INTRO = "Use these passages to answer, and cite them by number like [1]:\n"
+
+
+def passages_prompt(passages: Sequence[Passage]) -> str:
+    """The passages as a system message shows them, numbered for citing."""
+    return PASSAGES_INTRO + "".join(_format_passage(i + 1, p) for i, p in enumerate(passages))
 
 
 def _format_passage(number: int, passage: Passage) -> str:

@@ -41,6 +41,7 @@ from llm_pool.constraints import OutputFormat
 from llm_pool.errors import AuthenticationError, InvalidParamsError, NotFoundError, ShoalError
 from llm_pool.reasoning import Thinking
 from llm_pool.stream import Failed
+from memory.context import Passage, passages_prompt
 from memory.store import StoredMessage
 from service.mcp import McpTool
 from service.mcp import function_name as mcp_function_name
@@ -317,10 +318,13 @@ class ResponsesRequest(BaseModel):
             raise InvalidParamsError("text.format.schema: required for json_schema", param="text.format.schema")
         return OutputFormat.json(wanted.schema_, param="text.format.schema")
 
-    def request(self, plan: ToolPlan | None, earlier: list[Message] = (), ran: list[Message] = ()) -> GenerationRequest:
+    def request(self, plan: ToolPlan | None, earlier: list[Message] = (), ran: list[Message] = (),
+                passages: list[Passage] = ()) -> GenerationRequest:
         params = GenerationParams.validated(max_new_tokens=self.max_output_tokens, temperature=self.temperature,
                                             top_p=self.top_p, seed=self.seed)
         opening = [Message("system", self.instructions)] if self.instructions else []
+        if passages:  # from the files of the stored chat this continues
+            opening.append(Message("system", passages_prompt(passages)))
         return GenerationRequest(params, messages=[*opening, *earlier, *history(self.chat()), *ran],
                                  output_format=plan.output_format() if plan else self.format(),
                                  tools=plan.tool_dicts() if plan else None,
@@ -346,7 +350,8 @@ def _text(content: Any, where: str) -> str:
 class _Answer:
     """The response object, as it grows while streaming and as it is returned."""
 
-    def __init__(self, body: ResponsesRequest, model: str, store: bool):
+    def __init__(self, body: ResponsesRequest, model: str, store: bool, passages: list[Passage] = ()):
+        self.passages = list(passages)
         self.body = body
         self.store = store
         self.conversation: str | None = None
@@ -365,7 +370,18 @@ class _Answer:
 
     def message(self, text: str, status: str = "completed") -> dict:
         return {"type": "message", "id": f"msg_{uuid.uuid4().hex[:24]}", "status": status, "role": "assistant",
-                "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]}
+                "content": [{"type": "output_text", "text": text, "annotations": self.annotations(text),
+                             "logprobs": []}]}
+
+    def annotations(self, text: str) -> list[dict]:
+        """Where the answer cites a passage of the chat's files by its number, a file_citation."""
+        out = []
+        for number, passage in enumerate(self.passages, 1):
+            at = text.find(f"[{number}]")
+            if at >= 0 and passage.meta.get("file"):
+                out.append({"type": "file_citation", "file_id": passage.meta.get("file_id") or "",
+                            "filename": passage.meta["file"], "index": at})
+        return sorted(out, key=lambda a: a["index"])
 
     @staticmethod
     def call(call: dict, status: str = "completed") -> dict:
@@ -474,9 +490,21 @@ class _McpRun:
                 "output": None if result.error else result.text, "status": "failed" if result.error else "completed",
                 "error": {"type": "mcp_tool_execution_error", "content": result.text} if result.error else None}
 
-    def next_request(self, plan: ToolPlan, opening: Opening) -> GenerationRequest:
+    def next_request(self, plan: ToolPlan, opening: Opening, passages: list[Passage]) -> GenerationRequest:
         """After a result the model answers freely (auto), as after a client's function output."""
-        return self.body.request(ToolPlan(plan.tools, "auto", plan.parallel), opening.messages(), self.ran)
+        return self.body.request(ToolPlan(plan.tools, "auto", plan.parallel), opening.messages(), self.ran, passages)
+
+
+async def _passages(services, caller, opening: Opening, body: ResponsesRequest) -> list[Passage]:
+    """A stored chat's files answer on this route too: passages for the newest user message (the
+    chat's own turns are all in the prompt already, so only files are searched)."""
+    if opening.session_id is None or services.documents is None:
+        return []
+    query = next((m.text() for m in reversed(body.chat()) if m.role == "user"), "")
+    if not query.strip():
+        return []
+    return await asyncio.to_thread(services.documents.retrieve, caller.user, opening.session_id, query,
+                                   exclude_turns_from=0)
 
 
 @router.post("/v1/responses", summary="Create a response (OpenAI Responses API)")
@@ -495,12 +523,16 @@ async def create_response(body: ResponsesRequest, request: Request):
     if body.previous_response_id or body.conversation:
         opening = await asyncio.to_thread(services.responses.opening, caller.user, body.previous_response_id,
                                           body.conversation)
-    handle = await admit(request, body.model, body.request(plan, opening.messages()))
-    answer = _Answer(body, handle.model, store)
+    passages = await _passages(services, caller, opening, body)
+    handle = await admit(request, body.model, body.request(plan, opening.messages(), passages=passages))
+    answer = _Answer(body, handle.model, store, passages)
 
     async def keep(final: Finished, calls: list[dict] | None) -> None:
         if store:
-            new = [*_stored(body.chat()), *mcp.stored, answer_messages(final, calls, handle.request.thoughts)]
+            reply = answer_messages(final, calls, handle.request.thoughts)
+            if passages:  # kept with the answer, as the UI's chats keep them
+                reply.meta["sources"] = [p.citation() for p in passages]
+            new = [*_stored(body.chat()), *mcp.stored, reply]
             answer.conversation = await asyncio.to_thread(services.responses.save, caller.user, opening, new,
                                                           answer.dict(), handle.model, body.input_items())
 
@@ -523,7 +555,7 @@ async def create_response(body: ResponsesRequest, request: Request):
                 break
             for call, tool in runnable:
                 answer.output.append(await mcp.run(call, tool))
-            handle = await admit(request, body.model, mcp.next_request(plan, opening))
+            handle = await admit(request, body.model, mcp.next_request(plan, opening, passages))
         answer.output += [answer.call(c) for c in calls] if calls else [answer.message(text)]
         await keep(answer.final, calls)
         return answer.dict()
@@ -620,7 +652,8 @@ async def create_response(body: ResponsesRequest, request: Request):
                         return
                     if message is not None:
                         whole = "".join(text)
-                        part = {"type": "output_text", "text": whole, "annotations": [], "logprobs": []}
+                        part = {"type": "output_text", "text": whole, "annotations": answer.annotations(whole),
+                                "logprobs": []}
                         message.update(status="completed", content=[part])
                         yield event("response.output_text.done", item_id=message["id"], output_index=at,
                                     content_index=0, text=whole, logprobs=[])
@@ -655,7 +688,7 @@ async def create_response(body: ResponsesRequest, request: Request):
                             item_id=done["id"], output_index=at)
                 yield event("response.output_item.done", output_index=at, item=done)
             try:
-                handle = await admit(request, body.model, mcp.next_request(plan, opening))
+                handle = await admit(request, body.model, mcp.next_request(plan, opening, passages))
             except ShoalError as exc:
                 yield event("error", code=exc.code or exc.type, message=exc.message, param=exc.param)
                 yield event("response.failed", response={**answer.dict(), "status": "failed", "error": {

@@ -71,7 +71,8 @@ def test_rate_limit_answers_429_with_retry_after(pool, tmp_path):
     ("POST", "/v1/embeddings"), ("POST", "/api/embed"), ("POST", "/v1/rerank"), ("POST", "/rerank"),
     ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"), ("POST", "/v1/responses"),
     ("GET", "/v1/responses/resp_1"), ("DELETE", "/v1/responses/resp_1"), ("POST", "/v1/responses/resp_1/cancel"),
-    ("GET", "/v1/mcp/servers"), ("GET", "/docs"), ("GET", "/redoc"), ("GET", "/docs-assets/swagger-ui-bundle.js"),
+    ("GET", "/v1/responses/resp_1/input_items"), ("GET", "/v1/mcp/servers"), ("GET", "/docs"), ("GET", "/redoc"),
+    ("GET", "/docs-assets/swagger-ui-bundle.js"),
 ])
 def test_with_keys_every_route_but_health_needs_one(keyed_server, method, path):
     response = httpx.request(method, f"{keyed_server.url}{path}", json={})

@@ -59,6 +59,23 @@ def test_answers_cite_the_file_and_page_and_forget_a_removed_file(live_server):
     assert httpx.get(f"{url}/v1/sessions/{sid}/files").json()["data"] == []
 
 
+def test_a_responses_conversation_answers_from_its_chats_files(live_server):
+    """A stored Responses conversation is a chat: a file uploaded to it is searched on that route too."""
+    from openai import OpenAI
+    client = OpenAI(base_url=f"{live_server.url}/v1", api_key="unused", max_retries=0, timeout=180)
+    greedy = {"model": CHAT_MODEL, "temperature": 0}
+    chat = client.responses.create(input="Hello.", max_output_tokens=8, **greedy).conversation.id
+    record = upload(live_server.url, chat, "story.pdf", files.pdf_bytes()).json()
+    assert wait_ready(live_server.url, chat, record["id"])["status"] == "ready"
+    answer = client.responses.create(input="Who logged every storm?", conversation=chat, max_output_tokens=40,
+                                     **greedy)
+    assert "Marta" in answer.output_text  # only the file says so
+    stored = httpx.get(f"{live_server.url}/v1/sessions/{chat}").json()["messages"][-1]
+    assert stored["sources"][0]["source"] == "story.pdf, page 2"
+    for note in answer.output[0].content[0].annotations:  # where the answer cites a passage by number
+        assert note.type == "file_citation" and note.filename == "story.pdf"
+
+
 def test_asking_while_a_file_is_being_read_says_so(live_server, services):
     url = live_server.url
     sid = new_session(url)
