@@ -213,3 +213,44 @@ def render(request, native: bool, object_arguments: bool = True) -> tuple[list[d
 
 __all__ = ["TOOL_RESULT", "ToolCall", "call_format", "check_turns", "generic_messages", "knows_tools", "may_be_call",
            "parse_calls", "render", "template_messages", "tool_prompt"]
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """Which functions a reply may call and how, decided in one place for every route (chat
+    completions, Responses, Messages, sessions and the UI): `functions` are OpenAI function objects
+    (name, description, parameters); `choice` is auto, required or one function's name."""
+
+    functions: list[dict]
+    choice: str = "auto"
+    parallel: bool = True
+
+    @property
+    def offered(self) -> list[dict]:
+        if self.choice in ("auto", "required"):
+            return self.functions
+        return [f for f in self.functions if f["name"] == self.choice]
+
+    def prompt(self) -> str:
+        return tool_prompt(self.offered, self.choice)
+
+    def tool_dicts(self) -> list[dict]:
+        """The offered tools as OpenAI tool objects, for a chat template that renders them."""
+        return [{"type": "function", "function": {k: v for k, v in f.items() if k != "strict"}} for f in self.offered]
+
+    def output_format(self) -> OutputFormat | None:
+        """required / named: the answer is decoded as a call of an offered tool."""
+        return call_format(self.offered, self.choice)
+
+    def parse(self, text: str) -> list[dict] | None:
+        """The answer as OpenAI `tool_calls`, or None when it is not a call of offered tools."""
+        return parse_calls(text, {f["name"] for f in self.offered}, self.parallel)
+
+    def after_result(self) -> ToolPlan:
+        """The turn that reads a tool's result answers freely (auto), whatever forced the call."""
+        return ToolPlan(self.functions, "auto", self.parallel)
+
+    @staticmethod
+    def may_be_call(text: str) -> bool:
+        """While streaming with auto: could this beginning still turn out to be a call?"""
+        return may_be_call(text)

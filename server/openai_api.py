@@ -26,19 +26,11 @@ from llm_pool.stream import Failed, GenerationHandle
 
 from .context import admit
 from .protocol import (
-    FrequencyPenalty,
     KeepAlive,
-    LogitBias,
     MaxTokens,
-    MinP,
     ModelRef,
-    PresencePenalty,
-    RepetitionPenalty,
-    Seed,
+    SamplingParams,
     StopText,
-    Temperature,
-    TopK,
-    TopP,
     timings,
     usage_dict,
 )
@@ -133,8 +125,9 @@ IGNORED_BY_SPEC = frozenset({"store", "metadata", "service_tier", "safety_identi
                              "prompt_cache_retention"})
 
 
-class SamplingFields(BaseModel):
-    """Fields shared by both endpoints. Bounds here are checked again by the core."""
+class SamplingFields(SamplingParams):
+    """Fields shared by both endpoints: the sampling fields (declared once, in `SamplingParams`; the
+    token limit under OpenAI's name) and the request's own. Bounds here are checked again by the core."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -145,18 +138,9 @@ class SamplingFields(BaseModel):
             return {k: v for k, v in data.items() if k not in IGNORED_BY_SPEC}
         return data
 
+    max_new_tokens: MaxTokens = Field(None, alias="max_tokens")
+    stop: StopText = None  # also a single string here
     model: ModelRef = None
-    max_tokens: MaxTokens = None
-    temperature: Temperature = None
-    top_p: TopP = None
-    top_k: TopK = None  # Shoal's extension, as the next four
-    min_p: MinP = None
-    repetition_penalty: RepetitionPenalty = None
-    frequency_penalty: FrequencyPenalty = None
-    presence_penalty: PresencePenalty = None
-    logit_bias: LogitBias = None
-    seed: Seed = None
-    stop: StopText = None
     n: int = Field(1, ge=1, le=MAX_CHOICES, description="How many answers to the same prompt (choices), "
                    "generated together in one batch.")
     stream: bool = False
@@ -181,11 +165,10 @@ class SamplingFields(BaseModel):
         return self.response_format.output_format() if self.response_format else None
 
     def params(self, max_tokens: int | None = None) -> GenerationParams:
-        return GenerationParams.validated(
-            max_new_tokens=max_tokens or self.max_tokens, temperature=self.temperature,
-            top_p=self.top_p, top_k=self.top_k, repetition_penalty=self.repetition_penalty,
-            seed=self.seed, stop=self.stop, min_p=self.min_p, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, logit_bias=self.logit_bias)
+        values = self.values()
+        if max_tokens:
+            values["max_new_tokens"] = max_tokens
+        return GenerationParams.validated(**values)
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -238,7 +221,6 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] = Field(description="The text to continue (a list of one is accepted).")
-    max_tokens: MaxTokens = None
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=5, description="Return each token's log-probability and "
                                  "this many most likely alternatives.")

@@ -61,8 +61,9 @@ class SamplingParams(BaseModel):
     stop: StopList = None
 
     def values(self) -> dict[str, Any]:
-        """The fields that were set, by `GenerationParams`' names."""
-        return self.model_dump(exclude_none=True)
+        """The sampling fields that were set, by `GenerationParams`' names (a subclass's other fields,
+        such as a request's model or stream, are not among them)."""
+        return self.model_dump(include=set(SamplingParams.model_fields), exclude_none=True)
 
 
 # ------------------------------------------------------------------ response parts

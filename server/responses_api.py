@@ -492,7 +492,7 @@ class _McpRun:
 
     def next_request(self, plan: ToolPlan, opening: Opening, passages: list[Passage]) -> GenerationRequest:
         """After a result the model answers freely (auto), as after a client's function output."""
-        return self.body.request(ToolPlan(plan.tools, "auto", plan.parallel), opening.messages(), self.ran, passages)
+        return self.body.request(plan.after_result(), opening.messages(), self.ran, passages)
 
 
 async def _passages(services, caller, opening: Opening, body: ResponsesRequest) -> list[Passage]:
@@ -548,7 +548,7 @@ async def create_response(body: ResponsesRequest, request: Request):
             answer.reasoning_tokens += spent
             if thought:
                 answer.output.append(answer.reasoning(thought))
-            current = plan if not mcp.steps else ToolPlan(plan.tools, "auto", plan.parallel)
+            current = plan if not mcp.steps else plan.after_result()
             calls = current.parse(text) if plan and answer.final.reason == "stop" else None
             runnable = mcp.runnable(calls)
             if not runnable:
@@ -584,8 +584,7 @@ async def create_response(body: ResponsesRequest, request: Request):
             called: list[dict] | None = None
             thinking: dict | None = None  # the reasoning item, while the model thinks
             thought: list[str] = []
-            async for item in answer_events(handle, plan if not mcp.steps else ToolPlan(plan.tools, "auto",
-                                                                                         plan.parallel)):
+            async for item in answer_events(handle, plan if not mcp.steps else plan.after_result()):
                 if isinstance(item, Thought):
                     answer.reasoning_tokens += item.tokens
                     if not item.text:

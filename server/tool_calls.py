@@ -88,11 +88,8 @@ def history(messages: list) -> list[Message]:
             for m in messages]
 
 
-@dataclass
-class ToolPlan:
-    tools: list[ToolDef]
-    choice: str  # auto | required | the name of one function
-    parallel: bool = True
+class ToolPlan(chat_format.ToolPlan):
+    """The core's tool plan (`chat_format.ToolPlan`), made from a request's checked tools."""
 
     @classmethod
     def of(cls, tools: list[ToolDef] | None, choice: str | NamedToolChoice | None,
@@ -112,34 +109,7 @@ class ToolPlan:
         for i, tool in enumerate(tools):
             if tool.function.parameters is not None:
                 OutputFormat.json(tool.function.parameters, param=f"tools.{i}.function.parameters")
-        return cls(tools, choice or "auto", parallel is not False)
-
-    @property
-    def offered(self) -> list[FunctionDef]:
-        if self.choice in ("auto", "required"):
-            return [t.function for t in self.tools]
-        return [t.function for t in self.tools if t.function.name == self.choice]
-
-    def prompt(self) -> str:
-        return chat_format.tool_prompt([f.model_dump(exclude_none=True) for f in self.offered], self.choice)
-
-    def tool_dicts(self) -> list[dict]:
-        """The offered tools as OpenAI tool objects, for a chat template that renders them."""
-        return [{"type": "function", "function": f.model_dump(exclude_none=True, exclude={"strict"})}
-                for f in self.offered]
-
-    def output_format(self) -> OutputFormat | None:
-        """required / named: the answer is decoded as a call of an offered tool."""
-        return chat_format.call_format([f.model_dump(exclude_none=True) for f in self.offered], self.choice)
-
-    def parse(self, text: str) -> list[dict] | None:
-        """The answer as OpenAI `tool_calls`, or None when it is not a call of offered tools."""
-        return chat_format.parse_calls(text, {f.name for f in self.offered}, self.parallel)
-
-    @staticmethod
-    def may_be_call(text: str) -> bool:
-        """While streaming with auto: could this beginning still turn out to be a call?"""
-        return chat_format.may_be_call(text)
+        return cls([t.function.model_dump(exclude_none=True) for t in tools], choice or "auto", parallel is not False)
 
 
 def session_tools(tools: list[ToolDef] | None) -> list[dict] | None:

@@ -57,6 +57,9 @@ def create_ui(services: Services) -> gr.Blocks:
             with gr.Accordion("All chats", open=False):
                 days = gr.Number(30, label="Delete chats unused for this many days", precision=0, minimum=0)
                 purge = gr.Button("Delete old chats", size="sm", variant="stop", elem_id="purge")
+            gr.HTML("<div class='shoal-api'>API on this address: OpenAI (<code>/v1/chat/completions</code>, "
+                    "<code>/v1/responses</code>), Anthropic (<code>/v1/messages</code>), TGI and sessions. "
+                    "<a href='/docs' target='_blank'>Every route: /docs</a></div>", elem_id="api-note")
 
         with gr.Tab("Chat", id="chat"):
             with gr.Row(equal_height=True):
@@ -190,7 +193,9 @@ def create_ui(services: Services) -> gr.Blocks:
         sent = message.submit(handlers.send, turn_in, turn_out, api_visibility="private")
         clicked = send.click(handlers.send, turn_in, turn_out, api_visibility="private")
         redo = regenerate.click(handlers.regenerate, [browser_id, session_id], turn_out, api_visibility="private")
-        stop.click(None, cancels=[sent, clicked, redo])
+        stop.click(None, cancels=[sent, clicked, redo]).then(
+            handlers.after_stop, [browser_id, session_id], [reply_figures], api_visibility="private",
+            show_progress="hidden")
         edit_last.click(handlers.edit_last, [browser_id, session_id], [message, edit_index, editing],
                         api_visibility="private")
 

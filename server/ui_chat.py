@@ -63,6 +63,7 @@ class ChatHandlers:
         self.chat = services.chat
         self.store = services.store
         self.default_model = default_model
+        self._reading: dict[str, float] = {}  # chat id -> when a file of it was last seen being read
 
     # ------------------------------------------------------------------ views
     def _radio(self, user: str, current: str | None) -> gr.Radio:
@@ -324,8 +325,9 @@ class ChatHandlers:
         caller = ui_caller(self.services, browser_id, request)
         user = caller.user
         text = (text or "").strip()
-        if not text:
-            raise gr.Error("Write a message first.")
+        if not text:  # a toast, not an error over the chat, the list and the box: nothing else changes
+            gr.Warning("Write a message first.")
+            return
         output_format = self._output_format(json_mode, json_schema)
         values = self._settings(
             model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
@@ -367,6 +369,21 @@ class ChatHandlers:
             raise _error(exc) from None
         async for update in self._run(caller, session_id, text, index):
             yield update
+
+    async def after_stop(self, browser_id, session_id, request: gr.Request):
+        """The figures of the reply Stop cut (tokens, tok/s, first token), once it is stored."""
+        user = ui_user(self.services, browser_id, request)
+        if not session_id:
+            return gr.Markdown()
+        deadline = time.monotonic() + 5
+        while True:
+            messages = await asyncio.to_thread(self.store.messages, user, session_id)
+            last = messages[-1] if messages else None
+            if last is not None and last.role == "assistant" and last.meta.get("finish_reason") == "cancelled":
+                return stored_figures(last)
+            if time.monotonic() > deadline:
+                return gr.Markdown()
+            await asyncio.sleep(0.1)
 
     def edit_last(self, browser_id, session_id, request: gr.Request):
         user = ui_user(self.services, browser_id, request)
@@ -489,7 +506,11 @@ class ChatHandlers:
             try:
                 user = ui_user(self.services, browser_id, request)
                 records = self.services.documents.list(user, session_id)
-                if any(r["status"] in ("queued", "parsing", "indexing") for r in records) or \
+                now = time.monotonic()
+                if any(r["status"] in ("queued", "parsing", "indexing") for r in records):
+                    self._reading[session_id] = now
+                # the tick after the last file finished shows it ready (the table is not left at 71%)
+                if now - self._reading.get(session_id, -60.0) < 10 or \
                         time.time() - max((r["created"] for r in records), default=0) < 10:
                     files_html, pick = files_table(records), gr.Dropdown(
                         choices=[(r["name"], r["id"]) for r in records])

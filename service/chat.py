@@ -43,7 +43,7 @@ class Turn:
     saved: asyncio.Future | None = None
     answering: dict | None = None  # the tool call the user's message is the result of
     tool_calls: list[dict] | None = None  # once saved: the reply as tool calls, if it made any
-    functions: frozenset[str] = frozenset()  # the names of the functions the model was offered
+    plan: chat_format.ToolPlan | None = None  # the functions the model was offered, and how
     step: int = 0  # MCP calls run for this turn so far (the call -> result -> continue loop)
     result_meta: dict | None = None  # on a turn answering an MCP call: which server and tool ran it
 
@@ -176,18 +176,19 @@ class ChatService:
         if session.mcp_servers:
             tools += [{"type": "function", "function": t.function()}
                       for t in await self.services.mcp.tools(session.mcp_servers)]
+        plan = None
         if tools:
             if output_format is not None:
                 raise InvalidParamsError("response_format: not in a session with tools (a call's arguments "
                                          "already follow its schema)", param="response_format")
             # the user's turns follow the session's tool_choice; the turn after a tool's result answers
-            choice = "auto" if answering else session.tool_choice
-            functions = [t["function"] for t in tools]
-            request.tools, request.tool_prompt = tools, chat_format.tool_prompt(functions, choice)
-            request.output_format = chat_format.call_format(functions, choice)
+            plan = chat_format.ToolPlan([t["function"] for t in tools], session.tool_choice)
+            if answering:
+                plan = plan.after_result()
+            request.tools, request.tool_prompt, request.output_format = tools, plan.prompt(), plan.output_format()
         handle = await self.services.submit(model, request, caller)
         turn = Turn(handle, session, text, context.passages, context.history_dropped, answering=answering,
-                    functions=frozenset(t["function"]["name"] for t in tools), result_meta=result_meta)
+                    plan=plan, result_meta=result_meta)
         turn.saved = loop.create_future()
         turn_index = len(history)
         # stored in a thread of its own: an fsync'd transaction must not stall the engine's step
@@ -258,8 +259,8 @@ class ChatService:
                 if thought:
                     meta["reasoning"] = thought
                 calls = None
-                if turn.functions and final.reason == "stop":
-                    calls = chat_format.parse_calls(text, set(turn.functions))
+                if turn.plan is not None and final.reason == "stop":
+                    calls = turn.plan.parse(text)
                 if calls:
                     meta.update(tool_calls=calls, finish_reason="tool_calls")
                     turn.tool_calls = calls
@@ -329,7 +330,7 @@ class ChatService:
 def _check_calls(tools: list[dict], choice: str) -> None:
     """With tool_choice required, the grammar of a call of any tool must be within its bounds (400)."""
     if tools:
-        chat_format.call_format([t["function"] for t in tools], choice)
+        chat_format.ToolPlan([t["function"] for t in tools], choice).output_format()
 
 
 def _open_call(history: list[StoredMessage]) -> dict | None:

@@ -6,7 +6,7 @@ import time
 
 from playwright.sync_api import expect
 
-from tests.browser import open_panel
+from tests.browser import FRAMES, open_panel
 
 
 def test_completion_tab_continues_text_with_the_base_model(page, live_server, artifacts):
@@ -117,3 +117,42 @@ def test_a_chat_with_tools_shows_the_call_and_answers_from_its_result(page, live
     expect(reply).not_to_have_text("", timeout=90_000)
     page.screenshot(path=str(artifacts / "tool-call.png"), full_page=True)
     assert "Called get_weather" not in reply.inner_text()  # the answer is words, not another call
+
+
+def test_an_empty_message_is_a_toast_not_an_error_over_the_page(page, live_server):
+    page.goto(live_server.url)
+    expect(page.locator("#ui-loaded")).to_have_text("loaded")
+    box = page.locator("#chat-input textarea")
+    box.press("Enter")
+    expect(page.get_by_text("Write a message first.")).to_be_visible()
+    page.evaluate(FRAMES)
+    # no error status laid over the chat, the chat list or the box, and typing goes on
+    expect(page.locator("#chatbot .error, #session-list .error, #chat-input .error")).to_have_count(0)
+    box.fill("typing still works")
+    expect(box).to_have_value("typing still works")
+
+
+def test_the_page_names_the_api_and_its_docs(page, live_server):
+    page.goto(live_server.url)
+    expect(page.locator("#ui-loaded")).to_have_text("loaded")
+    note = page.locator("#api-note")
+    expect(note).to_contain_text("/v1/chat/completions")
+    expect(note).to_contain_text("/v1/messages")
+    assert note.locator("a").get_attribute("href") == "/docs"
+
+
+def test_on_a_phone_the_models_table_scrolls_to_its_state_column(browser, live_server, artifacts):
+    context = browser.new_context(viewport={"width": 390, "height": 844})
+    page = context.new_page()
+    page.goto(live_server.url)
+    expect(page.locator("#ui-loaded")).to_have_text("loaded")
+    page.get_by_role("tab", name="Models").click()
+    expect(page.locator("#model-table td", has_text="ready").first).to_be_attached()
+    widths = page.evaluate("() => [document.scrollingElement.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[1], widths  # the page itself does not run off the screen: the table scrolls
+    state = page.locator("#model-table td", has_text="ready").first
+    state.scroll_into_view_if_needed()
+    box = state.bounding_box()
+    assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, box  # reachable on screen
+    page.screenshot(path=str(artifacts / "models-phone.png"))
+    context.close()

@@ -25,6 +25,20 @@ def test_upload_a_file_and_see_the_answer_cite_it(browser, live_server, artifact
     page.screenshot(path=str(artifacts / "files.png"), full_page=True)
 
 
+def test_a_file_that_takes_a_while_shows_ready_without_a_reload(browser, live_server, tmp_path):
+    """The table followed a long file's progress and then stopped looking before it said ready."""
+    notes = tmp_path / "logbook.txt"
+    notes.write_text("".join(f"Entry {i}: the tide at the pier was {i % 7} metres, wind {i % 5} from the "
+                             f"{['north', 'east', 'south', 'west'][i % 4]}, and the keeper noted gull number {i}.\n"
+                             for i in range(2500)))
+    page = open_page(browser, live_server.url)
+    open_panel(page, "files-panel")
+    page.locator("#file-upload input[type='file']").set_input_files(str(notes))
+    table = page.locator("#files-table")
+    expect(table).to_contain_text("logbook.txt", timeout=30_000)
+    expect(table).to_contain_text("ready", timeout=180_000)
+
+
 def test_export_then_import_a_chat(browser, live_server, artifacts, tmp_path):
     page = open_page(browser, live_server.url)
     send(page, "Say hello to the export test.")

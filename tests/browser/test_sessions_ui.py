@@ -55,6 +55,8 @@ def test_streamed_reply_then_stop_mid_reply_keeps_the_partial_answer(browser, ow
     while pool.status("smollm2-135m")["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert pool.status("smollm2-135m")["in_flight"] == 0  # the generation really stopped
+    expect(page.locator("#reply-figures")).to_contain_text("tok/s")  # the cut reply's figures, once stored
+    expect(page.locator("#reply-figures")).to_contain_text("cancelled")
     page.screenshot(path=str(artifacts / "chat-stopped.png"), full_page=True)
     page.reload()
     expect(page.locator(BOT).last).to_contain_text(frozen[:20], timeout=30_000)  # the partial reply was kept

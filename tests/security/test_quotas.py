@@ -151,7 +151,7 @@ def test_the_ui_shows_a_refused_turn_and_gives_the_text_back(quota_server):
     opened = gradio_messages(quota_server.url, start, [None], as_user("ui-send"), page)  # the page opens
     assert opened[-1]["success"] and opened[-1]["output"]["data"][2]["value"] == sid  # on the only chat
     typed = "A long message I typed with care"
-    data = [None, None, typed, None, CHAT_MODEL, "", 0.3, 0.9, 0, 3, 1.1, -1, "", 0, False, "", "", "auto"]
+    data = [None, None, typed, None, CHAT_MODEL, "", 0.3, 0.9, 0, 3, 1.1, -1, "", 0, False, "", "", "auto", []]
     messages = gradio_messages(quota_server.url, event_of(config, "send", "click"), data, as_user("ui-send"), page)
     final = messages[-1]
     assert not final["success"] and "--max-messages-per-session" in str(final["output"].get("error"))
