@@ -242,6 +242,18 @@ class SessionStore:
             return session
         return self._write(write)
 
+    def clear_messages(self, user: str, session_id: str) -> Session:
+        """Delete every message of a chat, the turns retrieval remembers of them and the stored API
+        responses that continued them, in one transaction; the chat, its settings and files stay."""
+        def write():
+            session = self.append(user, session_id, [], truncate_to=0)
+            passages.delete(self._db._sql, session_id, turns_from=0)
+            for response_id in self._db.get(f"rs:{session_id}", []):
+                self._db.delete(f"r:{response_id}")
+            self._db.set(f"rs:{session_id}", [])
+            return session
+        return self._write(write)
+
     # ------------------------------------------------------------------ stored API responses
     def add_response(self, user: str, session_id: str, new: list[StoredMessage], response: dict[str, Any],
                      *, after: int, input_items: list[dict[str, Any]] | None = None) -> Session:

@@ -129,6 +129,13 @@ def delete_session(session_id: str, request: Request, caller: Caller = User) -> 
     return {"id": session_id, "deleted": True}
 
 
+@router.delete("/v1/sessions/{session_id}/messages", summary="Delete a session's messages (it stays, with its "
+               "settings and files)")
+def clear_session(session_id: str, request: Request, caller: Caller = User) -> dict:
+    session = services_of(request).chat.clear(caller.user, session_id)
+    return {**session.public(), "messages": []}
+
+
 @router.delete("/v1/sessions", summary="Delete sessions unused for some days (or all)")
 def delete_old_sessions(request: Request, caller: Caller = User,
                         older_than_days: float = Query(ge=0, le=100_000,

@@ -193,6 +193,7 @@ def create_ui(services: Services) -> gr.Blocks:
         sent = message.submit(handlers.send, turn_in, turn_out, api_visibility="private")
         clicked = send.click(handlers.send, turn_in, turn_out, api_visibility="private")
         redo = regenerate.click(handlers.regenerate, [browser_id, session_id], turn_out, api_visibility="private")
+        chatbot.clear(handlers.clear, [browser_id, session_id], [chatbot, reply_figures], api_visibility="private")
         stop.click(None, cancels=[sent, clicked, redo]).then(
             handlers.after_stop, [browser_id, session_id], [reply_figures], api_visibility="private",
             show_progress="hidden")

@@ -258,6 +258,17 @@ class ChatHandlers:
         remaining = self.store.list(user)
         return self._view(user, remaining[0] if remaining else None)
 
+    def clear(self, browser_id, session_id, request: gr.Request):
+        """The chat's trash icon: its messages are deleted (store and the model's context), not hidden."""
+        user = ui_user(self.services, browser_id, request)
+        if session_id:
+            try:
+                self.chat.clear(user, session_id)
+            except ShoalError as exc:
+                raise _error(exc) from None
+            gr.Info("The chat's messages were deleted.")
+        return [], ""
+
     def purge(self, browser_id, session_id, days, request: gr.Request):
         user = ui_user(self.services, browser_id, request)
         gone = self.chat.delete_many(user, older_than=time.time() - float(days or 0) * 86400)
@@ -404,7 +415,10 @@ class ChatHandlers:
             history = history[:replace_from]
         view = chat_view(history) + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         radio = await asyncio.to_thread(self._radio, user, session_id)
-        yield view, "", "", radio, session_id, None, ""
+        # the box is emptied once, of the text just sent; what the user types while the reply streams
+        # is theirs (a draft is never wiped by the stream's updates)
+        keep = gr.skip()
+        yield view, "" if typed else keep, "", radio, session_id, None, ""
         try:
             turn = await self.chat.send(caller, session_id, text, replace_from=replace_from,
                                         output_format=output_format)
@@ -421,7 +435,7 @@ class ChatHandlers:
                 async for event in turn.handle:
                     if isinstance(event, TextDelta):
                         reply.add(event.text)
-                        yield view, "", "", radio, session_id, None, ""
+                        yield view, keep, "", radio, session_id, None, ""
                     elif isinstance(event, Finished):
                         reply.end()
                         note = figures(event)
@@ -440,11 +454,11 @@ class ChatHandlers:
                 view += [{"role": "assistant", "content": result.text,
                           "metadata": {"title": f"↩ Result of {result.tool}{' (failed)' if result.error else ''}"}},
                          {"role": "assistant", "content": ""}]
-                yield view, "", "", radio, session_id, None, ""
+                yield view, keep, "", radio, session_id, None, ""
         stored = await asyncio.to_thread(self.store.messages, user, session_id)
         yield (
             chat_view(stored),
-            "",
+            keep,
             note,
             await asyncio.to_thread(self._radio, user, session_id),
             session_id,

@@ -180,10 +180,29 @@ def chat_view(messages: list[StoredMessage]) -> list[dict]:
         content = message.content
         sources = message.meta.get("sources") or []
         if sources:
-            listed = "; ".join(f"[{i + 1}] {html.escape(s['source'])}" for i, s in enumerate(sources))
-            content += f"\n\n<sub>Sources: {listed}</sub>"
+            content += "\n\n" + sources_html(sources)
         view.append({"role": message.role, "content": content})
     return view
+
+
+def sources_html(sources: list[dict]) -> str:
+    """The passages an answer was given, folded under one "Sources" line: each opens to where it is
+    (file, page or lines, section), its relevance and the passage itself. The same passage given
+    twice is listed once, with both numbers the answer may cite."""
+    groups: dict[tuple, list[int]] = {}
+    for number, source in enumerate(sources, 1):
+        groups.setdefault((source.get("source", ""), source.get("excerpt", "")), []).append(number)
+    listed = "; ".join(f"[{', '.join(map(str, n))}] {html.escape(key[0])}" for key, n in groups.items())
+    details = []
+    for (where, excerpt), numbers in groups.items():
+        source = sources[numbers[0] - 1]
+        about = [html.escape(str(source["section"]))] if source.get("section") else []
+        if source.get("score") is not None:
+            about.append(f"relevance {float(source['score']):.2f}")
+        details.append(f"<p><b>[{', '.join(map(str, numbers))}] {html.escape(where)}</b>"
+                       f"{' · ' + ' · '.join(about) if about else ''}<br>{html.escape(excerpt)}</p>")
+    return (f"<details class='shoal-sources'><summary>Sources: {listed}</summary>"
+            f"{''.join(details)}</details>")
 
 
 def model_table(services: Services) -> str:

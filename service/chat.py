@@ -65,6 +65,13 @@ class ChatService:
         if self.documents:
             self.documents.delete_session(session_id)
 
+    def clear(self, user: str, session_id: str) -> Session:
+        """The chat's messages deleted: from the store and from what the model is ever shown again."""
+        session = self.store.clear_messages(user, session_id)
+        if self.documents:
+            self.documents.searcher.forget(session_id)
+        return session
+
     def delete_many(self, user: str, *, older_than: float) -> list[str]:
         gone = self.store.delete_many(user, older_than=older_than)
         for session_id in gone:

@@ -22,6 +22,11 @@ def test_upload_a_file_and_see_the_answer_cite_it(browser, live_server, artifact
     expect(page.locator("#files-table")).to_contain_text("ready", timeout=90_000)
     send(page, "Who wrote down every storm in a notebook?")
     expect(page.locator(BOT).last).to_contain_text("Sources: [1] story.pdf, page 2")
+    passage = page.locator(BOT).last.locator("details p").first
+    expect(passage).to_be_hidden()  # folded under the sources line
+    page.locator(BOT).last.locator("details summary").click()  # a source opens to its passage
+    expect(passage).to_contain_text("green notebook")
+    expect(passage).to_contain_text("relevance")
     page.screenshot(path=str(artifacts / "files.png"), full_page=True)
 
 

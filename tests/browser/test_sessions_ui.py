@@ -3,6 +3,7 @@ delete), persistence across a reload and a server restart, and isolation between
 
 from __future__ import annotations
 
+import re
 import time
 
 from playwright.sync_api import Page, expect
@@ -126,6 +127,28 @@ def test_a_new_chat_starts_from_the_defaults_unless_asked_to_keep_this_chats_set
     expect(page.locator("#system-prompt textarea")).to_have_value("You are a pirate.")
     expect(temperature).to_have_value("1.5")
     page.screenshot(path=str(artifacts / "new-chat-same-settings.png"), full_page=True)
+
+
+def test_a_draft_typed_while_a_reply_streams_is_kept(browser, own_server):
+    page = open_page(browser, own_server["server"].url)
+    send(page, "Write a short story about a lighthouse.", wait=False)
+    expect(page.locator(BOT).last).not_to_have_text("", timeout=60_000)  # it streams
+    box = page.locator("#chat-input textarea")
+    box.press_sequentially("my next question")  # typed while tokens arrive
+    expect(page.locator("#reply-figures")).to_contain_text("tok/s", timeout=120_000)
+    expect(box).to_have_value("my next question")  # neither a token's update nor the end wiped it
+
+
+def test_the_chats_trash_icon_deletes_its_messages_for_good(browser, own_server):
+    page = open_page(browser, own_server["server"].url)
+    send(page, "Remember that my locker code is 7781.")
+    page.locator("#chatbot").get_by_role("button", name=re.compile("clear", re.I)).click()
+    expect(page.locator(BOT)).to_have_count(0)
+    page.reload()  # not hidden: gone from the store, so a reload does not bring them back
+    expect(page.locator("#ui-loaded")).to_have_text("loaded")
+    expect(page.locator("#session-list label")).to_have_count(1)  # the chat itself stays
+    expect(page.locator(USER)).to_have_count(0)
+    assert page.locator(BOT).count() == 0
 
 
 def test_another_browser_does_not_see_my_sessions(browser, own_server):

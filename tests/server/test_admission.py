@@ -72,7 +72,7 @@ def test_rate_limit_answers_429_with_retry_after(pool, tmp_path):
     ("POST", "/v1/messages"), ("POST", "/v1/messages/count_tokens"), ("POST", "/v1/responses"),
     ("GET", "/v1/responses/resp_1"), ("DELETE", "/v1/responses/resp_1"), ("POST", "/v1/responses/resp_1/cancel"),
     ("GET", "/v1/responses/resp_1/input_items"), ("GET", "/v1/mcp/servers"), ("GET", "/docs"), ("GET", "/redoc"),
-    ("GET", "/docs-assets/swagger-ui-bundle.js"),
+    ("GET", "/docs-assets/swagger-ui-bundle.js"), ("DELETE", "/v1/sessions/s1/messages"),
 ])
 def test_with_keys_every_route_but_health_needs_one(keyed_server, method, path):
     response = httpx.request(method, f"{keyed_server.url}{path}", json={})

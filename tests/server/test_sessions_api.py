@@ -29,6 +29,13 @@ def test_session_lifecycle_over_rest(live_server):
     assert [m["role"] for m in stored["messages"]] == ["user", "assistant", "user", "assistant"]
     assert stored["messages"][1]["content"] == first["content"]
 
+    cleared = httpx.delete(f"{url}/v1/sessions/{sid}/messages")  # deleted, not hidden: gone from the context
+    assert cleared.status_code == 200 and cleared.json()["messages"] == [] and cleared.json()["title"] == "Geography"
+    assert httpx.get(f"{url}/v1/sessions/{sid}").json()["messages"] == []
+    fresh = httpx.post(f"{url}/v1/sessions/{sid}/messages", json={"content": "And of Italy?"}, timeout=120).json()
+    assert fresh["usage"]["prompt_tokens"] < first["usage"]["prompt_tokens"]  # no earlier turn went along
+    assert not any(s["source"] == "earlier in this chat" for s in fresh["sources"])  # nor was recalled
+
     renamed = httpx.patch(f"{url}/v1/sessions/{sid}", json={"title": "Capitals", "params": {"temperature": 0.5}})
     assert renamed.json()["title"] == "Capitals" and renamed.json()["params"]["temperature"] == 0.5
     listed = httpx.get(f"{url}/v1/sessions").json()["data"]
@@ -86,6 +93,7 @@ def test_another_users_sessions_are_not_found(pool, tmp_path):
         assert httpx.get(f"{server.url}/v1/sessions/{sid}", headers=bob).status_code == 404
         assert httpx.patch(f"{server.url}/v1/sessions/{sid}", json={"title": "x"}, headers=bob).status_code == 404
         assert httpx.delete(f"{server.url}/v1/sessions/{sid}", headers=bob).status_code == 404
+        assert httpx.delete(f"{server.url}/v1/sessions/{sid}/messages", headers=bob).status_code == 404
         assert httpx.post(f"{server.url}/v1/sessions/{sid}/messages", json={"content": "hi"},
                           headers=bob).status_code == 404
         assert httpx.get(f"{server.url}/v1/sessions", headers=bob).json()["data"] == []
