@@ -60,6 +60,7 @@ class _Job:
     next_token: int = 0
     position: int = 0  # position id of next_token
     cached: int = 0  # prompt tokens served from the prefix cache
+    restored: int = 0  # of those, read from disk (kv_disk)
     unreported: list[int] = field(default_factory=list)  # tokens not yet covered by a TextDelta
     unreported_logprobs: list[float] = field(default_factory=list)
     unreported_top: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -255,18 +256,22 @@ class BatchEngine:
         fresh: list[_Job] = []
         for job in jobs:
             job.started = time.monotonic()
-            hit = self.prefix_cache.lookup(job.handle.request.cache_scope, job.prompt_ids,
-                                           self.config.min_prefix_tokens)
+            hit = self._lookup(job)
             if hit is None:
                 fresh.append(job)
                 continue
-            length, kv = hit
+            length, kv, job.restored = hit
             job.cached = length
             self.stats["prefix_hits"] += 1
             self.stats["prefix_tokens_saved"] += length
             self._prefill_group([job], kv, length)
         if fresh:
             self._prefill_group(fresh, None, 0)
+
+    def _lookup(self, job: _Job) -> tuple[int, KV, int] | None:
+        request = job.handle.request
+        return self.prefix_cache.lookup(request.cache_scope, job.prompt_ids, self.config.min_prefix_tokens,
+                                        chat=request.cache_key, device=self.device)
 
     def _prefill_group(self, jobs: list[_Job], past: KV | None, past_len: int) -> None:
         faults.check("engine.prefill")
@@ -383,7 +388,7 @@ class BatchEngine:
         handle = job.handle
         ttft = handle.first_token_at - handle.created if handle.first_token_at else None
         self._durations.append(now - job.submitted)
-        usage = Usage(len(job.prompt_ids), len(job.generated), job.cached)
+        usage = Usage(len(job.prompt_ids), len(job.generated), job.cached, job.restored)
         stopped_by = None
         if reason == "stop":
             stopped_by = "stop_sequence" if job.assembler.stopped else "eos"
@@ -438,7 +443,7 @@ class BatchEngine:
 
     def _remember_prefix(self, row: int) -> None:
         job = self._rows[row]
-        if job.handle.cancelled or self._cache is None or not self.prefix_cache.capacity:
+        if job.handle.cancelled or self._cache is None or not self.prefix_cache.keeps:
             return
         real = self._mask[row].bool()
         ids = (job.prompt_ids + job.generated)[: int(real.sum())]
@@ -446,7 +451,7 @@ class BatchEngine:
             return
         self.prefix_cache.store(job.handle.request.cache_scope, ids,
                                 [(k[row:row + 1, :, real], v[row:row + 1, :, real])
-                                 for k, v in layers(self._cache)])
+                                 for k, v in layers(self._cache)], chat=job.handle.request.cache_key)
 
     @property
     def holds_kv(self) -> bool:
@@ -505,10 +510,9 @@ class RaggedEngine(BatchEngine):
         for job in jobs:
             job.started = time.monotonic()
             kv = RowKV(self._kv_shape, len(job.prompt_ids) + job.max_new + 1, self._kv_dtype, self.device)
-            hit = self.prefix_cache.lookup(job.handle.request.cache_scope, job.prompt_ids,
-                                           self.config.min_prefix_tokens)
+            hit = self._lookup(job)
             if hit is not None:
-                length, prefix = hit
+                length, prefix, job.restored = hit
                 kv.load(prefix)
                 job.cached = length
                 self.stats["prefix_hits"] += 1
@@ -604,13 +608,14 @@ class RaggedEngine(BatchEngine):
     def _remember_prefix(self, row: int) -> None:
         job = self._rows[row]
         kv = self._kv.get(id(job))
-        if job.handle.cancelled or kv is None or not self.prefix_cache.capacity:
+        if job.handle.cancelled or kv is None or not self.prefix_cache.keeps:
             return
         length = min(kv.length, len(job.prompt_ids) + len(job.generated))
         if length < self.config.min_prefix_tokens or self._fed[id(job)] < len(job.prompt_ids):
             return
         self.prefix_cache.store(job.handle.request.cache_scope,
-                                (job.prompt_ids + job.generated)[:length], kv.prefix(length))
+                                (job.prompt_ids + job.generated)[:length], kv.prefix(length),
+                                chat=job.handle.request.cache_key)
 
     def _fail_all(self, error: ShoalError) -> None:
         self._kv.clear()

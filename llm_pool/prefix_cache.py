@@ -10,11 +10,16 @@ Entries belong to a scope (a user, or an explicit `cache_salt` group): a lookup 
 of its own scope, so one user's cached prefix never shortens another user's prefill, and neither
 `cached_tokens` nor time to first token tells anyone what someone else sent. A request without a
 scope neither stores nor reuses anything.
+
+With a disk tier (`kv_disk.ModelKv`, set by the backend), a finished turn of a chat (a request
+with a `cache_key`) is also written to disk, and a lookup that finds a longer prefix of that chat
+and scope on disk than in memory reads it from there (after a restart, an unload or an eviction).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 
 import torch
@@ -31,8 +36,17 @@ class PrefixCache:
         self._next = 0
         self._lock = threading.Lock()
         self.bytes = 0
+        self.disk = None  # kv_disk.ModelKv: chats' prefixes on disk too
 
-    def store(self, scope: str | None, ids: list[int], kv: KV) -> None:
+    @property
+    def keeps(self) -> bool:
+        """Whether finished sequences are kept anywhere (memory or disk)."""
+        return bool(self.capacity) or self.disk is not None
+
+    def store(self, scope: str | None, ids: list[int], kv: KV, chat: str | None = None) -> None:
+        """Keep a finished sequence's KV (the engine hands over a copy)."""
+        if self.disk is not None and self.disk.wants(scope, chat, len(ids)):
+            self.disk.save_tensors(scope, chat, ids, kv)
         size = len(ids) * self.bytes_per_token
         if scope is None or size > self.capacity:
             return
@@ -54,9 +68,28 @@ class PrefixCache:
         _, ids, _ = self._entries.pop(key)
         self.bytes -= len(ids) * self.bytes_per_token
 
-    def lookup(self, scope: str | None, prompt_ids: list[int], min_tokens: int) -> tuple[int, KV] | None:
-        """(length, kv cropped to length) of the best prefix shared with an entry of the same
-        scope, or None if under min_tokens."""
+    def lookup(self, scope: str | None, prompt_ids: list[int], min_tokens: int, chat: str | None = None,
+               device=None) -> tuple[int, KV, int] | None:
+        """(length, kv cropped to length, how many of them came from disk) of the best prefix
+        shared with an entry of the same scope (or, on disk, of the same chat and scope), or None
+        if under min_tokens."""
+        hit = self._lookup_memory(scope, prompt_ids, min_tokens)
+        if self.disk is None:
+            return hit
+        found = self.disk.find(scope, chat, prompt_ids)
+        if found is None or found[1] < min_tokens or (hit is not None and found[1] <= hit[0] + min_tokens):
+            if found is None and hit is None and chat is not None and scope is not None:
+                self.disk.disk.miss()
+            return hit
+        entry, length = found
+        started = time.monotonic()
+        kv = self.disk.load_tensors(entry, length, device or "cpu")
+        if kv is None:
+            return hit
+        self.disk.disk.used(entry, length, time.monotonic() - started)
+        return length, kv, length
+
+    def _lookup_memory(self, scope: str | None, prompt_ids: list[int], min_tokens: int) -> tuple[int, KV, int] | None:
         if scope is None or not self._entries or len(prompt_ids) <= min_tokens:
             return None
         prompt = torch.tensor(prompt_ids, dtype=torch.long)
@@ -74,7 +107,7 @@ class PrefixCache:
                 return None
             self._entries.move_to_end(best_key)
             _, _, kv = self._entries[best_key]
-        return best_len, [(k[:, :, :best_len], v[:, :, :best_len]) for k, v in kv]
+        return best_len, [(k[:, :, :best_len], v[:, :, :best_len]) for k, v in kv], 0
 
     def clear(self) -> None:
         with self._lock:

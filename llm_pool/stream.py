@@ -73,6 +73,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    disk_tokens: int = 0  # of the cached tokens, those read back from disk (kv_disk)
 
     @property
     def total_tokens(self) -> int:

@@ -71,7 +71,8 @@ def usage_dict(finished: Finished) -> dict:
     usage = finished.usage
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens,
+                                      "cached_tokens_from_disk": usage.disk_tokens}}
 
 
 def timings(final: Finished) -> dict:

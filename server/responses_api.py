@@ -319,7 +319,8 @@ class ResponsesRequest(BaseModel):
         return OutputFormat.json(wanted.schema_, param="text.format.schema")
 
     def request(self, plan: ToolPlan | None, earlier: list[Message] = (), ran: list[Message] = (),
-                passages: list[Passage] = ()) -> GenerationRequest:
+                passages: list[Passage] = (), chat: str | None = None) -> GenerationRequest:
+        """`chat`: the stored chat this continues (its KV may be kept on disk, kv_disk)."""
         params = GenerationParams.validated(max_new_tokens=self.max_output_tokens, temperature=self.temperature,
                                             top_p=self.top_p, seed=self.seed)
         opening = [Message("system", self.instructions)] if self.instructions else []
@@ -328,7 +329,7 @@ class ResponsesRequest(BaseModel):
         return GenerationRequest(params, messages=[*opening, *earlier, *history(self.chat()), *ran],
                                  output_format=plan.output_format() if plan else self.format(),
                                  tools=plan.tool_dicts() if plan else None,
-                                 tool_prompt=plan.prompt() if plan else None,
+                                 tool_prompt=plan.prompt() if plan else None, cache_key=chat,
                                  thinking=Thinking.of_effort(self.reasoning.effort, "reasoning.effort")
                                  if self.reasoning else None)
 
@@ -400,7 +401,9 @@ class _Answer:
         prompt = sum(f.usage.prompt_tokens for f in spent)
         completion = sum(f.usage.completion_tokens for f in spent)
         cached = sum(f.usage.cached_tokens for f in spent)
-        return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached},
+        disk = sum(f.usage.disk_tokens for f in spent)
+        return {"input_tokens": prompt, "input_tokens_details": {"cached_tokens": cached,
+                                                                 "cached_tokens_from_disk": disk},
                 "output_tokens": completion, "output_tokens_details": {"reasoning_tokens": self.reasoning_tokens},
                 "total_tokens": prompt + completion}
 
@@ -492,7 +495,8 @@ class _McpRun:
 
     def next_request(self, plan: ToolPlan, opening: Opening, passages: list[Passage]) -> GenerationRequest:
         """After a result the model answers freely (auto), as after a client's function output."""
-        return self.body.request(plan.after_result(), opening.messages(), self.ran, passages)
+        return self.body.request(plan.after_result(), opening.messages(), self.ran, passages,
+                                 chat=opening.session_id)
 
 
 async def _passages(services, caller, opening: Opening, body: ResponsesRequest) -> list[Passage]:
@@ -524,7 +528,8 @@ async def create_response(body: ResponsesRequest, request: Request):
         opening = await asyncio.to_thread(services.responses.opening, caller.user, body.previous_response_id,
                                           body.conversation)
     passages = await _passages(services, caller, opening, body)
-    handle = await admit(request, body.model, body.request(plan, opening.messages(), passages=passages))
+    handle = await admit(request, body.model, body.request(plan, opening.messages(), passages=passages,
+                                                           chat=opening.session_id))
     answer = _Answer(body, handle.model, store, passages)
 
     async def keep(final: Finished, calls: list[dict] | None) -> None:

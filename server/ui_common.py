@@ -85,9 +85,15 @@ def params_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, s
 
 def figures(final: Finished) -> str:
     ttft = f"{final.ttft:.2f} s" if final.ttft is not None else "-"
-    cached = f" · {final.usage.cached_tokens} prompt tokens cached" if final.usage.cached_tokens else ""
     return (f"**{final.usage.completion_tokens}** tokens · **{final.tokens_per_second:.1f}** tok/s · "
-            f"first token {ttft} · `{final.model}` · {final.reason}{cached}")
+            f"first token {ttft} · `{final.model}` · {final.reason}"
+            f"{_cached(final.usage.cached_tokens, final.usage.disk_tokens)}")
+
+
+def _cached(cached: int, disk: int) -> str:
+    if not cached:
+        return ""
+    return f" · {cached} prompt tokens cached" + (f" ({disk} read from disk)" if disk else "")
 
 
 def stored_figures(message: StoredMessage) -> str:
@@ -98,7 +104,7 @@ def stored_figures(message: StoredMessage) -> str:
     ttft = timings.get("ttft_s")
     return (f"**{usage.get('completion_tokens', 0)}** tokens · **{timings.get('tokens_per_second', 0):.1f}** "
             f"tok/s · first token {f'{ttft:.2f} s' if ttft is not None else '-'} · `{meta.get('model')}` · "
-            f"{meta.get('finish_reason')}")
+            f"{meta.get('finish_reason')}{_cached(usage.get('cached_tokens', 0), usage.get('disk_tokens', 0))}")
 
 
 def _pretty(arguments: str) -> str:

@@ -62,18 +62,21 @@ class ChatService:
     def delete(self, user: str, session_id: str) -> None:
         """Delete a session with its files and memory."""
         self.store.delete(user, session_id)
+        self.services.forget_kv([session_id])
         if self.documents:
             self.documents.delete_session(session_id)
 
     def clear(self, user: str, session_id: str) -> Session:
         """The chat's messages deleted: from the store and from what the model is ever shown again."""
         session = self.store.clear_messages(user, session_id)
+        self.services.forget_kv([session_id])
         if self.documents:
             self.documents.searcher.forget(session_id)
         return session
 
     def delete_many(self, user: str, *, older_than: float) -> list[str]:
         gone = self.store.delete_many(user, older_than=older_than)
+        self.services.forget_kv(gone)
         for session_id in gone:
             if self.documents:
                 self.documents.delete_session(session_id)
@@ -257,7 +260,8 @@ class ChatService:
                 meta = {"model": final.model, "finish_reason": final.reason,
                         "usage": {"prompt_tokens": final.usage.prompt_tokens,
                                   "completion_tokens": final.usage.completion_tokens,
-                                  "cached_tokens": final.usage.cached_tokens},
+                                  "cached_tokens": final.usage.cached_tokens,
+                                  "disk_tokens": final.usage.disk_tokens},
                         "timings": {"ttft_s": final.ttft, "duration_s": final.duration,
                                     "tokens_per_second": final.tokens_per_second},
                         "sources": [p.citation() for p in turn.passages]}

@@ -8,7 +8,7 @@ depth, batch size, models resident, memory) are read from the pool at scrape tim
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from llm_pool import Finished, GenerationHandle, ModelPool
 from llm_pool.stream import Failed
@@ -39,6 +39,21 @@ class _PoolCollector:
         yield running
         yield state
         yield memory
+        disk = self.pool.context.kv_disk
+        if disk is not None:
+            stats = disk.stats()
+            for name, key, what in (("restores", "restores", "Chat turns whose KV was read back from disk"),
+                                    ("restored_tokens", "restored_tokens", "Prompt tokens read back from disk"),
+                                    ("restore_seconds", "restore_seconds", "Seconds spent reading KV back from disk"),
+                                    ("misses", "misses", "Chat turns with no KV in memory or on disk"),
+                                    ("writes", "writes", "KV files written"),
+                                    ("written_bytes", "written_bytes", "Bytes of KV files written"),
+                                    ("evictions", "evictions", "KV files deleted for the disk budget"),
+                                    ("rejected", "rejected", "KV files that failed their checksum (ignored)")):
+                yield CounterMetricFamily(f"shoal_kv_disk_{name}", what, value=stats[key])
+            yield GaugeMetricFamily("shoal_kv_disk_bytes", "Bytes of chats' KV kept on disk", value=stats["bytes"])
+            yield GaugeMetricFamily("shoal_kv_disk_files", "Chats' KV files on disk", value=stats["files"])
+            yield GaugeMetricFamily("shoal_kv_disk_budget_bytes", "--kv-disk-budget", value=stats["budget_bytes"])
         yield GaugeMetricFamily("shoal_models_resident", "Model versions resident", value=self.pool.ready_count())
         yield GaugeMetricFamily("shoal_memory_used_bytes", "Memory counted against the budget",
                                 value=self.pool.resident_bytes())

@@ -84,7 +84,8 @@ def answer_messages(final: Finished, calls: list[dict] | None, thoughts: Thought
     meta: dict[str, Any] = {"model": final.model, "finish_reason": "tool_calls" if calls else final.reason,
                             "usage": {"prompt_tokens": final.usage.prompt_tokens,
                                       "completion_tokens": final.usage.completion_tokens,
-                                      "cached_tokens": final.usage.cached_tokens}}
+                                      "cached_tokens": final.usage.cached_tokens,
+                                      "disk_tokens": final.usage.disk_tokens}}
     if calls:
         meta["tool_calls"] = calls
     if thought:

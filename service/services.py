@@ -24,6 +24,7 @@ from llm_pool import Catalog, EngineConfig, GenerationHandle, GenerationRequest,
 from llm_pool.backends import BackendContext
 from llm_pool.devices import cuda_available
 from llm_pool.errors import ConflictError, InvalidParamsError, PayloadTooLargeError, PermissionDeniedError
+from llm_pool.kv_disk import KvDisk
 from llm_pool.params import keep_alive_seconds
 from llm_pool.policy import SourcePolicy
 from llm_pool.pool import KEEP
@@ -94,6 +95,13 @@ class Services:
         if self.embed_threads is None:
             self.embed_threads = ThreadPoolExecutor(self.settings.embedding_concurrency,
                                                     thread_name_prefix="embed")
+
+    def forget_kv(self, session_ids: list[str]) -> None:
+        """Delete the KV files of deleted (or emptied) chats."""
+        disk = self.pool.context.kv_disk
+        if disk is not None:
+            for session_id in session_ids:
+                disk.forget(chat=session_id)
 
     def share(self, caller: Caller) -> Share:
         """What one caller may hold of each model; the trusted local owner is not limited."""
@@ -339,8 +347,10 @@ def build_services(settings: Settings, pool: ModelPool | None = None, embedder: 
                               llamacpp_batch=settings.llamacpp_batch)
         policy = SourcePolicy.for_catalog(catalog.builtin, settings.model_roots, settings.models_dir,
                                           settings.allow_private_remotes)
+        disk_budget = parse_size(settings.kv_disk_budget)
+        kv_disk = KvDisk(data_dir / "kv-cache", disk_budget) if disk_budget else None
         context = BackendContext(cache_dir=settings.models_dir, device=settings.device, engine=engine,
-                                 policy=policy)
+                                 policy=policy, kv_disk=kv_disk)
         pool = ModelPool(catalog, context, settings.memory_budget_bytes(gpu_total),
                          default_model=settings.default_model, load_timeout=settings.load_timeout,
                          state_path=data_dir / "pool-state.json")

@@ -104,6 +104,10 @@ class Settings(BaseSettings):
         "auto", description="KV-cache bytes per loaded model (counted in the budget). 'auto': 512MiB on "
         "transformers; on llama.cpp a KV per slot holding the whole window where that takes at most half "
         "the memory budget (what `llama-server -np N` allocates), else 512MiB unified (see --kv-layout).")
+    kv_disk_budget: str = Field(
+        "2GiB", description="Disk kept for chats' KV caches (in the data dir): a chat reopened after its model was "
+        "unloaded or Shoal restarted continues without reading its history again. Least recently used chats "
+        "go first; 0 = off.")
     kv_layout: Literal["auto", "ragged", "padded"] = Field(
         "auto", description="transformers engine: 'ragged' (each request its own KV, prompts read in chunks "
         "beside running streams), 'padded' (one shared left-padded buffer, the earlier engine), 'auto' "
@@ -227,7 +231,7 @@ class Settings(BaseSettings):
             return [item.strip() for item in text.split(",") if item.strip()]
         return value
 
-    @field_validator("memory_budget", "kv_cache_budget")
+    @field_validator("memory_budget", "kv_cache_budget", "kv_disk_budget")
     @classmethod
     def _check_size(cls, value: str) -> str:
         if value != "auto":

@@ -24,6 +24,7 @@ class BackendContext:
     device: str = "auto"  # overrides specs that say "auto"
     engine: EngineConfig = field(default_factory=EngineConfig)
     policy: SourcePolicy | None = None  # checks specs that came from callers; None trusts every spec
+    kv_disk: Any = None  # kv_disk.KvDisk: chats' KV caches kept on disk (None: off)
 
 
 class Backend(ABC):

@@ -56,7 +56,7 @@ from .base import Backend, Progress, check_logit_bias, check_token_ids
 from .llamacpp_gguf import gguf_facts
 from .llamacpp_protocol import UpstreamRefused, completion_body, delta_of, error_message, stream_lines
 from .llamacpp_server import LlamaServer
-from .llamacpp_slots import Slot, Waiter, pick_slot
+from .llamacpp_slots import Slot, Waiter, common_prefix, pick_slot
 
 log = logging.getLogger("shoal.llamacpp")
 DEFAULT_MAX_NEW_TOKENS = 512
@@ -92,6 +92,7 @@ class LlamaCppBackend(Backend):
         self._split = False
         self._batch = 256
         self._measured = 0
+        self._kv = None  # kv_disk.ModelKv: chats' KV saved through the server's slot save/restore
         self.stats = {"requests": 0, "cache_reused_tokens": 0, "peak_running": 0}
 
     # ------------------------------------------------------------------ sizing
@@ -160,6 +161,11 @@ class LlamaCppBackend(Backend):
                 "-b", str(self._batch), "-ub", str(min(self._batch, 512))]
         if not self._split:
             args += ["-kvu", "--kv-unified-per-slot", str(self._ctx_slot)]
+        if self.context.kv_disk is not None:
+            weights = self._gguf.stat()
+            self._kv = self.context.kv_disk.for_model(self.spec.key, f"llama.cpp|{llamacpp_build.VERSION}|{self._gguf}|"
+                                                      f"{weights.st_size}|{weights.st_mtime_ns}")
+            args += ["--slot-save-path", str(self._kv.folder)]
         if self.spec.chat_template:
             handle, self._template_file = tempfile.mkstemp(suffix=".jinja")
             with os.fdopen(handle, "w") as out:
@@ -397,9 +403,10 @@ class LlamaCppBackend(Backend):
     async def _generate(self, waiter: Waiter, slot: Slot, reuse: bool) -> None:
         handle = waiter.handle
         started = time.monotonic()
+        restored, reuse = await self._restore(waiter, slot, reuse)
         slot.scope, slot.tokens, slot.used = handle.request.cache_scope, list(waiter.ids), started
         body = completion_body(handle.request, waiter.ids, waiter.wanted, slot.id, reuse, self._ctx_slot)
-        text, produced, final = "", 0, None
+        text, produced, final, ended = "", 0, None, False
         cancel_watch = asyncio.ensure_future(self._watch_cancel(handle, asyncio.current_task()))
         try:
             lines = stream_lines("127.0.0.1", self._server.port, "/completion", self._server.headers, body)
@@ -420,6 +427,7 @@ class LlamaCppBackend(Backend):
                         break
             finally:
                 await lines.aclose()
+            ended = True
         except asyncio.CancelledError:
             if self.lost:
                 self._end(handle, error=self._lost_error())
@@ -451,11 +459,10 @@ class LlamaCppBackend(Backend):
             return
         finally:
             cancel_watch.cancel()
-            slot.busy = False
-            slot.used = time.monotonic()
             self._running.pop(id(asyncio.current_task()), None)
-            if self._loop is not None and not self.lost:
-                self._dispatch()
+            saving = ended and final is not None and self._saves(handle.request, slot)
+            if not saving:
+                self._release(slot)
         if final is None:
             self._end(handle, error=ServiceUnavailableError(
                 f"model '{self.spec.key}': llama.cpp ended the stream early", retry_after=1.0))
@@ -471,10 +478,87 @@ class LlamaCppBackend(Backend):
         ttft = handle.first_token_at - handle.created if handle.first_token_at else None
         # the EOS the model produced counts as a completion token, as on the transformers engine
         # (llama.cpp may take the EOS as one past n_predict; a caller never sees more than it asked for)
-        usage = Usage(len(waiter.ids), min(produced + (1 if stop_type == "eos" else 0), waiter.wanted), cached)
+        usage = Usage(len(waiter.ids), min(produced + (1 if stop_type == "eos" else 0), waiter.wanted), cached,
+                      min(restored, cached))
+        if saving:
+            self._kv.disk.expect()
         self._end(handle, final=Finished(reason, usage, text, self.spec.key, ttft, now - handle.created,
                                          started - waiter.submitted, stopped_by,
                                          final.get("stopping_word") or None if stopped_by == "stop_sequence" else None))
+        if saving:  # the reply has ended: the slot is written to disk, then given to the next request
+            asyncio.ensure_future(self._save(slot, handle.request))
+
+    def _release(self, slot: Slot) -> None:
+        slot.busy = False
+        slot.used = time.monotonic()
+        if self._loop is not None and not self.lost:
+            self._dispatch()
+
+    # ------------------------------------------------------------------ chats' KV on disk
+    def _saves(self, request: GenerationRequest, slot: Slot) -> bool:
+        return self._kv is not None and not self.lost and self._kv.wants(request.cache_scope, request.cache_key,
+                                                                         len(slot.tokens))
+
+    async def _restore(self, waiter: Waiter, slot: Slot, reuse: bool) -> tuple[int, bool]:
+        """Before a chat's turn: when the disk holds a longer prefix of this chat and owner than
+        the slot does (by more than one step's batch), read it into the slot. (tokens restored,
+        whether the slot's KV may be reused)."""
+        request = waiter.handle.request
+        found = self._kv.find(request.cache_scope, request.cache_key, waiter.ids) if self._kv is not None else None
+        had = common_prefix(slot.tokens, waiter.ids) if reuse else 0
+        if found is None:
+            if self._kv is not None and had <= self._batch and self._kv.wants(request.cache_scope, request.cache_key,
+                                                                               len(waiter.ids)):
+                self._kv.disk.miss()
+            return 0, reuse
+        entry, length = found
+        if length <= had + self._batch:
+            return 0, reuse
+        began = time.monotonic()
+        ok = await asyncio.to_thread(self._restore_now, slot.id, entry)
+        if not ok:  # the server cleared the slot: its prompt is read as usual
+            slot.tokens = []
+            return 0, False
+        self._kv.disk.used(entry, length, time.monotonic() - began)
+        return length, True
+
+    def _restore_now(self, slot_id: int, entry) -> bool:
+        if not self._kv.disk.check(entry):
+            return False
+        try:
+            response = self._http.post(f"/slots/{slot_id}", params={"action": "restore"},
+                                       json={"filename": entry.file}, timeout=60)
+        except (httpx.HTTPError, AttributeError):  # AttributeError: unloaded meanwhile
+            return False
+        if response.status_code != 200:
+            log.warning("model %s: llama.cpp could not restore %s: %s", self.spec.key, entry.file,
+                        error_message(response.text))
+            return False
+        return True
+
+    async def _save(self, slot: Slot, request: GenerationRequest) -> None:
+        try:
+            await self._save_slot(slot, request)
+        finally:
+            self._kv.disk.settle()
+
+    async def _save_slot(self, slot: Slot, request: GenerationRequest) -> None:
+        tokens, name = list(slot.tokens), self._kv.new_file(".bin")
+        try:
+            response = await asyncio.to_thread(self._http.post, f"/slots/{slot.id}", params={"action": "save"},
+                                               json={"filename": name}, timeout=60)
+        except Exception:  # unloaded or stopped meanwhile: nothing saved
+            response = None
+        finally:
+            self._release(slot)
+        if response is None or response.status_code != 200:
+            (self._kv.folder / name).unlink(missing_ok=True)
+            return
+        saved = int(response.json().get("n_saved") or 0)
+        if not 0 < saved <= len(tokens):  # not the tokens Shoal knows of: never restored
+            (self._kv.folder / name).unlink(missing_ok=True)
+            return
+        self._kv.disk.write_later(self._kv.add, request.cache_scope, request.cache_key, tokens[:saved], name)
 
     def _lost_error(self) -> ShoalError:
         return ServiceUnavailableError(f"model '{self.spec.key}': {self.lost or 'llama.cpp stopped'}; it "

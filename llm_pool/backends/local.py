@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import logging
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -135,7 +136,16 @@ class LocalBackend(Backend):
         self.engine = make_engine(model, self._decode, name=self.spec.key, eos_ids=self._eos_ids(),
                                   context_length=self._context_length, config=self.context.engine,
                                   token_bytes=self._grammar.token_bytes)
+        if self.context.kv_disk is not None:
+            self.engine.prefix_cache.disk = self.context.kv_disk.for_model(self.spec.key, self._kv_identity(location))
         self.engine.start()
+
+    def _kv_identity(self, location: str) -> str:
+        """What a saved KV depends on besides the model's key: its weights files, the dtype and
+        the device (a file written under another identity is never read)."""
+        files = sorted(Path(location).glob("*.safetensors")) + sorted(Path(location).glob("*.bin"))
+        stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+        return f"transformers|{location}|{stats}|{self._dtype}|{self._device}"
 
     def unload(self) -> None:
         if self.engine:
