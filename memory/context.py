@@ -77,12 +77,19 @@ def build_context(*, system_prompt: str, history: Sequence[Message], user_text: 
         used += turn_cost
     messages = []
     system_parts = [system_text] if system_text else []
-    if passage_block:
+    if passage_block and reply_to:
         system_parts.append(PASSAGES_INTRO + passage_block)
     if system_parts:
         messages.append(Message("system", "\n\n".join(system_parts)))
     messages += chosen
-    messages.append(Message("tool", user_text, tool_call_id=reply_to) if reply_to else Message("user", user_text))
+    if reply_to:
+        messages.append(Message("tool", user_text, tool_call_id=reply_to))
+    else:
+        # the passages go with the question, not in the system message: what comes before them
+        # (the system prompt, the earlier turns) is then the same prompt as last turn's, and
+        # its KV is reused (in memory, or from disk: llm_pool/kv_disk.py), as Open WebUI does
+        asked = f"{PASSAGES_INTRO}{passage_block}\nQuestion: {user_text}" if passage_block else user_text
+        messages.append(Message("user", asked))
     return Context(messages, used, len(chosen), len(history) - len(chosen), kept_passages)
 
 

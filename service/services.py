@@ -319,6 +319,8 @@ class Services:
     def close(self) -> None:
         self.embed_threads.shutdown(wait=False, cancel_futures=True)
         self.mcp.close()
+        if self.pool.context.kv_disk is not None:  # a chat's last turn is kept for the next start
+            self.pool.context.kv_disk.flush(30)
         self.pool.shutdown()
         if self.documents:
             self.documents.close()

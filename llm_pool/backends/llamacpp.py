@@ -163,7 +163,7 @@ class LlamaCppBackend(Backend):
             args += ["-kvu", "--kv-unified-per-slot", str(self._ctx_slot)]
         if self.context.kv_disk is not None:
             weights = self._gguf.stat()
-            self._kv = self.context.kv_disk.for_model(self.spec.key, f"llama.cpp|{llamacpp_build.VERSION}|{self._gguf}|"
+            self._kv = self.context.kv_disk.for_model(self.spec.key, f"llama.cpp|{llamacpp_build.VERSION}|{self._gguf.name}|"
                                                       f"{weights.st_size}|{weights.st_mtime_ns}")
             args += ["--slot-save-path", str(self._kv.folder)]
         if self.spec.chat_template:

@@ -141,11 +141,12 @@ class LocalBackend(Backend):
         self.engine.start()
 
     def _kv_identity(self, location: str) -> str:
-        """What a saved KV depends on besides the model's key: its weights files, the dtype and
-        the device (a file written under another identity is never read)."""
+        """What a saved KV depends on besides the model's key: its weights files (names, sizes,
+        times; not the folder, which moves with a data dir), the dtype and the device (a file
+        written under another identity is never read)."""
         files = sorted(Path(location).glob("*.safetensors")) + sorted(Path(location).glob("*.bin"))
         stats = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-        return f"transformers|{location}|{stats}|{self._dtype}|{self._device}"
+        return f"transformers|{stats}|{self._dtype}|{self._device}"
 
     def unload(self) -> None:
         if self.engine:
