@@ -32,6 +32,19 @@ from memory import index as passages
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_TITLE = 200
+MAX_QUERY = 200  # characters of a search over chats
+
+# What search reads: each session's title and message text, casefolded (case-insensitive beyond
+# ASCII), kept in the same transactions as the session and its messages.
+SEARCH_SCHEMA = """
+CREATE TABLE IF NOT EXISTS shoal_chat_text (
+    session_id TEXT PRIMARY KEY,
+    user TEXT NOT NULL,
+    title TEXT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS shoal_chat_text_user ON shoal_chat_text (user);
+"""
 
 
 class SessionNotFoundError(NotFoundError):
@@ -103,6 +116,7 @@ class SessionStore:
         # or a session removes its passages in the same transaction.
         with self._db.transact():
             passages.create_schema(self._db._sql)
+            self._create_search_index()
 
     def close(self) -> None:
         self._db.close()
@@ -144,6 +158,31 @@ class SessionStore:
             raise SessionNotFoundError(session_id)
         return Session(**data)
 
+    def _create_search_index(self) -> None:
+        """The search table; a store made before it existed has its sessions indexed once, here."""
+        sql = self._db._sql
+        existed = sql("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'shoal_chat_text'").fetchone()
+        for statement in SEARCH_SCHEMA.split(";"):
+            if statement.strip():
+                sql(statement)
+        if existed:
+            return
+        for key in list(self._db.iterkeys()):
+            if isinstance(key, str) and key.startswith("s:"):
+                data = self._db.get(key)
+                if data:
+                    self._index_text(data["id"], data["user"], data["title"], self._db.get(f"m:{data['id']}", []))
+
+    def _index_text(self, session_id: str, user: str, title: str, messages: list[dict] | None = None) -> None:
+        """Keep the session's searchable text (inside the caller's transaction); `messages`: the
+        stored message list, None to change the title only."""
+        if messages is None:
+            self._db._sql("UPDATE shoal_chat_text SET title = ? WHERE session_id = ?", (title.casefold(), session_id))
+            return
+        body = "\n".join(str(m.get("content") or "") for m in messages).casefold()
+        self._db._sql("INSERT OR REPLACE INTO shoal_chat_text (session_id, user, title, body) VALUES (?, ?, ?, ?)",
+                      (session_id, user, title.casefold(), body))
+
     def _index(self, user: str) -> list[str]:
         return list(self._db.get(f"u:{user}", []))
 
@@ -162,6 +201,7 @@ class SessionStore:
             self._db.set(f"s:{session.id}", asdict(session))
             self._db.set(f"m:{session.id}", [])
             self._db.set(f"u:{user}", [session.id] + self._index(user))
+            self._index_text(session.id, user, session.title, [])
         self._write(write)
         return session
 
@@ -172,6 +212,23 @@ class SessionStore:
             if data and data.get("user") == user:
                 sessions.append(Session(**data))
         return sorted(sessions, key=lambda s: s.updated, reverse=True)
+
+    def search(self, user: str, query: str) -> list[Session]:
+        """The user's sessions whose title or any message contains `query` (case-insensitive), most
+        recently used first; an empty query: all of them. Only this user's sessions are searched."""
+        if not isinstance(query, str):
+            raise InvalidParamsError("the search must be text", param="q")
+        if len(query) > MAX_QUERY:
+            raise InvalidParamsError(f"the search is longer than {MAX_QUERY} characters", param="q")
+        needle = query.strip().casefold()
+        if not needle:
+            return self.list(user)
+        escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{escaped}%"
+        rows = self._db._sql("SELECT session_id FROM shoal_chat_text WHERE user = ? AND "
+                             "(title LIKE ? ESCAPE '\\' OR body LIKE ? ESCAPE '\\')", (user, pattern, pattern))
+        found = {row[0] for row in rows.fetchall()}
+        return [s for s in self.list(user) if s.id in found]
 
     def get(self, user: str, session_id: str) -> Session:
         return self._session(user, session_id)
@@ -191,6 +248,8 @@ class SessionStore:
                 setattr(session, key, value)
             session.updated = time.time()
             self._db.set(f"s:{session_id}", asdict(session))
+            if "title" in changes:
+                self._index_text(session_id, user, session.title)
             return session
         return self._write(write)
 
@@ -204,6 +263,7 @@ class SessionStore:
                 self._db.delete(f"r:{response_id}")
             self._db.delete(f"rs:{session_id}")
             passages.delete(self._db._sql, session_id)
+            self._db._sql("DELETE FROM shoal_chat_text WHERE session_id = ?", (session_id,))
             self._db.set(f"u:{user}", [s for s in self._index(user) if s != session_id])
         self._write(write)
 
@@ -239,6 +299,7 @@ class SessionStore:
                     session.title = self._title(first[:60])
             self._db.set(f"m:{session_id}", stored)
             self._db.set(f"s:{session_id}", asdict(session))
+            self._index_text(session_id, user, session.title, stored)
             return session
         return self._write(write)
 
@@ -363,10 +424,14 @@ class SessionStore:
         problems = []
         if self._db.check():
             problems.append("sqlite integrity check reported problems")
+        indexed = {sid for (sid,) in self._db._sql("SELECT session_id FROM shoal_chat_text").fetchall()}
         for key in self._db.iterkeys():
             if isinstance(key, str) and key.startswith("s:"):
                 sid = key[2:]
                 data = self._db.get(key)
+                if sid not in indexed:
+                    problems.append(f"session {sid} is missing from the search index")
+                indexed.discard(sid)
                 if self._db.get(f"m:{sid}") is None:
                     problems.append(f"session {sid} has no message list")
                 elif len(self._db.get(f"m:{sid}")) != data.get("message_count"):
@@ -376,4 +441,5 @@ class SessionStore:
                 problems.append(f"passages of deleted session {sid}")
             elif file_id and file_id not in {r["id"] for r in self._db.get(f"f:{sid}", [])}:
                 problems.append(f"passages of removed file {file_id} in session {sid}")
+        problems += [f"search text of deleted session {sid}" for sid in sorted(indexed)]
         return problems

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from llm_pool import Finished, ShoalError
 from llm_pool.reasoning import split
 from llm_pool.stream import Failed
-from memory.store import StorageError
+from memory.store import MAX_QUERY, StorageError
 from service.identity import Caller
 
 from .auth import user_caller
@@ -99,9 +99,12 @@ def create_session(body: NewSession, request: Request, caller: Caller = User) ->
 
 
 @router.get("/v1/sessions", summary="Your sessions, most recently used first")
-def list_sessions(request: Request, caller: Caller = User) -> dict:
-    store = services_of(request).store
-    return {"object": "list", "data": [s.public() for s in store.list(caller.user)]}
+def list_sessions(request: Request, caller: Caller = User,
+                  q: str | None = Query(None, max_length=MAX_QUERY,
+                                        description="Only sessions whose title or any message contains this text "
+                                                    "(case-insensitive)")) -> dict:
+    sessions = services_of(request).chat.search(caller.user, q)
+    return {"object": "list", "data": [s.public() for s in sessions]}
 
 
 @router.get("/v1/sessions/{session_id}", summary="A session with its messages")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from memory.store import MAX_QUERY
 from service import Services
 
 from . import ui_api
@@ -42,6 +43,8 @@ def create_ui(services: Services) -> gr.Blocks:
             new_chat = gr.Button("+ New chat", variant="primary", elem_id="new-chat")
             same_settings = gr.Checkbox(False, label="New chats: same settings as this chat", elem_id="same-settings",
                                         container=False)
+            search = gr.Textbox(label="Search chats", placeholder="Search chats", show_label=False,
+                                elem_id="chat-search", max_lines=1, max_length=MAX_QUERY, container=False)
             sessions = gr.Radio([], label="Chats", elem_id="session-list", container=False)
             with gr.Accordion("This chat", open=False, elem_id="manage-chat"):
                 title = gr.Textbox(label="Title", elem_id="rename-box", max_lines=1)
@@ -74,6 +77,12 @@ def create_ui(services: Services) -> gr.Blocks:
                                  placeholder="Start a conversation. Your chats are kept on this server.",
                                  feedback_options=None)
             editing = gr.Markdown("", elem_id="editing-note")
+            # messages sent while a reply streams wait here, in order (ui_queue)
+            with gr.Row(visible=False, equal_height=True, elem_id="queue-row") as queue_row:
+                queue_pick = gr.Dropdown([], label="Queued: sent when the reply ends", elem_id="queue-pick",
+                                         scale=6)
+                queue_edit = gr.Button("Edit", size="sm", elem_id="queue-edit", scale=1, min_width=70)
+                queue_remove = gr.Button("Remove", size="sm", elem_id="queue-remove", scale=1, min_width=70)
             with gr.Row(equal_height=True):
                 message = gr.Textbox(placeholder="Message (Enter sends, Shift+Enter for a new line)",
                                      show_label=False, lines=1, max_lines=8, scale=8, elem_id="chat-input",
@@ -162,26 +171,36 @@ def create_ui(services: Services) -> gr.Blocks:
         tool_settings = [tools_text, tool_choice, mcp_servers]
         view = [session_id, sessions, chatbot, title, reply_figures, *settings, *tool_settings]
 
-        demo.load(handlers.start, [browser_id], [browser_id, *view, model_controls, status, table],
+        shown = handlers.watching  # handlers that change the chat shown: the page's chat is recorded
+        demo.load(shown(handlers.start, at=1), [browser_id], [browser_id, *view, model_controls, status, table],
                   api_visibility="private").then(
             lambda: "loaded", None, [loaded], api_visibility="private", queue=False)
-        sessions.input(handlers.open, [browser_id, sessions], view, api_visibility="private")
-        new_chat.click(handlers.new, [browser_id, same_settings, *settings], view, api_visibility="private")
+        sessions.input(shown(handlers.open), [browser_id, sessions], view, api_visibility="private")
+        new_chat.click(shown(handlers.new), [browser_id, same_settings, *settings], view, api_visibility="private")
         gr.on([w.input for w in settings], handlers.save_settings, [browser_id, session_id, *settings],
               [status], api_visibility="private", show_progress="hidden")
         rename.click(handlers.rename, [browser_id, session_id, title], [sessions], api_visibility="private")
         delete.click(lambda: gr.Row(visible=True), None, [confirm_row], api_visibility="private")
         cancel.click(lambda: gr.Row(visible=False), None, [confirm_row], api_visibility="private")
-        confirm.click(handlers.delete, [browser_id, session_id], view, api_visibility="private").then(
+        confirm.click(shown(handlers.delete), [browser_id, session_id], view, api_visibility="private").then(
             lambda: gr.Row(visible=False), None, [confirm_row], api_visibility="private")
         export.click(handlers.export, [browser_id, session_id], [exported], api_visibility="private")
-        importer.upload(handlers.import_file, [browser_id, importer], view, api_visibility="private")
-        purge.click(handlers.purge, [browser_id, session_id, days], view, api_visibility="private")
+        importer.upload(shown(handlers.import_file), [browser_id, importer], view, api_visibility="private")
+        purge.click(shown(handlers.purge), [browser_id, session_id, days], view, api_visibility="private")
 
         uploads.upload(handlers.upload, [browser_id, session_id, uploads, *settings],
                        [session_id, sessions, files_table, file_pick, uploads], api_visibility="private")
         remove_file.click(handlers.remove_file, [browser_id, session_id, file_pick], [files_table, file_pick],
                           api_visibility="private")
+        # the address bar names the open chat (?chat=<id>): a reload or a second tab opens it again
+        gr.on([sessions.change, loaded.change], None, [sessions], None, js=CHAT_URL_JS)
+        # (change, not input: Gradio's textbox sends no input event for Backspace, Delete or a cut)
+        search.change(handlers.search, [browser_id, search], [sessions], api_visibility="private",
+                      trigger_mode="always_last", show_progress="hidden", js=SEARCH_JS)
+        # what lists every chat again (opening one, a new one, a turn...) ends the search
+        gr.on([sessions.input, new_chat.click, rename.click, confirm.click, importer.upload, purge.click,
+               uploads.upload, message.submit, send.click, regenerate.click], None, [search], [search],
+              js=END_SEARCH_JS)
         sessions.change(handlers.files_view, [browser_id, session_id], [files_table, file_pick],
                         api_visibility="private", show_progress="hidden")
 
@@ -190,8 +209,22 @@ def create_ui(services: Services) -> gr.Blocks:
 
         turn_out = [chatbot, message, reply_figures, sessions, session_id, edit_index, editing]
         turn_in = [browser_id, session_id, message, edit_index, *settings, json_mode, json_schema, *tool_settings]
-        sent = message.submit(handlers.send, turn_in, turn_out, api_visibility="private")
-        clicked = send.click(handlers.send, turn_in, turn_out, api_visibility="private")
+        queue_view = [queue_row, queue_pick]
+        # Enter or Send queues the message (at once, the box emptied); the chained event sends the
+        # queue, streaming, unless a reply streams in this chat already: that one sends it next
+        accepted = [message, edit_index, editing, *queue_view]
+        sent = message.submit(handlers.accept, [browser_id, session_id, message, edit_index], accepted, queue=False,
+                              trigger_mode="multiple", api_visibility="private").then(
+            handlers.drain, turn_in, turn_out + queue_view, api_visibility="private")
+        clicked = send.click(handlers.accept, [browser_id, session_id, message, edit_index], accepted, queue=False,
+                             trigger_mode="multiple", api_visibility="private").then(
+            handlers.drain, turn_in, turn_out + queue_view, api_visibility="private")
+        queue_remove.click(handlers.queue_remove, [browser_id, session_id, queue_pick], queue_view, queue=False,
+                           api_visibility="private")
+        queue_edit.click(handlers.queue_edit, [browser_id, session_id, queue_pick, message], [message, *queue_view],
+                         queue=False, api_visibility="private")
+        sessions.change(handlers.queue_shown, [browser_id, session_id], queue_view, api_visibility="private",
+                        queue=False, show_progress="hidden")
         redo = regenerate.click(handlers.regenerate, [browser_id, session_id], turn_out, api_visibility="private")
         chatbot.clear(handlers.clear, [browser_id, session_id], [chatbot, reply_figures], api_visibility="private")
         stop.click(None, cancels=[sent, clicked, redo]).then(
@@ -208,6 +241,21 @@ def create_ui(services: Services) -> gr.Blocks:
             button.click(handlers.model_action(action), [pick], [model_note, table], api_visibility="private")
         ui_api.register(services)
     return demo
+
+
+# The search box emptied by another event leaves the list as that event drew it (else the search's
+# own list, read a moment earlier, could land after it and lack a chat just made or keep one deleted).
+END_SEARCH_JS = "(q) => { if (q) window.shoalSearchEnded = true; return ''; }"
+SEARCH_JS = """(browser, q) => {
+    if (!window.shoalSearchEnded) return [browser, q];
+    window.shoalSearchEnded = false;
+    return [browser, null];
+}"""
+CHAT_URL_JS = """(id) => {
+    const url = new URL(window.location.href);
+    if (id) url.searchParams.set("chat", id); else url.searchParams.delete("chat");
+    if (url.href !== window.location.href) history.replaceState(history.state, "", url);
+}"""
 
 
 def ui_css() -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import shutil
 import tempfile
@@ -38,6 +39,7 @@ from .ui_common import (
     ui_caller,
     ui_user,
 )
+from .ui_queue import Key, Queued, TurnQueue
 
 DEFAULTS = {  # small chat models answer best cool and a little discouraged from repeating
     "temperature": 0.3,
@@ -64,6 +66,8 @@ class ChatHandlers:
         self.store = services.store
         self.default_model = default_model
         self._reading: dict[str, float] = {}  # chat id -> when a file of it was last seen being read
+        self.queue = TurnQueue()  # messages sent while a reply streams (ui_queue)
+        self._viewing: dict[str, str | None] = {}  # a page (Gradio session hash) -> the chat it shows
 
     # ------------------------------------------------------------------ views
     def _radio(self, user: str, current: str | None) -> gr.Radio:
@@ -141,10 +145,23 @@ class ChatHandlers:
             browser_id = identity.new_browser_token()
         caller = ui_caller(self.services, browser_id, request)
         sessions = self.store.list(caller.user)
-        view = self._view(caller.user, sessions[0] if sessions else None)
+        current = sessions[0] if sessions else None
+        asked = self._chat_in_url(request)  # the page's ?chat=<id>: that chat, if it is this user's
+        if asked is not None:
+            mine = next((s for s in sessions if s.id == asked), None)
+            if mine is None:  # another user's, or none at all: said alike, and the default view
+                gr.Warning("That chat is not one of yours")
+            current = mine or current
+        view = self._view(caller.user, current)
         # the model's state now, not as it was when the page was built (before it had loaded)
         return [browser_id, *view, gr.Row(visible=caller.admin), model_line(self.services, view[5]),
                 model_table(self.services)]
+
+    @staticmethod
+    def _chat_in_url(request: gr.Request | None) -> str | None:
+        params = getattr(request, "query_params", None) if request is not None else None
+        asked = params.get("chat") if params else None
+        return asked.strip() if isinstance(asked, str) and asked.strip() else None
 
     def open(self, browser_id, session_id, request: gr.Request):
         user = ui_user(self.services, browser_id, request)
@@ -152,6 +169,19 @@ class ChatHandlers:
             return self._view(user, self.store.get(user, session_id))
         except ShoalError as exc:
             raise _error(exc) from None
+
+    def search(self, browser_id, query, request: gr.Request):
+        """The chat list, only this user's chats whose title or any message contains `query`
+        (case-insensitive); empty: all of them. The open chat stays open. None: the box was
+        emptied by another event, whose list stands."""
+        if query is None:
+            return gr.skip()
+        user = ui_user(self.services, browser_id, request)
+        try:
+            found = self.chat.search(user, query or "")
+        except ShoalError as exc:
+            raise _error(exc) from None
+        return gr.Radio(choices=[(s.title, s.id) for s in found])
 
     def new(
         self,
@@ -374,6 +404,10 @@ class ChatHandlers:
         user = caller.user
         if not session_id:
             raise gr.Error("Open a chat first.")
+        if self.queue.busy((user, session_id)):
+            gr.Warning("A reply is streaming in this chat: Stop it, or wait for it, to regenerate.")
+            yield tuple(gr.skip() for _ in range(7))
+            return
         try:
             index, text = await asyncio.to_thread(self.chat.last_user_index, user, session_id)
         except ShoalError as exc:
@@ -406,9 +440,10 @@ class ChatHandlers:
             raise _error(exc) from None
         return text, index, EDITING
 
-    async def _run(self, caller, session_id, text, replace_from, output_format=None, typed=False):
-        """`typed`: the text is what the user wrote in the message box; if the turn is refused (a
-        quota, a version only an admin may load) it goes back there, so nothing typed is lost."""
+    async def _run(self, caller, session_id, text, replace_from, output_format=None, typed=False, give_back=False):
+        """`typed`: the text is what the user wrote in the message box (emptied now); with it or
+        `give_back` (a queued message), if the turn is refused (a quota, a version only an admin
+        may load) the text goes back there, so nothing typed is lost."""
         user = caller.user
         history = await asyncio.to_thread(self.store.messages, user, session_id)
         if replace_from is not None:
@@ -424,9 +459,10 @@ class ChatHandlers:
                                         output_format=output_format)
         except ShoalError as exc:
             stored = await asyncio.to_thread(self.store.messages, user, session_id)
-            editing = EDITING if typed and replace_from is not None else ""
-            yield (chat_view(stored), text if typed else "", "", radio, session_id,
-                   replace_from if typed else None, editing)
+            back = typed or give_back
+            editing = EDITING if back and replace_from is not None else ""
+            yield (chat_view(stored), text if back else keep, "", radio, session_id,
+                   replace_from if back else None, editing)
             raise _error(exc) from None
         note = ""
         while turn is not None:
@@ -465,6 +501,113 @@ class ChatHandlers:
             None,
             "",
         )
+
+    # ------------------------------------------------------------------ the queue (ui_queue)
+    def watching(self, fn, at: int = 0):
+        """`fn` (a handler that returns a chat's view) also records which chat this page shows,
+        so a reply streaming in another chat stops drawing over it (`drain`)."""
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            result = fn(*args, **kwargs)
+            request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
+            if request is not None and isinstance(result, (list, tuple)) and request.session_hash:
+                self._shows(request.session_hash, result[at])
+            return result
+        return run
+
+    def _shows(self, page: str, session_id: str | None) -> None:
+        self._viewing.pop(page, None)
+        self._viewing[page] = session_id
+        if len(self._viewing) > 10_000:  # pages long closed go first
+            self._viewing.pop(next(iter(self._viewing)))
+
+    def _key(self, user: str, session_id: str | None, request: gr.Request) -> Key:
+        # a chat whose first message created it: its id may not have reached this page's state yet
+        return user, session_id or self._viewing.get(request.session_hash)
+
+    def queue_view(self, key: Key) -> tuple:
+        texts = self.queue.texts(key)
+        choices = [(f"{i + 1}. {t if len(t) <= 80 else t[:79] + '…'}", i) for i, t in enumerate(texts)]
+        return gr.Row(visible=bool(texts)), gr.Dropdown(choices=choices, value=0 if texts else None)
+
+    def accept(self, browser_id, session_id, text, edit_index, request: gr.Request):
+        """Enter or Send: the message joins the chat's queue and the box is emptied; the event that
+        follows (`drain`) sends it, or, while a reply streams, that reply's event sends it next."""
+        user = ui_user(self.services, browser_id, request)
+        key = self._key(user, session_id, request)
+        text = (text or "").strip()
+        nothing = tuple(gr.skip() for _ in range(5))
+        if not text:
+            if not self.queue.texts(key):  # a toast, not an error over the chat, the list and the box
+                gr.Warning("Write a message first.")
+            return nothing  # (with messages queued and no reply streaming, the drain sends them)
+        if edit_index is not None and self.queue.busy(key):
+            gr.Warning("A reply is streaming: send the edit when it ends (or Stop it).")
+            return nothing
+        if not self.queue.add(key, Queued(text, edit_index)):
+            gr.Warning(f"{TurnQueue.LIMIT} messages are queued already: wait for the replies.")
+            return nothing
+        return "", None, "", *self.queue_view(key)
+
+    async def drain(self, browser_id, session_id, text, edit_index, model, system, temperature, top_p, top_k,
+                    max_new, repetition, seed, stop, history_limit, json_mode, json_schema, tools_text,
+                    tool_choice, mcp_servers, request: gr.Request):
+        """Send the chat's queued messages one after another, streaming each reply; while this page
+        shows another chat the replies go on (and are stored) without drawing over it."""
+        caller = ui_caller(self.services, browser_id, request)
+        user, page = caller.user, request.session_hash
+        key = self._key(user, session_id, request)
+        if not self.queue.begin(key):  # a reply streams in this chat: it sends the queue when it ends
+            yield tuple(gr.skip() for _ in range(9))
+            return
+        finished = False
+        try:
+            output_format = self._output_format(json_mode, json_schema)
+            values = self._settings(
+                model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
+            ) | self._tools(tools_text, tool_choice, mcp_servers)
+            sid = key[1]
+            self._shows(page, sid)  # the page sends in this chat: it shows it (until it opens another)
+            try:  # store writes run in a thread: this handler runs on the event loop
+                if sid:
+                    await asyncio.to_thread(self.chat.update, user, sid, **values)
+                elif self.queue.texts(key):
+                    sid = (await asyncio.to_thread(lambda: self.chat.create(user, **values))).id
+                    self.queue.move(key, (user, sid))
+                    key = (user, sid)
+                    self._shows(page, sid)
+            except ShoalError as exc:
+                raise _error(exc) from None
+            while (item := self.queue.next(key)) is not None:
+                # a refused message goes back to the box (the queue after it stays, shown)
+                async for update in self._run(caller, sid, item.text, item.replace_from, output_format,
+                                              give_back=True):
+                    if self._viewing.get(page, sid) == sid:
+                        yield (*update, *self.queue_view(key))
+            finished = True  # next() left the chat idle
+        finally:
+            if not finished:  # stopped or failed: what is queued stays, shown; the next Enter sends it
+                self.queue.release(key)
+
+    def queue_remove(self, browser_id, session_id, index, request: gr.Request):
+        user = ui_user(self.services, browser_id, request)
+        key = self._key(user, session_id, request)
+        if index is not None:
+            self.queue.take(key, int(index))
+        return self.queue_view(key)
+
+    def queue_edit(self, browser_id, session_id, index, draft, request: gr.Request):
+        """A queued message back in the box, to edit and send again (after any draft there)."""
+        user = ui_user(self.services, browser_id, request)
+        key = self._key(user, session_id, request)
+        item = self.queue.take(key, int(index)) if index is not None else None
+        if item is None:
+            return gr.skip(), *self.queue_view(key)
+        return (f"{draft}\n\n{item.text}" if (draft or "").strip() else item.text), *self.queue_view(key)
+
+    def queue_shown(self, browser_id, session_id, request: gr.Request):
+        user = ui_user(self.services, browser_id, request)
+        return self.queue_view(self._key(user, session_id, request))
 
     # ------------------------------------------------------------------ files
     def files_view(self, browser_id, session_id, request: gr.Request):

@@ -83,6 +83,11 @@ class ChatService:
         return gone
 
     # ------------------------------------------------------------------ sessions
+    def search(self, user: str, query: str | None = None) -> list[Session]:
+        """The user's sessions, most recently used first; with `query`, only those whose title or
+        any message contains it (case-insensitive). Another user's sessions are never searched."""
+        return self.store.search(user, query or "")
+
     def create(self, user: str, *, title: str = "New chat", model: str | None = None,
                system_prompt: str = "", params: dict | None = None,
                context_policy: dict | None = None, tools: list[dict] | None = None,

@@ -163,8 +163,8 @@ class LlamaCppBackend(Backend):
             args += ["-kvu", "--kv-unified-per-slot", str(self._ctx_slot)]
         if self.context.kv_disk is not None:
             weights = self._gguf.stat()
-            self._kv = self.context.kv_disk.for_model(self.spec.key, f"llama.cpp|{llamacpp_build.VERSION}|{self._gguf.name}|"
-                                                      f"{weights.st_size}|{weights.st_mtime_ns}")
+            identity = f"llama.cpp|{llamacpp_build.VERSION}|{self._gguf.name}|{weights.st_size}|{weights.st_mtime_ns}"
+            self._kv = self.context.kv_disk.for_model(self.spec.key, identity)
             args += ["--slot-save-path", str(self._kv.folder)]
         if self.spec.chat_template:
             handle, self._template_file = tempfile.mkstemp(suffix=".jinja")

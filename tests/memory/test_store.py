@@ -125,3 +125,43 @@ def test_bulk_delete_by_age(store):
     gone = store.delete_many("alice", older_than=store.get("alice", fresh.id).updated - 1e-6)
     assert gone == [old.id]
     assert [s.id for s in store.list("alice")] == [fresh.id]
+
+
+def test_search_finds_a_users_chats_by_title_or_message_and_only_theirs(store):
+    tides = store.create("alice", title="Ocean notes")
+    store.append("alice", tides.id, [StoredMessage("user", "How do TIDES work?"), StoredMessage("assistant", "Moon.")])
+    bread = store.create("alice", title="Baking")
+    store.append("alice", bread.id, [StoredMessage("user", "Sourdough: 100% hydration_ok?"),
+                                     StoredMessage("assistant", "Élan and patience.")])
+    theirs = store.create("bob", title="Tides of Bob")
+    store.append("bob", theirs.id, [StoredMessage("user", "tides again, 100% sure")])
+    ids = lambda query: [s.id for s in store.search("alice", query)]  # noqa: E731
+    assert ids("tides") == [tides.id]  # a message, any case; never bob's chat
+    assert ids("ocean") == [tides.id]  # a title
+    assert ids("moon") == [tides.id]  # a reply
+    assert ids("élan") == [bread.id]  # case-insensitive beyond ASCII
+    assert ids("100%") == [bread.id] and ids("d_u") == [] and ids("%") == [bread.id]  # wildcards are text
+    assert ids("0%_h") == [] and ids("hydration_ok") == [bread.id]
+    assert ids("") == ids("  ") == [bread.id, tides.id]  # empty: all, most recent first
+    assert ids("nothing like it") == []
+    store.update("alice", bread.id, title="Bread")
+    assert ids("baking") == [] and ids("bread") == [bread.id]
+    store.clear_messages("alice", bread.id)
+    assert ids("sourdough") == []
+    store.delete("alice", tides.id)
+    assert ids("tides") == [] and [s.id for s in store.search("bob", "TIDES")] == [theirs.id]
+    with pytest.raises(InvalidParamsError):
+        store.search("alice", "x" * 201)
+    assert store.check() == []
+
+
+def test_a_store_made_before_search_has_its_chats_indexed_when_opened(tmp_path):
+    store = SessionStore(tmp_path / "s")
+    session = store.create("alice", title="Old chat")
+    store.append("alice", session.id, [StoredMessage("user", "about lighthouses")])
+    store.sql("DROP TABLE shoal_chat_text")  # as a store written by an older Shoal
+    store.close()
+    again = SessionStore(tmp_path / "s")
+    assert [s.id for s in again.search("alice", "lighthouse")] == [session.id]
+    assert again.search("bob", "lighthouse") == [] and again.check() == []
+    again.close()

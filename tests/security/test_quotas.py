@@ -132,10 +132,8 @@ def gradio_messages(url: str, fn_index: int, data: list, headers: dict, session:
     raise AssertionError("the event never completed")
 
 
-def event_of(config: dict, elem_id: str, trigger: str) -> int:
-    component = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id)
-    return next(dep.get("id", i) for i, dep in enumerate(config["dependencies"])
-                if [component, trigger] in [list(t) for t in dep.get("targets", [])])
+def component_id(config: dict, elem_id: str) -> int:
+    return next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == elem_id)
 
 
 def test_the_ui_shows_a_refused_turn_and_gives_the_text_back(quota_server):
@@ -151,8 +149,15 @@ def test_the_ui_shows_a_refused_turn_and_gives_the_text_back(quota_server):
     opened = gradio_messages(quota_server.url, start, [None], as_user("ui-send"), page)  # the page opens
     assert opened[-1]["success"] and opened[-1]["output"]["data"][2]["value"] == sid  # on the only chat
     typed = "A long message I typed with care"
-    data = [None, None, typed, None, CHAT_MODEL, "", 0.3, 0.9, 0, 3, 1.1, -1, "", 0, False, "", "", "auto", []]
-    messages = gradio_messages(quota_server.url, event_of(config, "send", "click"), data, as_user("ui-send"), page)
+    accept = next(dep.get("id", i) for i, dep in enumerate(config["dependencies"])  # Send: the message is queued
+                  if dep.get("backend_fn") and len(dep.get("outputs", [])) == 5
+                  and [component_id(config, "send"), "click"] in [list(t) for t in dep.get("targets", [])])
+    accepted = httpx.post(f"{quota_server.url}/gradio_api/run/predict", headers=as_user("ui-send"), timeout=60,
+                          json={"data": [None, None, typed, None], "fn_index": accept, "session_hash": page})
+    assert accepted.status_code == 200 and accepted.json()["data"][0] == ""  # taken from the box
+    drain = next(dep.get("id", i) for i, dep in enumerate(config["dependencies"]) if dep.get("trigger_after") == accept)
+    data = [None, None, "", None, CHAT_MODEL, "", 0.3, 0.9, 0, 3, 1.1, -1, "", 0, False, "", "", "auto", []]
+    messages = gradio_messages(quota_server.url, drain, data, as_user("ui-send"), page)  # ...and sent
     final = messages[-1]
     assert not final["success"] and "--max-messages-per-session" in str(final["output"].get("error"))
     last_update = [m for m in messages if m.get("msg") == "process_generating"][-1]

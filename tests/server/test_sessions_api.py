@@ -7,6 +7,7 @@ import json
 import httpx
 import pytest
 
+from memory.store import StoredMessage
 from service import build_services
 from tests.conftest import CHAT_MODEL, make_settings, serve
 
@@ -102,6 +103,33 @@ def test_another_users_sessions_are_not_found(pool, tmp_path):
         server.stop()
 
 
+def test_searching_sessions_finds_only_my_own(pool, tmp_path):
+    services = build_services(make_settings(tmp_path, api_keys=["key-alice", "key-bob"]), pool=pool)
+    server = serve(services, with_ui=False)
+    try:
+        alice, bob = {"Authorization": "Bearer key-alice"}, {"Authorization": "Bearer key-bob"}
+        url = f"{server.url}/v1/sessions"
+        theirs = httpx.post(url, json={"title": "Lighthouse keeping"}, headers=alice).json()["id"]
+        tides = httpx.post(url, json={"title": "Coast"}, headers=bob).json()["id"]
+        other = httpx.post(url, json={"title": "Bread"}, headers=bob).json()["id"]
+        # a message without a model's turn: search reads the store
+        user = services.identity.caller(key="key-bob", cookie=None, host=None).user
+        services.store.append(user, tides, [StoredMessage("user", "When is the LIGHTHOUSE lit at 100%?")])
+
+        def found(query: str, headers: dict) -> list[str]:
+            response = httpx.get(url, params={"q": query}, headers=headers)
+            assert response.status_code == 200, response.text
+            return [s["id"] for s in response.json()["data"]]
+
+        assert found("lighthouse", bob) == [tides]  # a message of my chat; never alice's matching title
+        assert found("lighthouse", alice) == [theirs]  # and alice finds only hers
+        assert found("100%", bob) == [tides] and found("1_0", bob) == []  # LIKE's wildcards are plain text
+        assert set(found("", bob)) == {tides, other}  # empty: all of mine
+        assert httpx.get(url, params={"q": "x" * 201}, headers=bob).status_code in (400, 422)
+    finally:
+        server.stop()
+
+
 def test_gradio_client_chats_in_a_session(live_server):
     from gradio_client import Client
     client = Client(live_server.url, verbose=False)
@@ -117,3 +145,34 @@ def test_gradio_client_chats_in_a_session(live_server):
     assert httpx.get(f"{live_server.url}/v1/sessions/{session['id']}").status_code == 200  # same local user
     client.predict(session["id"], api_name="/delete_session")
     assert session["id"] not in [s["id"] for s in client.predict(api_name="/list_sessions")]
+
+
+def test_a_long_chat_reopened_after_its_model_was_unloaded_reads_its_history_from_disk(live_server, pool):
+    """The KV of a chat's turn is kept on disk (kv_disk): after an unload (or a restart, see
+    tests/llm_pool/test_kv_disk.py) the next turn reads only its new tokens, usage says how many came
+    from disk, /metrics counts it, and deleting the chat deletes its files."""
+    url, disk = live_server.url, pool.context.kv_disk
+    sid = httpx.post(f"{url}/v1/sessions", json={"model": CHAT_MODEL, "params": {"temperature": 0,
+                                                                                "max_new_tokens": 12}}).json()["id"]
+    story = "The ferry to Skerry Island leaves at nine and returns at five, every day but Sunday. " * 20
+    first = httpx.post(f"{url}/v1/sessions/{sid}/messages", json={"content": story + "When does the ferry leave?"},
+                       timeout=120).json()
+    assert first["usage"]["prompt_tokens"] > disk.min_tokens
+    disk.flush()
+    files = [disk.path(e) for e in list(disk._entries.values()) if e.chat == sid]
+    assert files and all(f.is_file() for f in files)
+
+    pool.unload(CHAT_MODEL)  # evicted, swapped or unloaded: its memory is gone
+    second = httpx.post(f"{url}/v1/sessions/{sid}/messages", json={"content": "And when does it return?"},
+                        timeout=120).json()
+    details = second["usage"]["prompt_tokens_details"]
+    assert details["cached_tokens_from_disk"] >= first["usage"]["prompt_tokens"] - 1
+    assert details["cached_tokens"] >= details["cached_tokens_from_disk"]
+    assert second["content"].strip()
+    metrics = httpx.get(f"{url}/metrics").text
+    assert "shoal_kv_disk_restores_total" in metrics and "shoal_kv_disk_bytes" in metrics
+
+    disk.flush()
+    assert httpx.delete(f"{url}/v1/sessions/{sid}").status_code in (200, 204)
+    assert not [e for e in disk._entries.values() if e.chat == sid]
+    assert not any(f.exists() for f in files)
