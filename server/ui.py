@@ -91,6 +91,7 @@ def create_ui(services: Services) -> gr.Blocks:
                 stop = gr.Button("Stop", variant="stop", scale=1, min_width=80, elem_id="stop")
             with gr.Row():
                 regenerate = gr.Button("Regenerate", size="sm", elem_id="regenerate")
+                go_on = gr.Button("Continue", size="sm", elem_id="continue")
                 edit_last = gr.Button("Edit last message", size="sm", elem_id="edit-last")
             reply_figures = gr.Markdown(elem_id="reply-figures")
             with gr.Accordion("Files in this chat", open=False, elem_id="files-panel"):
@@ -226,8 +227,9 @@ def create_ui(services: Services) -> gr.Blocks:
         sessions.change(handlers.queue_shown, [browser_id, session_id], queue_view, api_visibility="private",
                         queue=False, show_progress="hidden")
         redo = regenerate.click(handlers.regenerate, [browser_id, session_id], turn_out, api_visibility="private")
+        more = go_on.click(handlers.continue_, [browser_id, session_id], turn_out, api_visibility="private")
         chatbot.clear(handlers.clear, [browser_id, session_id], [chatbot, reply_figures], api_visibility="private")
-        stop.click(None, cancels=[sent, clicked, redo]).then(
+        stop.click(None, cancels=[sent, clicked, redo, more]).then(
             handlers.after_stop, [browser_id, session_id], [reply_figures], api_visibility="private",
             show_progress="hidden")
         edit_last.click(handlers.edit_last, [browser_id, session_id], [message, edit_index, editing],
@@ -264,8 +266,22 @@ def ui_css() -> str:
 
 
 def ui_js() -> str:
-    """On a phone-sized screen, start with the chat in view and the sidebar folded away."""
-    return """() => { setTimeout(() => {
+    """On a phone-sized screen, start with the chat in view and the sidebar folded away. An answer's
+    inline citation ([n], a.shoal-cite) opens its passage under the answer and scrolls to it."""
+    return """() => { document.addEventListener('click', (event) => {
+        const cite = event.target.closest && event.target.closest('a.shoal-cite');
+        const target = cite && document.getElementById((cite.getAttribute('href') || '').slice(1));
+        if (!target) return;
+        event.preventDefault();
+        for (let d = target.closest('details'); d; d = d.parentElement && d.parentElement.closest('details')) {
+            d.open = true;
+        }
+        target.scrollIntoView({block: 'nearest', behavior: 'smooth'});
+        target.classList.remove('shoal-cited');
+        void target.offsetWidth;
+        target.classList.add('shoal-cited');
+    }, true);
+    setTimeout(() => {
         if (window.innerWidth < 700) {
             const toggle = document.querySelector('button[aria-label="Toggle Sidebar"]');
             const sidebar = document.querySelector('.sidebar');

@@ -415,6 +415,25 @@ class ChatHandlers:
         async for update in self._run(caller, session_id, text, index):
             yield update
 
+    async def continue_(self, browser_id, session_id, request: gr.Request):
+        """Continue: the last reply, cut by Stop or its token limit, goes on from where it ended."""
+        caller = ui_caller(self.services, browser_id, request)
+        user = caller.user
+        nothing = tuple(gr.skip() for _ in range(7))
+        if not session_id or self.queue.busy((user, session_id)):
+            gr.Warning("Open a chat whose last reply was cut short (and let a streaming reply end).")
+            yield nothing
+            return
+        history = await asyncio.to_thread(self.store.messages, user, session_id)
+        last = history[-1] if history else None
+        if last is None or last.role != "assistant" or last.meta.get("finish_reason") not in ("cancelled", "length"):
+            gr.Warning("Nothing to continue: the last reply was not cut short.")
+            yield nothing
+            return
+        async for update in self._run(caller, session_id, history[-2].content, len(history) - 2,
+                                      carried=last.content):
+            yield update
+
     async def after_stop(self, browser_id, session_id, request: gr.Request):
         """The figures of the reply Stop cut (tokens, tok/s, first token), once it is stored."""
         user = ui_user(self.services, browser_id, request)
@@ -440,7 +459,8 @@ class ChatHandlers:
             raise _error(exc) from None
         return text, index, EDITING
 
-    async def _run(self, caller, session_id, text, replace_from, output_format=None, typed=False, give_back=False):
+    async def _run(self, caller, session_id, text, replace_from, output_format=None, typed=False, give_back=False,
+                   carried: str = ""):
         """`typed`: the text is what the user wrote in the message box (emptied now); with it or
         `give_back` (a queued message), if the turn is refused (a quota, a version only an admin
         may load) the text goes back there, so nothing typed is lost."""
@@ -448,15 +468,18 @@ class ChatHandlers:
         history = await asyncio.to_thread(self.store.messages, user, session_id)
         if replace_from is not None:
             history = history[:replace_from]
-        view = chat_view(history) + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
+        view = chat_view(history) + [{"role": "user", "content": text}, {"role": "assistant", "content": carried}]
         radio = await asyncio.to_thread(self._radio, user, session_id)
         # the box is emptied once, of the text just sent; what the user types while the reply streams
         # is theirs (a draft is never wiped by the stream's updates)
         keep = gr.skip()
         yield view, "" if typed else keep, "", radio, session_id, None, ""
         try:
-            turn = await self.chat.send(caller, session_id, text, replace_from=replace_from,
-                                        output_format=output_format)
+            if carried:
+                turn = await self.chat.continue_reply(caller, session_id)
+            else:
+                turn = await self.chat.send(caller, session_id, text, replace_from=replace_from,
+                                            output_format=output_format)
         except ShoalError as exc:
             stored = await asyncio.to_thread(self.store.messages, user, session_id)
             back = typed or give_back

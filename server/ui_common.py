@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from typing import Any
 
 import gradio as gr
@@ -161,7 +162,7 @@ def chat_view(messages: list[StoredMessage]) -> list[dict]:
     thoughts of a model that thinks."""
     view = []
     ran = {m.meta["tool_call_id"]: m.meta for m in messages if m.role == "user" and m.meta.get("mcp_server")}
-    for message in messages:
+    for index, message in enumerate(messages):
         if message.role == "system":
             continue
         if message.role == "assistant" and message.meta.get("reasoning"):
@@ -186,18 +187,27 @@ def chat_view(messages: list[StoredMessage]) -> list[dict]:
         content = message.content
         sources = message.meta.get("sources") or []
         if sources:
-            content += "\n\n" + sources_html(sources)
+            anchor = f"shoal-m{index}"  # the message's place in the chat: ids unique on the page
+            content = cite_links(content, sources, anchor) + "\n\n" + sources_html(sources, anchor)
         view.append({"role": message.role, "content": content})
     return view
 
 
-def sources_html(sources: list[dict]) -> str:
+def _passages(sources: list[dict]) -> dict[tuple[str, str], list[int]]:
+    """The passages an answer was given, each once (its source and excerpt), with the numbers it
+    was given under: the same passage given twice has two numbers."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for number, source in enumerate(sources, 1):
+        groups.setdefault((str(source.get("source", "")), str(source.get("excerpt", ""))), []).append(number)
+    return groups
+
+
+def sources_html(sources: list[dict], anchor: str = "") -> str:
     """The passages an answer was given, folded under one "Sources" line: each opens to where it is
     (file, page or lines, section), its relevance and the passage itself. The same passage given
-    twice is listed once, with both numbers the answer may cite."""
-    groups: dict[tuple, list[int]] = {}
-    for number, source in enumerate(sources, 1):
-        groups.setdefault((source.get("source", ""), source.get("excerpt", "")), []).append(number)
+    twice is listed once, with both numbers the answer may cite. With `anchor` (unique on the page)
+    each passage is a <details id="{anchor}-{its first number}"> that the answer's [n] link to."""
+    groups = _passages(sources)
     listed = "; ".join(f"[{', '.join(map(str, n))}] {html.escape(key[0])}" for key, n in groups.items())
     details = []
     for (where, excerpt), numbers in groups.items():
@@ -205,10 +215,79 @@ def sources_html(sources: list[dict]) -> str:
         about = [html.escape(str(source["section"]))] if source.get("section") else []
         if source.get("score") is not None:
             about.append(f"relevance {float(source['score']):.2f}")
-        details.append(f"<p><b>[{', '.join(map(str, numbers))}] {html.escape(where)}</b>"
-                       f"{' · ' + ' · '.join(about) if about else ''}<br>{html.escape(excerpt)}</p>")
+        if anchor:
+            details.append(f"<details class='shoal-source' id='{html.escape(anchor)}-{numbers[0]}' open><summary>"
+                           f"<b>[{', '.join(map(str, numbers))}] {html.escape(where)}</b></summary>"
+                           f"<p>{' · '.join(about) + '<br>' if about else ''}{html.escape(excerpt)}</p></details>")
+        else:
+            details.append(f"<p><b>[{', '.join(map(str, numbers))}] {html.escape(where)}</b>"
+                           f"{' · ' + ' · '.join(about) if about else ''}<br>{html.escape(excerpt)}</p>")
     return (f"<details class='shoal-sources'><summary>Sources: {listed}</summary>"
             f"{''.join(details)}</details>")
+
+
+# What in an answer's Markdown is left as written: code (fenced blocks, `spans`), HTML tags and
+# autolinks, the text of its own HTML links, and link reference definitions ("[1]: https://...").
+_FENCE = re.compile(r"^[ \t]*(`{3,}(?=[^`]*$)|~{3,})")  # also indented (in a list item)
+_KEPT = re.compile(r"(`+)(?:(?!\n[ \t]*\n)[\s\S])*?(?<!`)\1(?!`)|<[aA]\b[^<>]*>[\s\S]*?</[aA]\s*>"
+                   r"|<[A-Za-z/!][^<>]*>")
+_DEFINITION = re.compile(r"^ {0,3}\[[^\]\n]+\]:[ \t]*\S+(?:[ \t]+(?:\"[^\"\n]*\"|'[^'\n]*'|\([^)\n]*\)))?[ \t]*$")
+# [1], [1, 2], [1;2]: not \[1] (escaped), ![1] (an image) or [1](url) (a link)
+_CITE = re.compile(r"(?<![\\!])\[([1-9][0-9]{0,3}(?:[ \t]*[,;][ \t]*[1-9][0-9]{0,3})*)\](?!\()")
+
+
+def cite_links(text: str, sources: list[dict], anchor: str) -> str:
+    """An answer's Markdown with each citation of one of its sources ("[1]", "[1, 2]", "[1][2]")
+    made a link to that passage in sources_html(sources, anchor) (a passage given twice: both
+    numbers link to its one entry). Only the numbers are replaced, with HTML built here; numbers
+    that are not sources, code and everything else stay exactly as written."""
+    targets = {}
+    for (where, _), numbers in _passages(sources).items():
+        for number in numbers:
+            targets[number] = (f"{anchor}-{numbers[0]}", where)
+
+    def link(number: int, label: str) -> str:
+        target, where = targets[number]
+        return (f'<a class="shoal-cite" href="#{html.escape(target)}" title="{html.escape(where)}">'
+                f"{label}</a>")
+
+    def cite(found: re.Match) -> str:
+        inner = found.group(1)
+        numbers = [int(n) for n in re.findall(r"[0-9]+", inner)]
+        if not any(n in targets for n in numbers):
+            return found.group(0)
+        if len(numbers) == 1:  # the brackets too: the bigger target to click
+            return link(numbers[0], f"&#91;{numbers[0]}&#93;")
+        return "[" + re.sub(r"[0-9]+", lambda n: link(int(n.group()), n.group()) if int(n.group()) in targets
+                            else n.group(), inner) + "]"
+
+    def prose(part: str) -> str:
+        kept, last = [], 0
+        for found in _KEPT.finditer(part):
+            kept += [_CITE.sub(cite, part[last:found.start()]), found.group()]
+            last = found.end()
+        return "".join(kept) + _CITE.sub(cite, part[last:])
+
+    out, plain, fence = [], [], None
+    for line in text.splitlines(keepends=True):
+        opened = _FENCE.match(line)
+        if fence is None and opened:
+            out.append(prose("".join(plain)))
+            plain, fence = [], opened.group(1)
+            out.append(line)
+        elif fence is not None:
+            out.append(line)
+            closing = _FENCE.match(line)
+            if closing and closing.group(1)[0] == fence[0] and len(closing.group(1)) >= len(fence) \
+                    and not line.strip().strip(fence[0]):
+                fence = None
+        elif _DEFINITION.match(line):
+            out += [prose("".join(plain)), line]
+            plain = []
+        else:
+            plain.append(line)
+    out.append(prose("".join(plain)))
+    return "".join(out)
 
 
 def model_table(services: Services) -> str:

@@ -46,6 +46,7 @@ class Turn:
     plan: chat_format.ToolPlan | None = None  # the functions the model was offered, and how
     step: int = 0  # MCP calls run for this turn so far (the call -> result -> continue loop)
     result_meta: dict | None = None  # on a turn answering an MCP call: which server and tool ran it
+    carried: str = ""  # a continued reply: the text it had (the stored reply is that + the new text)
 
 
 class ChatService:
@@ -160,9 +161,24 @@ class ChatService:
         return dict(policy)
 
     # ------------------------------------------------------------------ turns
+    async def continue_reply(self, caller: Caller, session_id: str, params: dict | None = None) -> Turn:
+        """Extend the chat's last reply where it was cut (Stop, or its token limit): the model
+        continues that text (continue_final_message), and the stored reply becomes the whole."""
+        user = caller.user
+        if user is None:
+            raise InvalidRequestError("a chat session needs a user", param="session_id")
+        history = await asyncio.to_thread(self.store.messages, user, session_id)
+        last = history[-1] if history else None
+        if (last is None or last.role != "assistant" or len(history) < 2 or history[-2].role != "user"
+                or last.meta.get("finish_reason") not in ("cancelled", "length") or not last.content):
+            raise InvalidRequestError("nothing to continue: the chat's last reply was not cut short",
+                                      param="session_id", code="nothing_to_continue")
+        return await self.send(caller, session_id, history[-2].content, params=params,
+                               replace_from=len(history) - 2, carried=last.content)
+
     async def send(self, caller: Caller, session_id: str, text: str, *, params: dict | None = None,
                    replace_from: int | None = None, output_format: OutputFormat | None = None,
-                   result_meta: dict | None = None) -> Turn:
+                   result_meta: dict | None = None, carried: str = "") -> Turn:
         """Start a turn for `caller` (a user). `replace_from`: index of the history message the new
         turn replaces (regenerate / edit); the reply is stored in its place. Reading the store,
         counting tokens and retrieval run off the event loop."""
@@ -187,6 +203,9 @@ class ChatService:
                                              backend, answering)
         request = GenerationRequest(gen_params, messages=context.messages, cache_key=session_id,
                                     output_format=output_format)
+        if carried:  # the reply goes on from its own last word
+            request.messages.append(Message("assistant", carried))
+            request.add_generation_prompt, request.continue_final_message = False, True
         tools = list(session.tools)
         if session.mcp_servers:
             tools += [{"type": "function", "function": t.function()}
@@ -203,7 +222,7 @@ class ChatService:
             request.tools, request.tool_prompt, request.output_format = tools, plan.prompt(), plan.output_format()
         handle = await self.services.submit(model, request, caller)
         turn = Turn(handle, session, text, context.passages, context.history_dropped, answering=answering,
-                    plan=plan, result_meta=result_meta)
+                    plan=plan, result_meta=result_meta, carried=carried)
         turn.saved = loop.create_future()
         turn_index = len(history)
         # stored in a thread of its own: an fsync'd transaction must not stall the engine's step
@@ -272,6 +291,7 @@ class ChatService:
                         "sources": [p.citation() for p in turn.passages]}
                 # a model that thinks: its thoughts are kept beside the answer, never shown to it again
                 thought, text = split(final.text, turn.handle.request.thoughts)
+                text = turn.carried + text
                 if thought:
                     meta["reasoning"] = thought
                 calls = None
