@@ -163,7 +163,8 @@ def create_ui(services: Services) -> gr.Blocks:
             model_note = gr.Markdown()
 
         timer = gr.Timer(2.0)
-        timer.tick(handlers.tick, [browser_id, session_id, model], [status, table, files_table, file_pick],
+        timer.tick(handlers.tick, [browser_id, session_id, model, search],
+                   [status, table, files_table, file_pick, chatbot, sessions],
                    api_visibility="private", queue=False, show_progress="hidden")
 
         params = [temperature, top_p, top_k, max_new, repetition, seed, stop_text]

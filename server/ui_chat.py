@@ -68,6 +68,8 @@ class ChatHandlers:
         self._reading: dict[str, float] = {}  # chat id -> when a file of it was last seen being read
         self.queue = TurnQueue()  # messages sent while a reply streams (ui_queue)
         self._viewing: dict[str, str | None] = {}  # a page (Gradio session hash) -> the chat it shows
+        self._notes: dict[str, str] = {}  # a page -> a toast its message box's last event left for the drain
+        self._synced: dict[str, tuple] = {}  # a page -> (its chat, message count, chat list) at its last tick
 
     # ------------------------------------------------------------------ views
     def _radio(self, user: str, current: str | None) -> gr.Radio:
@@ -340,49 +342,6 @@ class ChatHandlers:
         return self._view(user, session)
 
     # ------------------------------------------------------------------ turns
-    async def send(
-        self,
-        browser_id,
-        session_id,
-        text,
-        edit_index,
-        model,
-        system,
-        temperature,
-        top_p,
-        top_k,
-        max_new,
-        repetition,
-        seed,
-        stop,
-        history_limit,
-        json_mode,
-        json_schema,
-        tools_text,
-        tool_choice,
-        mcp_servers,
-        request: gr.Request,
-    ):
-        caller = ui_caller(self.services, browser_id, request)
-        user = caller.user
-        text = (text or "").strip()
-        if not text:  # a toast, not an error over the chat, the list and the box: nothing else changes
-            gr.Warning("Write a message first.")
-            return
-        output_format = self._output_format(json_mode, json_schema)
-        values = self._settings(
-            model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
-        ) | self._tools(tools_text, tool_choice, mcp_servers)
-        try:  # store writes run in a thread: this handler runs on the event loop
-            if session_id:
-                await asyncio.to_thread(self.chat.update, user, session_id, **values)
-            else:
-                session_id = (await asyncio.to_thread(lambda: self.chat.create(user, **values))).id
-        except ShoalError as exc:
-            raise _error(exc) from None
-        async for update in self._run(caller, session_id, text, edit_index, output_format, typed=True):
-            yield update
-
     @staticmethod
     def _output_format(json_mode: bool, schema_text: str | None) -> OutputFormat | None:
         """The "JSON output" toggle: the reply is constrained to JSON (of the schema, if one is given)."""
@@ -414,6 +373,7 @@ class ChatHandlers:
             raise _error(exc) from None
         async for update in self._run(caller, session_id, text, index):
             yield update
+        self._in_step(user, session_id, request.session_hash, False, baseline=True)  # drawn by this page
 
     async def continue_(self, browser_id, session_id, request: gr.Request):
         """Continue: the last reply, cut by Stop or its token limit, goes on from where it ended."""
@@ -433,6 +393,7 @@ class ChatHandlers:
         async for update in self._run(caller, session_id, history[-2].content, len(history) - 2,
                                       carried=last.content):
             yield update
+        self._in_step(user, session_id, request.session_hash, False, baseline=True)
 
     async def after_stop(self, browser_id, session_id, request: gr.Request):
         """The figures of the reply Stop cut (tokens, tok/s, first token), once it is stored."""
@@ -535,6 +496,10 @@ class ChatHandlers:
             request = next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
             if request is not None and isinstance(result, (list, tuple)) and request.session_hash:
                 self._shows(request.session_hash, result[at])
+                with contextlib.suppress(ShoalError, gr.Error):  # what the page shows now: the tick's baseline
+                    browser = result[0] if at else args[0]
+                    self._in_step(ui_user(self.services, browser, request), result[at], request.session_hash,
+                                  False, baseline=True)
             return result
         return run
 
@@ -560,15 +525,16 @@ class ChatHandlers:
         key = self._key(user, session_id, request)
         text = (text or "").strip()
         nothing = tuple(gr.skip() for _ in range(5))
+        # (a toast needs the queue: this event has none, the drain that follows shows it)
         if not text:
             if not self.queue.texts(key):  # a toast, not an error over the chat, the list and the box
-                gr.Warning("Write a message first.")
+                self._notes[request.session_hash] = "Write a message first."
             return nothing  # (with messages queued and no reply streaming, the drain sends them)
         if edit_index is not None and self.queue.busy(key):
-            gr.Warning("A reply is streaming: send the edit when it ends (or Stop it).")
+            self._notes[request.session_hash] = "A reply is streaming: send the edit when it ends (or Stop it)."
             return nothing
         if not self.queue.add(key, Queued(text, edit_index)):
-            gr.Warning(f"{TurnQueue.LIMIT} messages are queued already: wait for the replies.")
+            self._notes[request.session_hash] = f"{TurnQueue.LIMIT} messages are queued already: wait for the replies."
             return nothing
         return "", None, "", *self.queue_view(key)
 
@@ -580,6 +546,9 @@ class ChatHandlers:
         caller = ui_caller(self.services, browser_id, request)
         user, page = caller.user, request.session_hash
         key = self._key(user, session_id, request)
+        note = self._notes.pop(page, None)
+        if note:
+            gr.Warning(note)
         if not self.queue.begin(key):  # a reply streams in this chat: it sends the queue when it ends
             yield tuple(gr.skip() for _ in range(9))
             return
@@ -601,13 +570,19 @@ class ChatHandlers:
                     self._shows(page, sid)
             except ShoalError as exc:
                 raise _error(exc) from None
+            sent = False
             while (item := self.queue.next(key)) is not None:
+                sent = True
                 # a refused message goes back to the box (the queue after it stays, shown)
                 async for update in self._run(caller, sid, item.text, item.replace_from, output_format,
                                               give_back=True):
                     if self._viewing.get(page, sid) == sid:
                         yield (*update, *self.queue_view(key))
             finished = True  # next() left the chat idle
+            if sent and self._viewing.get(page, sid) == sid:
+                self._in_step(user, sid, page, False, baseline=True)
+            if not sent:  # nothing was queued (an empty Enter): nothing changes
+                yield tuple(gr.skip() for _ in range(9))
         finally:
             if not finished:  # stopped or failed: what is queued stays, shown; the next Enter sends it
                 self.queue.release(key)
@@ -679,9 +654,16 @@ class ChatHandlers:
             raise _error(exc) from None
         return self.files_view(browser_id, session_id, request)
 
-    def tick(self, browser_id, session_id, model, request: gr.Request):
-        """Every few seconds: the model's state, the pool table, and files still being read."""
+    def tick(self, browser_id, session_id, model, searching, request: gr.Request):
+        """Every few seconds: the model's state, the pool table, files still being read, and what
+        another tab of this user changed (the open chat's messages, the chat list)."""
         files_html, pick = gr.HTML(), gr.Dropdown()
+        chat, radio = gr.skip(), gr.skip()
+        try:
+            chat, radio = self._in_step(ui_user(self.services, browser_id, request), session_id,
+                                        request.session_hash, bool((searching or "").strip()))
+        except (ShoalError, gr.Error):
+            pass
         if session_id:
             try:
                 user = ui_user(self.services, browser_id, request)
@@ -696,7 +678,29 @@ class ChatHandlers:
                         choices=[(r["name"], r["id"]) for r in records])
             except (ShoalError, gr.Error):
                 pass
-        return model_line(self.services, model), model_table(self.services), files_html, pick
+        return model_line(self.services, model), model_table(self.services), files_html, pick, chat, radio
+
+    def _in_step(self, user: str, session_id: str | None, page: str, searching: bool,
+                 baseline: bool = False) -> tuple:
+        """Two tabs of one user stay in step: a turn stored, or a chat made, renamed or deleted in
+        one shows in the other at its next tick (not while this chat streams: its page draws it)."""
+        sessions = self.store.list(user)
+        listed = tuple((s.id, s.title) for s in sessions)
+        count = next((s.message_count for s in sessions if s.id == session_id), None)
+        before = self._synced.pop(page, None)
+        self._synced[page] = (session_id, count, listed)
+        if len(self._synced) > 10_000:
+            self._synced.pop(next(iter(self._synced)))
+        if baseline or before is None or before[0] != session_id:  # drawn now, or this page opened another chat
+            return gr.skip(), gr.skip()
+        chat = radio = gr.skip()
+        if count != before[1] and session_id and not self.queue.busy((user, session_id)):
+            chat = chat_view(self.store.messages(user, session_id))
+        elif count != before[1]:
+            self._synced[page] = (session_id, before[1], listed)  # look again once the reply is stored
+        if listed != before[2] and not searching:
+            radio = gr.Radio(choices=[(title, sid) for sid, title in listed], value=session_id)
+        return chat, radio
 
     # ------------------------------------------------------------------ completion and models
     async def complete(self, model, text, temperature, max_tokens, request: gr.Request):

@@ -206,7 +206,9 @@ def sources_html(sources: list[dict], anchor: str = "") -> str:
     """The passages an answer was given, folded under one "Sources" line: each opens to where it is
     (file, page or lines, section), its relevance and the passage itself. The same passage given
     twice is listed once, with both numbers the answer may cite. With `anchor` (unique on the page)
-    each passage is a <details id="{anchor}-{its first number}"> that the answer's [n] link to."""
+    each passage has the id "{anchor}-{its first number}" that the answer's [n] link to (cite_links):
+    a click unfolds the list and scrolls to that passage (ui.ui_js; without the script, Chromium's
+    own fragment navigation unfolds it)."""
     groups = _passages(sources)
     listed = "; ".join(f"[{', '.join(map(str, n))}] {html.escape(key[0])}" for key, n in groups.items())
     details = []
@@ -215,13 +217,9 @@ def sources_html(sources: list[dict], anchor: str = "") -> str:
         about = [html.escape(str(source["section"]))] if source.get("section") else []
         if source.get("score") is not None:
             about.append(f"relevance {float(source['score']):.2f}")
-        if anchor:
-            details.append(f"<details class='shoal-source' id='{html.escape(anchor)}-{numbers[0]}' open><summary>"
-                           f"<b>[{', '.join(map(str, numbers))}] {html.escape(where)}</b></summary>"
-                           f"<p>{' · '.join(about) + '<br>' if about else ''}{html.escape(excerpt)}</p></details>")
-        else:
-            details.append(f"<p><b>[{', '.join(map(str, numbers))}] {html.escape(where)}</b>"
-                           f"{' · ' + ' · '.join(about) if about else ''}<br>{html.escape(excerpt)}</p>")
+        target = f" class='shoal-source' id='{html.escape(anchor)}-{numbers[0]}'" if anchor else ""
+        details.append(f"<p{target}><b>[{', '.join(map(str, numbers))}] {html.escape(where)}</b>"
+                       f"{' · ' + ' · '.join(about) if about else ''}<br>{html.escape(excerpt)}</p>")
     return (f"<details class='shoal-sources'><summary>Sources: {listed}</summary>"
             f"{''.join(details)}</details>")
 

@@ -52,7 +52,7 @@ def test_an_inline_citation_opens_its_passage_after_a_reload(browser, live_serve
     expect(answer.locator("code")).to_have_text("list[1]")
     hrefs = [cites.nth(i).get_attribute("href") for i in range(5)]
     assert hrefs[0] == hrefs[1] and hrefs[3] == hrefs[4]  # a passage given twice: both numbers open its entry
-    expect(answer.locator("details.shoal-source")).to_have_count(entries)
+    expect(answer.locator("details .shoal-source")).to_have_count(entries)
 
     passage = page.locator(hrefs[0])
     expect(passage).to_be_hidden()  # folded under the "Sources" line
@@ -67,5 +67,5 @@ def test_an_inline_citation_opens_its_passage_after_a_reload(browser, live_serve
     page.screenshot(path=str(artifacts / "citations.png"), full_page=True)
 
     # each answer's passages have ids of their own
-    ids = page.locator(f"{BOT} details.shoal-source").evaluate_all("els => els.map(e => e.id)")
+    ids = page.locator(f"{BOT} details .shoal-source").evaluate_all("els => els.map(e => e.id)")
     assert len(ids) == len(set(ids)) > entries

@@ -53,7 +53,7 @@ def test_the_same_passage_given_twice_is_one_entry_both_numbers_link_to():
     out = cite_links("First [1], again [3], other [2].", sources, "m")
     assert [href for href, _ in links(out)] == ["#m-1", "#m-1", "#m-2"]
     html = sources_html(sources, "m")
-    assert html.count("class='shoal-source'") == 2 and "[1, 3] story.pdf, page 2" in html
+    assert html.count("class='shoal-source'") == 2 and "id='m-1'><b>[1, 3] story.pdf, page 2</b>" in html
     assert "id='m-3'" not in html
 
 
@@ -90,7 +90,9 @@ def test_chat_view_links_each_answers_citations_to_its_own_passages():
     assert view[0]["content"] == "Who kept notes?"
 
 
-def test_sources_without_an_anchor_are_listed_as_before():
-    assert sources_html([STORY]) == ("<details class='shoal-sources'><summary>Sources: [1] story.pdf, page 2</summary>"
-                                     "<p><b>[1] story.pdf, page 2</b> · Chapter 1 · relevance 0.61<br>"
-                                     "She kept a green notebook.</p></details>")
+def test_each_passage_has_its_id_and_without_an_anchor_none():
+    listed = ("<details class='shoal-sources'><summary>Sources: [1] story.pdf, page 2</summary>"
+              "<p{}><b>[1] story.pdf, page 2</b> · Chapter 1 · relevance 0.61<br>She kept a green notebook.</p>"
+              "</details>")
+    assert sources_html([STORY], "shoal-m7") == listed.format(" class='shoal-source' id='shoal-m7-1'")
+    assert sources_html([STORY]) == listed.format("")
