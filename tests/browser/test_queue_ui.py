@@ -59,7 +59,7 @@ def test_messages_sent_while_a_reply_streams_are_queued_and_answered_in_order(br
 
 def test_a_queued_message_can_be_removed_or_taken_back_to_edit(browser, own_server, pool):
     page = open_page(browser, own_server["server"].url)
-    long_replies(page, 300)
+    long_replies(page, 600)  # the reply outlasts the four clicks below
     send(page, LONG, wait=False)
     expect(page.locator(BOT).last).not_to_have_text("", timeout=60_000)
     queue(page, "A question I no longer want.")
