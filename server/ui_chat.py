@@ -559,7 +559,8 @@ class ChatHandlers:
                 model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
             ) | self._tools(tools_text, tool_choice, mcp_servers)
             sid = key[1]
-            self._shows(page, sid)  # the page sends in this chat: it shows it (until it opens another)
+            if sid:  # the page sends in this chat: it shows it (until it opens another)
+                self._shows(page, sid)
             try:  # store writes run in a thread: this handler runs on the event loop
                 if sid:
                     await asyncio.to_thread(self.chat.update, user, sid, **values)
@@ -570,14 +571,22 @@ class ChatHandlers:
                     self._shows(page, sid)
             except ShoalError as exc:
                 raise _error(exc) from None
-            sent = False
+            sent, redrawn = False, False
             while (item := self.queue.next(key)) is not None:
                 sent = True
+                await self._say_if_files_pending(user, sid)
                 # a refused message goes back to the box (the queue after it stays, shown)
                 async for update in self._run(caller, sid, item.text, item.replace_from, output_format,
                                               give_back=True):
-                    if self._viewing.get(page, sid) == sid:
+                    shown = self._viewing.get(page, sid)
+                    if shown == sid:
+                        redrawn = False
                         yield (*update, *self.queue_view(key))
+                    elif not redrawn:
+                        # the page opened another chat: an update of this one sent just before may
+                        # reach the page after that chat was drawn, so this stream draws it once more
+                        redrawn = True
+                        yield await self._other_chat(user, shown)
             finished = True  # next() left the chat idle
             if sent and self._viewing.get(page, sid) == sid:
                 self._in_step(user, sid, page, False, baseline=True)
@@ -586,6 +595,30 @@ class ChatHandlers:
         finally:
             if not finished:  # stopped or failed: what is queued stays, shown; the next Enter sends it
                 self.queue.release(key)
+
+    async def _other_chat(self, user: str, session_id: str | None) -> tuple:
+        """The outputs of a turn, drawing the chat the page opened meanwhile."""
+        try:
+            messages = await asyncio.to_thread(self.store.messages, user, session_id) if session_id else []
+            radio = await asyncio.to_thread(self._radio, user, session_id)
+        except ShoalError:  # deleted meanwhile: its page draws what it shows now
+            return tuple(gr.skip() for _ in range(9))
+        last = next((m for m in reversed(messages) if m.role == "assistant"), None)
+        keep = gr.skip()
+        return (chat_view(messages), keep, stored_figures(last) if last else "", radio, session_id, keep, keep,
+                *self.queue_view((user, session_id)))
+
+    async def _say_if_files_pending(self, user: str, session_id: str) -> None:
+        """Asked while a file of the chat is still being read: said at once (the answer waits for
+        it, up to the chat service's wait, so that it can use the file)."""
+        documents = self.services.documents
+        if documents is None:
+            return
+        pending = await asyncio.to_thread(documents.pending, user, session_id)
+        if pending:
+            names = ", ".join(f"{r['name']} ({r['status']} {int(r['progress'] * 100)}%)" for r in pending)
+            gr.Info(f"Still reading {names}: your message waits for it (up to {self.chat.wait_for_files:g} s) "
+                    "so that the answer can use it.")
 
     def queue_remove(self, browser_id, session_id, index, request: gr.Request):
         user = ui_user(self.services, browser_id, request)

@@ -63,3 +63,20 @@ def test_export_then_import_a_chat(browser, live_server, artifacts, tmp_path):
     chooser.value.set_files(str(exported))
     expect(page.locator("#session-list label")).to_have_count(before + 1, timeout=30_000)
     expect(page.locator("#chatbot [data-testid='user']").first).to_contain_text("Say hello to the export test.")
+
+
+def test_asking_while_a_file_is_being_read_says_so_at_once(browser, live_server, tmp_path):
+    """Before, the page waited up to 30 s without a word; now a note names the file and its state at
+    once (the message waits for the file, so that the answer can use it)."""
+    notes = tmp_path / "harbour-log.txt"
+    notes.write_text("".join(f"Entry {i}: the harbour master counted {i % 9} boats and {i % 4} gulls.\n"
+                             for i in range(3000)))
+    page = open_page(browser, live_server.url)
+    open_panel(page, "files-panel")
+    page.locator("#file-upload input[type='file']").set_input_files(str(notes))
+    expect(page.locator("#files-table")).to_contain_text("harbour-log.txt", timeout=30_000)
+    box = page.locator("#chat-input textarea")
+    box.fill("How many boats did the harbour master count in entry 7?")
+    box.press("Enter")
+    expect(page.get_by_text("Still reading harbour-log.txt")).to_be_visible(timeout=5_000)
+    expect(page.locator("#files-table")).to_contain_text("ready", timeout=180_000)
