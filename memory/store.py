@@ -10,6 +10,8 @@ exactly like a session that does not exist. Knows nothing about models or HTTP.
 from __future__ import annotations
 
 import errno
+import hashlib
+import json
 import re
 import sqlite3
 import time
@@ -29,10 +31,12 @@ from llm_pool.errors import (
     ServiceUnavailableError,
 )
 from memory import index as passages
+from memory import versions
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_TITLE = 200
 MAX_QUERY = 200  # characters of a search over chats
+UNDO_SECONDS = 600  # how long a delete of messages can be undone
 
 # What search reads: each session's title and message text, casefolded (case-insensitive beyond
 # ASCII), kept in the same transactions as the session and its messages.
@@ -258,6 +262,8 @@ class SessionStore:
             self._session(user, session_id)
             self._db.delete(f"s:{session_id}")
             self._db.delete(f"m:{session_id}")
+            self._db.delete(f"v:{session_id}")
+            self._db.delete(f"x:{session_id}")
             self._db.delete(f"f:{session_id}")
             for response_id in self._db.get(f"rs:{session_id}", []):
                 self._db.delete(f"r:{response_id}")
@@ -281,33 +287,159 @@ class SessionStore:
         self._session(user, session_id)
         return [StoredMessage(**m) for m in self._db.get(f"m:{session_id}", [])]
 
+    def thread(self, user: str, session_id: str) -> tuple[list[StoredMessage], dict[int, tuple[int, int]]]:
+        """The chat's messages (its chosen branch) and its forks: {position: (chosen version, count)}
+        (a fork at a user's message: its edits; at a reply: its regenerates)."""
+        self._session(user, session_id)
+        return ([StoredMessage(**m) for m in self._db.get(f"m:{session_id}", [])],
+                versions.marks(self._db.get(f"v:{session_id}", {})))
+
     def append(self, user: str, session_id: str, new: list[StoredMessage],
-               truncate_to: int | None = None) -> Session:
-        """Append messages atomically; `truncate_to` first cuts the history to that many messages
-        (regenerate, edit-and-resend)."""
+               truncate_to: int | None = None, *, fork: bool = True) -> Session:
+        """Append messages atomically; `truncate_to` first replaces the history from that message
+        on (regenerate, edit-and-resend): what it replaces is kept as a version of the chat
+        (memory/versions.py) unless `fork` is False (a continued reply: it extends itself)."""
         def write():
             session = self._session(user, session_id)
             stored = self._db.get(f"m:{session_id}", [])
-            if truncate_to is not None:
-                stored = stored[:truncate_to]
-            stored += [asdict(m) for m in new]
-            session.message_count = len(stored)
-            session.updated = time.time()
-            if session.title == "New chat":
-                first = next((m["content"] for m in stored if m["role"] == "user"), "")
-                if first:
-                    session.title = self._title(first[:60])
-            self._db.set(f"m:{session_id}", stored)
-            self._db.set(f"s:{session_id}", asdict(session))
-            self._index_text(session_id, user, session.title, stored)
-            return session
+            forks = self._db.get(f"v:{session_id}", {})
+            added = [asdict(m) for m in new]
+            if truncate_to is None or truncate_to >= len(stored):
+                stored = stored + added
+            else:
+                self._drop_responses(session_id, truncate_to)
+                if fork:
+                    stored, forks = versions.fork(stored, forks, truncate_to, added)
+                else:
+                    stored = stored[:truncate_to] + added  # (the versions of what it extends stay)
+                    forks = {k: v for k, v in forks.items() if int(k) < len(stored)}
+                self._db.set(f"v:{session_id}", forks)
+            return self._save_messages(user, session, stored)
         return self._write(write)
+
+    def _save_messages(self, user: str, session: Session, stored: list[dict]) -> Session:
+        """(Inside a transaction.) The chat's message list replaced by `stored`."""
+        session.message_count = len(stored)
+        session.updated = time.time()
+        if session.title == "New chat":
+            first = next((m["content"] for m in stored if m["role"] == "user"), "")
+            if first:
+                session.title = self._title(first[:60])
+        self._db.set(f"m:{session.id}", stored)
+        self._db.set(f"s:{session.id}", asdict(session))
+        self._index_text(session.id, user, session.title, stored)
+        return session
+
+    def _drop_responses(self, session_id: str, at: int) -> None:
+        """(Inside a transaction.) Stored API responses whose history reaches past message `at`
+        described messages that are changed now: continuing them would show the model another
+        conversation, so they go (their ids are then "not found")."""
+        kept = []
+        for response_id in self._db.get(f"rs:{session_id}", []):
+            record = self._db.get(f"r:{response_id}")
+            if record is not None and record["count"] > at:
+                self._db.delete(f"r:{response_id}")
+            elif record is not None:
+                kept.append(response_id)
+        self._db.set(f"rs:{session_id}", kept)
+
+    # ------------------------------------------------------------------ versions, delete, undo
+    def select_version(self, user: str, session_id: str, at: int, version: int) -> Session:
+        """The chat goes on with version `version` of the messages from `at` on."""
+        def write():
+            session = self._session(user, session_id)
+            stored = self._db.get(f"m:{session_id}", [])
+            forks = self._db.get(f"v:{session_id}", {})
+            try:
+                chosen, forks = versions.select(stored, forks, at, version)
+            except LookupError as exc:  # (IndexError too)
+                raise NotFoundError(str(exc), param="version" if isinstance(exc, IndexError) else "index",
+                                    code="version_not_found") from None
+            if chosen is stored:
+                return session
+            self._drop_responses(session_id, at)
+            self._db.set(f"v:{session_id}", forks)
+            return self._save_messages(user, session, chosen)
+        return self._write(write)
+
+    def versions(self, user: str, session_id: str, at: int) -> list[dict[str, Any]]:
+        self._session(user, session_id)
+        try:
+            return versions.listed(self._db.get(f"m:{session_id}", []), self._db.get(f"v:{session_id}", {}), at)
+        except LookupError as exc:
+            raise NotFoundError(str(exc), param="index", code="version_not_found") from None
+
+    @staticmethod
+    def turn_bounds(messages: list[StoredMessage] | list[dict], index: int) -> tuple[int, int]:
+        """[start, end) of the turn message `index` belongs to: the user's message, the reply, and
+        any tool calls and results between them (a tool's result is a user message that belongs
+        to the turn of the call)."""
+        def role(i):
+            m = messages[i]
+            return (m["role"], m.get("meta") or {}) if isinstance(m, dict) else (m.role, m.meta)
+
+        def opens(i):
+            r, meta = role(i)
+            return r == "user" and not meta.get("tool_call_id")
+
+        if not 0 <= index < len(messages) or role(index)[0] == "system":
+            raise NotFoundError(f"the chat has no message {index}", param="index", code="message_not_found")
+        start = index
+        while start > 0 and not opens(start):
+            start -= 1
+        end = index + 1
+        while end < len(messages) and not opens(end):
+            end += 1
+        return start, end
+
+    def delete_turn(self, user: str, session_id: str, index: int) -> tuple[Session, int]:
+        """Delete the turn message `index` belongs to (and the versions inside it), for good; it can
+        be undone (`restore`) for UNDO_SECONDS while the chat is unchanged. Returns (the session,
+        where the deleted turn began)."""
+        def write():
+            session = self._session(user, session_id)
+            stored = self._db.get(f"m:{session_id}", [])
+            forks = self._db.get(f"v:{session_id}", {})
+            start, end = self.turn_bounds(stored, index)
+            after, after_forks = stored[:start] + stored[end:], versions.cut(forks, start, end)
+            self._keep_undo(session_id, stored, forks, after, after_forks, start)
+            self._drop_responses(session_id, start)
+            passages.delete(self._db._sql, session_id, turns_from=start)
+            self._db.set(f"v:{session_id}", after_forks)
+            return self._save_messages(user, session, after), start
+        return self._write(write)
+
+    def restore(self, user: str, session_id: str) -> tuple[Session, int]:
+        """Undo the last delete of messages (a turn, or all of them), while the chat is as the
+        delete left it. Returns (the session, where the restored messages begin)."""
+        def write():
+            session = self._session(user, session_id)
+            undo = self._db.get(f"x:{session_id}")
+            if undo is None or time.time() - undo["time"] > UNDO_SECONDS:
+                raise NotFoundError("nothing to undo in this chat (a delete can be undone for "
+                                    f"{UNDO_SECONDS // 60} minutes)", param="session_id", code="nothing_to_undo")
+            now = (self._db.get(f"m:{session_id}", []), self._db.get(f"v:{session_id}", {}))
+            if _digest(*now) != undo["after"]:
+                raise ConflictError("the chat changed since the delete: it cannot be undone",
+                                    param="session_id", code="chat_changed")
+            self._db.delete(f"x:{session_id}")
+            self._db.set(f"v:{session_id}", undo["forks"])
+            return self._save_messages(user, session, undo["messages"]), undo["at"]
+        return self._write(write)
+
+    def _keep_undo(self, session_id: str, messages, forks, after, after_forks, at: int) -> None:
+        self._db.set(f"x:{session_id}", {"messages": messages, "forks": forks, "at": at, "time": time.time(),
+                                         "after": _digest(after, after_forks)})
 
     def clear_messages(self, user: str, session_id: str) -> Session:
         """Delete every message of a chat, the turns retrieval remembers of them and the stored API
         responses that continued them, in one transaction; the chat, its settings and files stay."""
         def write():
-            session = self.append(user, session_id, [], truncate_to=0)
+            session = self._session(user, session_id)
+            self._keep_undo(session_id, self._db.get(f"m:{session_id}", []), self._db.get(f"v:{session_id}", {}),
+                            [], {}, 0)
+            self._db.set(f"v:{session_id}", {})
+            session = self._save_messages(user, session, [])
             passages.delete(self._db._sql, session_id, turns_from=0)
             for response_id in self._db.get(f"rs:{session_id}", []):
                 self._db.delete(f"r:{response_id}")
@@ -443,3 +575,7 @@ class SessionStore:
                 problems.append(f"passages of removed file {file_id} in session {sid}")
         problems += [f"search text of deleted session {sid}" for sid in sorted(indexed)]
         return problems
+
+
+def _digest(messages: list[dict], forks: dict) -> str:
+    return hashlib.sha256(json.dumps([messages, forks], sort_keys=True).encode()).hexdigest()

@@ -80,6 +80,19 @@ class NewMessage(BaseModel):
     params: SessionParams = Field(default_factory=SessionParams, description="For this message only.")
     chunk_size: int = Field(1, ge=1, le=256)
     stream_delay_ms: int = Field(0, ge=0, le=10_000)
+    wait_for_files: bool = Field(True, description="While a file of the session is still being read, wait "
+                                 "for it (up to 30 s, then 409); false answers at once from what is ready.")
+    replace_from: int | None = Field(
+        None, ge=0, description="Edit or regenerate: the index of one of your earlier messages; this turn "
+        "replaces the chat from there on, and what it replaces is kept as another version of the chat "
+        "(GET .../messages/{index}/versions, PATCH .../messages/{index} to go back to it).")
+
+
+class VersionChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=0, description="Which version of the messages from this index on the chat goes on "
+                                           "with (0 = the first; see the message's `versions`).")
 
 
 def _policy(policy: ContextPolicy | None) -> dict | None:
@@ -110,10 +123,18 @@ def list_sessions(request: Request, caller: Caller = User,
 @router.get("/v1/sessions/{session_id}", summary="A session with its messages")
 def get_session(session_id: str, request: Request, caller: Caller = User) -> dict:
     store, user = services_of(request).store, caller.user
-    session = store.get(user, session_id)
-    messages = [{"role": m.role, "content": m.content, "created": m.created, **m.meta}
-                for m in store.messages(user, session_id)]
-    return {**session.public(), "messages": messages}
+    return _with_messages(store, user, store.get(user, session_id))
+
+
+def _with_messages(store, user: str, session) -> dict:
+    """A session with its messages (the chosen version of each fork): each message has its `index`;
+    one where an edit or a regenerate started another version has `versions`: {"selected", "count"}."""
+    messages, forks = store.thread(user, session.id)
+    shown = []
+    for index, m in enumerate(messages):
+        extra = {"versions": {"selected": forks[index][0], "count": forks[index][1]}} if index in forks else {}
+        shown.append({"index": index, "role": m.role, "content": m.content, "created": m.created, **m.meta, **extra})
+    return {**session.public(), "messages": shown}
 
 
 @router.patch("/v1/sessions/{session_id}", summary="Rename, or change model, prompt, parameters")
@@ -139,6 +160,40 @@ def clear_session(session_id: str, request: Request, caller: Caller = User) -> d
     return {**session.public(), "messages": []}
 
 
+@router.get("/v1/sessions/{session_id}/messages/{index}/versions",
+            summary="The versions of a chat from one message on (what edits and regenerates replaced)")
+def list_versions(session_id: str, index: int, request: Request, caller: Caller = User) -> dict:
+    versions = services_of(request).chat.versions(caller.user, session_id, index)
+    return {"object": "list", "index": index, "data": [
+        {**v, "messages": [{"role": m["role"], "content": m["content"], "created": m["created"], **m["meta"]}
+                           for m in v["messages"]]} for v in versions]}
+
+
+@router.patch("/v1/sessions/{session_id}/messages/{index}",
+              summary="Go on with another version of the chat from this message on")
+def choose_version(session_id: str, index: int, body: VersionChoice, request: Request,
+                   caller: Caller = User) -> dict:
+    services = services_of(request)
+    session = services.chat.select_version(caller.user, session_id, index, body.version)
+    return _with_messages(services.store, caller.user, session)
+
+
+@router.delete("/v1/sessions/{session_id}/messages/{index}",
+               summary="Delete the turn this message belongs to (undo: POST .../restore)")
+def delete_turn(session_id: str, index: int, request: Request, caller: Caller = User) -> dict:
+    services = services_of(request)
+    session, _ = services.chat.delete_turn(caller.user, session_id, index)
+    return _with_messages(services.store, caller.user, session)
+
+
+@router.post("/v1/sessions/{session_id}/restore",
+             summary="Undo the last delete of messages in this session (within 10 minutes, if unchanged since)")
+def restore_messages(session_id: str, request: Request, caller: Caller = User) -> dict:
+    services = services_of(request)
+    session = services.chat.restore(caller.user, session_id)
+    return _with_messages(services.store, caller.user, session)
+
+
 @router.delete("/v1/sessions", summary="Delete sessions unused for some days (or all)")
 def delete_old_sessions(request: Request, caller: Caller = User,
                         older_than_days: float = Query(ge=0, le=100_000,
@@ -151,7 +206,8 @@ def delete_old_sessions(request: Request, caller: Caller = User,
 @router.post("/v1/sessions/{session_id}/messages", summary="Send a message; get the reply (or SSE)")
 async def send_message(session_id: str, body: NewMessage, request: Request, caller: Caller = User):
     services = services_of(request)
-    turn = await services.chat.send(caller, session_id, body.content, params=body.params.values())
+    turn = await services.chat.send(caller, session_id, body.content, params=body.params.values(),
+                                    replace_from=body.replace_from, wait_for_files=body.wait_for_files)
     if not body.stream:
         ran = []
         while True:

@@ -78,7 +78,7 @@ def create_ui(services: Services) -> gr.Blocks:
                                  feedback_options=None)
             editing = gr.Markdown("", elem_id="editing-note")
             # messages sent while a reply streams wait here, in order (ui_queue)
-            with gr.Row(visible=False, equal_height=True, elem_id="queue-row") as queue_row:
+            with gr.Row(visible=False, elem_id="queue-row") as queue_row:
                 queue_pick = gr.Dropdown([], label="Queued: sent when the reply ends", elem_id="queue-pick",
                                          scale=6)
                 queue_edit = gr.Button("Edit", size="sm", elem_id="queue-edit", scale=1, min_width=70)
@@ -93,6 +93,13 @@ def create_ui(services: Services) -> gr.Blocks:
                 regenerate = gr.Button("Regenerate", size="sm", elem_id="regenerate")
                 go_on = gr.Button("Continue", size="sm", elem_id="continue")
                 edit_last = gr.Button("Edit last message", size="sm", elem_id="edit-last")
+                undo = gr.Button("Undo delete", size="sm", visible=False, elem_id="undo-delete")
+                # shown while a message waits for a file of the chat still being read (the tick)
+                ask_now = gr.Button("Ask now, without the file still being read", size="sm", visible=False,
+                                    variant="primary", elem_id="ask-now")
+            # the links under each message (Edit, Regenerate, Delete, ‹ 2/3 ›) send their action here (ui_js)
+            message_action = gr.Textbox(visible="hidden", elem_id="msg-action")
+            message_go = gr.Button(visible="hidden", elem_id="msg-action-go")
             reply_figures = gr.Markdown(elem_id="reply-figures")
             with gr.Accordion("Files in this chat", open=False, elem_id="files-panel"):
                 gr.Markdown("Answers use these files and cite them. pdf, docx, text, Markdown and code "
@@ -109,19 +116,19 @@ def create_ui(services: Services) -> gr.Blocks:
             with gr.Accordion("Parameters and system prompt", open=False, elem_id="params"):
                 system = gr.Textbox(label="System prompt", lines=2, elem_id="system-prompt")
                 with gr.Row():
-                    temperature = gr.Slider(0, 2, value=DEFAULTS["temperature"], step=0.05, label="Temperature",
-                                            elem_id="temperature")
-                    top_p = gr.Slider(0.01, 1, value=DEFAULTS["top_p"], step=0.01, label="Top p")
-                    top_k = gr.Number(0, label="Top k (0 = off)", precision=0, minimum=0)
+                    temperature = Slider(0, 2, value=DEFAULTS["temperature"], step=0.05, label="Temperature",
+                                         elem_id="temperature")
+                    top_p = Slider(0.01, 1, value=DEFAULTS["top_p"], step=0.01, label="Top p", elem_id="top-p")
+                    top_k = gr.Number(0, label="Top k (0 = off)", precision=0)
                 with gr.Row():
-                    max_new = gr.Number(256, label="Max new tokens", precision=0, minimum=1, maximum=32768)
-                    repetition = gr.Slider(0.5, 2, value=DEFAULTS["repetition_penalty"], step=0.05,
-                                           label="Repetition penalty")
+                    max_new = gr.Number(256, label="Max new tokens", precision=0, elem_id="max-new-tokens")
+                    repetition = Slider(0.5, 2, value=DEFAULTS["repetition_penalty"], step=0.05,
+                                        label="Repetition penalty")
                     seed = gr.Number(-1, label="Seed (-1 = random)", precision=0)
                 with gr.Row():
                     stop_text = gr.Textbox(label="Stop sequences (separate with |)")
                     history_limit = gr.Number(0, label="History to keep (messages, 0 = all that fit)",
-                                              precision=0, minimum=0)
+                                              precision=0)
                 with gr.Row():
                     json_mode = gr.Checkbox(False, label="JSON output (the reply is valid JSON)",
                                             elem_id="json-output")
@@ -164,7 +171,7 @@ def create_ui(services: Services) -> gr.Blocks:
 
         timer = gr.Timer(2.0)
         timer.tick(handlers.tick, [browser_id, session_id, model, search],
-                   [status, table, files_table, file_pick, chatbot, sessions],
+                   [status, table, files_table, file_pick, chatbot, sessions, ask_now],
                    api_visibility="private", queue=False, show_progress="hidden")
 
         params = [temperature, top_p, top_k, max_new, repetition, seed, stop_text]
@@ -229,9 +236,17 @@ def create_ui(services: Services) -> gr.Blocks:
                         queue=False, show_progress="hidden")
         redo = regenerate.click(handlers.regenerate, [browser_id, session_id], turn_out, api_visibility="private")
         more = go_on.click(handlers.continue_, [browser_id, session_id], turn_out, api_visibility="private")
-        chatbot.clear(handlers.clear, [browser_id, session_id], [chatbot, reply_figures], api_visibility="private")
-        stop.click(None, cancels=[sent, clicked, redo, more]).then(
-            handlers.after_stop, [browser_id, session_id], [reply_figures], api_visibility="private",
+        chatbot.clear(handlers.clear, [browser_id, session_id], [chatbot, reply_figures, undo],
+                      api_visibility="private")
+        acted = message_go.click(handlers.message_action, [browser_id, session_id, message_action],
+                                 [*turn_out, undo], api_visibility="private", js=ACTION_JS)
+        undo.click(handlers.undo_delete, [browser_id, session_id], [chatbot, undo], api_visibility="private")
+        ask_now.click(handlers.ask_now, [browser_id, session_id], [ask_now], api_visibility="private", queue=False)
+        # a turn, a new chat or another chat opened: the delete is final (the Undo button goes)
+        gr.on([sessions.input, new_chat.click, message.submit, send.click, regenerate.click], lambda: gr.Button(
+            visible=False), None, [undo], api_visibility="private", queue=False, show_progress="hidden")
+        stop.click(None, cancels=[sent, clicked, redo, more, acted]).then(
+            handlers.after_stop, [browser_id, session_id], [reply_figures, chatbot], api_visibility="private",
             show_progress="hidden")
         edit_last.click(handlers.edit_last, [browser_id, session_id], [message, edit_index, editing],
                         api_visibility="private")
@@ -254,11 +269,23 @@ SEARCH_JS = """(browser, q) => {
     window.shoalSearchEnded = false;
     return [browser, null];
 }"""
+# the message action a link under a message chose (ui_js keeps it in window.shoalAction)
+ACTION_JS = "(browser, chat, action) => [browser, chat, window.shoalAction || '']"
 CHAT_URL_JS = """(id) => {
     const url = new URL(window.location.href);
     if (id) url.searchParams.set("chat", id); else url.searchParams.delete("chat");
     if (url.href !== window.location.href) history.replaceState(history.state, "", url);
 }"""
+
+
+def Slider(*args, **kwargs) -> gr.Slider:  # noqa: N802 (a gr.Slider, built as one)
+    """A Gradio slider whose typed-in value outside its range reaches the handler, which names the
+    field once ("Top p: must be ..."), instead of Gradio's own error ("Value 600 is greater than
+    maximum value 1.", naming nothing, raised by every event that reads it and marked over its
+    outputs). (Not a subclass: Gradio writes a .pyi stub beside a module that subclasses one.)"""
+    slider = gr.Slider(*args, **kwargs)
+    slider.preprocess = lambda payload: gr.Number.round_to_precision(payload, slider.precision)
+    return slider
 
 
 def ui_css() -> str:
@@ -268,8 +295,32 @@ def ui_css() -> str:
 
 def ui_js() -> str:
     """On a phone-sized screen, start with the chat in view and the sidebar folded away. An answer's
-    inline citation ([n], a.shoal-cite) opens its passage under the answer and scrolls to it."""
-    return """() => { document.addEventListener('click', (event) => {
+    inline citation ([n], a.shoal-cite) opens its passage under the answer and scrolls to it. The
+    links under a message (a.shoal-act) send their action to the hidden message-action event; a
+    message's Copy copies its text without the HTML Shoal added around it."""
+    return """() => {
+    if (navigator.clipboard && navigator.clipboard.writeText) {
+        // a message's Copy button copies its text: without the actions line, the links of its
+        // citations or the folded sources (HTML Shoal added to show them)
+        const write = navigator.clipboard.writeText.bind(navigator.clipboard);
+        const plain = (text) => String(text)
+            .replace(/\\s*<div class="shoal-actions">[\\s\\S]*?<\\/div>\\s*$/, '')
+            .replace(/<details class='shoal-sources'><summary>([\\s\\S]*?)<\\/summary>[\\s\\S]*?<\\/details>/g, '$1')
+            .replace(/<a class="shoal-cite"[^>]*>([\\s\\S]*?)<\\/a>/g, '$1')
+            .replace(/&#91;/g, '[').replace(/&#93;/g, ']').replace(/&lt;/g, '<').replace(/&gt;/g, '>')
+            .replace(/&quot;/g, '"').replace(/&#x27;/g, "'").replace(/&amp;/g, '&');
+        navigator.clipboard.writeText = (text) => write(plain(text));
+    }
+    document.addEventListener('click', (event) => {
+        const act = event.target.closest && event.target.closest('a.shoal-act');
+        if (act) {  // a message's Edit / Regenerate / Delete / ‹ › : the hidden message-action event
+            event.preventDefault();
+            event.stopPropagation();
+            window.shoalAction = (act.getAttribute('href') || '').replace('#shoal-act-', '');
+            const go = document.querySelector('#msg-action-go');
+            if (go) go.click();
+            return;
+        }
         const cite = event.target.closest && event.target.closest('a.shoal-cite');
         const target = cite && document.getElementById((cite.getAttribute('href') || '').slice(1));
         if (!target) return;

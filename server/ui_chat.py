@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -19,6 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from llm_pool import Finished, GenerationParams, GenerationRequest, ShoalError, TextDelta
 from llm_pool.constraints import OutputFormat
+from llm_pool.errors import InvalidParamsError
 from llm_pool.stream import Failed
 from memory.store import Session
 from service import Services
@@ -52,7 +54,9 @@ DEFAULTS = {  # small chat models answer best cool and a little discouraged from
 }
 
 
-EDITING = "Editing your last message: send to replace it and its answer."
+EDITING = ("Editing a message: send it to go on from there as a new version of the chat (the one it replaces "
+           "is kept: ‹ › under the message switches back).")
+ACTION = re.compile(r"^(ver|regen|edit|del)-([0-9]{1,6})(?:-([0-9]{1,3}))?$")
 
 
 def _error(exc: Exception) -> gr.Error:
@@ -93,13 +97,13 @@ class ChatHandlers:
                 "auto",
                 [],
             ]
-        messages = self.store.messages(user, session.id)
+        messages, forks = self.store.thread(user, session.id)
         values = {**DEFAULTS, **session.params}
         last = next((m for m in reversed(messages) if m.role == "assistant"), None)
         return [
             session.id,
             self._radio(user, session.id),
-            chat_view(messages),
+            chat_view(messages, forks),
             session.title,
             stored_figures(last) if last else "",
             session.model or self.default_model,
@@ -129,6 +133,9 @@ class ChatHandlers:
         model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
     ) -> dict:
         limit = int(history_limit or 0)
+        if limit < 0:
+            raise InvalidParamsError("History to keep: must be 0 (all that fit) or more",
+                                     param="max_history_messages")
         params = params_from(temperature, top_p, top_k, max_new, repetition, seed, stop)
         return {
             "model": model,
@@ -204,8 +211,13 @@ class ChatHandlers:
         """A new chat starts from the defaults (model, no system prompt, default parameters) unless the
         user ticked "same settings as this chat": nothing is carried over silently."""
         user = ui_user(self.services, browser_id, request)
-        settings = self._settings(model, system, temperature, top_p, top_k, max_new, repetition, seed, stop,
-                                  history_limit) if same_settings else {"model": self.default_model}
+        settings = {"model": self.default_model}
+        if same_settings:
+            try:
+                settings = self._settings(model, system, temperature, top_p, top_k, max_new, repetition, seed,
+                                          stop, history_limit)
+            except ShoalError as exc:
+                gr.Warning(f"{exc.message}: the new chat starts from the defaults")
         try:
             session = self.chat.create(user, **settings)
         except ShoalError as exc:
@@ -229,9 +241,13 @@ class ChatHandlers:
         request: gr.Request,
     ):
         user = ui_user(self.services, browser_id, request)
-        values = self._settings(
-            model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
-        )
+        try:
+            values = self._settings(
+                model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
+            )
+        except ShoalError as exc:  # named once, as a toast; the chat keeps its saved settings
+            gr.Warning(f"{exc.message} (not saved)")
+            return gr.skip()
         if session_id:
             try:
                 self.chat.update(user, session_id, **values)
@@ -298,8 +314,9 @@ class ChatHandlers:
                 self.chat.clear(user, session_id)
             except ShoalError as exc:
                 raise _error(exc) from None
-            gr.Info("The chat's messages were deleted.")
-        return [], ""
+            gr.Info("The chat's messages were deleted (Undo brings them back).")
+            return [], "", gr.Button(visible=True)
+        return [], "", gr.skip()
 
     def purge(self, browser_id, session_id, days, request: gr.Request):
         user = ui_user(self.services, browser_id, request)
@@ -396,19 +413,79 @@ class ChatHandlers:
         self._in_step(user, session_id, request.session_hash, False, baseline=True)
 
     async def after_stop(self, browser_id, session_id, request: gr.Request):
-        """The figures of the reply Stop cut (tokens, tok/s, first token), once it is stored."""
+        """The reply Stop cut, drawn as it was stored (the engine may have made a few tokens more
+        than the page had drawn: shown now, not at a later tick), with its figures (tokens, tok/s,
+        first token)."""
         user = ui_user(self.services, browser_id, request)
         if not session_id:
-            return gr.Markdown()
+            return gr.Markdown(), gr.skip()
         deadline = time.monotonic() + 5
         while True:
             messages = await asyncio.to_thread(self.store.messages, user, session_id)
             last = messages[-1] if messages else None
             if last is not None and last.role == "assistant" and last.meta.get("finish_reason") == "cancelled":
-                return stored_figures(last)
+                await asyncio.to_thread(self._in_step, user, session_id, request.session_hash, False, True)
+                return stored_figures(last), await self._drawn(user, session_id)
             if time.monotonic() > deadline:
-                return gr.Markdown()
+                return gr.Markdown(), gr.skip()
             await asyncio.sleep(0.1)
+
+    async def _drawn(self, user: str, session_id: str | None) -> list[dict]:
+        """The chat as stored, with its messages' actions and versions."""
+        if not session_id:
+            return []
+        return chat_view(*await asyncio.to_thread(self.store.thread, user, session_id))
+
+    async def message_action(self, browser_id, session_id, action, request: gr.Request):
+        """A link under a message (ui_common.message_actions): "ver-<at>-<n>" goes on with version
+        n from message `at`; "regen-<i>" writes reply i again, "edit-<i>" puts message i in the box
+        (sent, it starts a new version), "del-<i>" deletes its turn (the Undo button brings it back)."""
+        caller = ui_caller(self.services, browser_id, request)
+        user = caller.user
+        skip = gr.skip()
+        nothing = tuple(skip for _ in range(8))
+        found = ACTION.match(action or "") if isinstance(action, str) else None
+        if not session_id or found is None:
+            yield nothing
+            return
+        what, index, n = found.group(1), int(found.group(2)), found.group(3)
+        if self.queue.busy((user, session_id)):
+            gr.Warning("A reply is streaming in this chat: Stop it, or wait for it, first.")
+            yield nothing
+            return
+        try:
+            messages = await asyncio.to_thread(self.store.messages, user, session_id)
+            if what == "ver" and n is not None:
+                await asyncio.to_thread(self.chat.select_version, user, session_id, index, int(n))
+                yield await self._drawn(user, session_id), skip, "", skip, skip, skip, skip, gr.Button(visible=False)
+            elif what == "del":
+                await asyncio.to_thread(self.chat.delete_turn, user, session_id, index)
+                yield (await self._drawn(user, session_id), skip, "", await asyncio.to_thread(self._radio, user,
+                       session_id), skip, None, "", gr.Button(visible=True))
+            elif what == "edit" and index < len(messages) and messages[index].role == "user":
+                yield skip, messages[index].content, skip, skip, skip, index, EDITING, skip
+            elif what == "regen" and index < len(messages) and messages[index].role == "assistant":
+                start, _ = self.store.turn_bounds(messages, index)
+                async for update in self._run(caller, session_id, messages[start].content, start):
+                    yield *update, gr.Button(visible=False)
+                self._in_step(user, session_id, request.session_hash, False, baseline=True)
+            else:
+                yield nothing
+        except ShoalError as exc:  # a toast: not an error mark over the chat
+            gr.Warning(getattr(exc, "message", None) or str(exc))
+            yield nothing
+
+    async def undo_delete(self, browser_id, session_id, request: gr.Request):
+        """The Undo button after a delete: the messages are back (if the chat is as the delete left it)."""
+        user = ui_user(self.services, browser_id, request)
+        if not session_id:
+            return gr.skip(), gr.Button(visible=False)
+        try:
+            await asyncio.to_thread(self.chat.restore, user, session_id)
+        except ShoalError as exc:
+            gr.Warning(str(exc))
+            return gr.skip(), gr.Button(visible=False)
+        return await self._drawn(user, session_id), gr.Button(visible=False)
 
     def edit_last(self, browser_id, session_id, request: gr.Request):
         user = ui_user(self.services, browser_id, request)
@@ -426,10 +503,11 @@ class ChatHandlers:
         `give_back` (a queued message), if the turn is refused (a quota, a version only an admin
         may load) the text goes back there, so nothing typed is lost."""
         user = caller.user
-        history = await asyncio.to_thread(self.store.messages, user, session_id)
+        history, forks = await asyncio.to_thread(self.store.thread, user, session_id)
         if replace_from is not None:
             history = history[:replace_from]
-        view = chat_view(history) + [{"role": "user", "content": text}, {"role": "assistant", "content": carried}]
+        view = chat_view(history, {at: f for at, f in forks.items() if at < len(history)})
+        view += [{"role": "user", "content": text}, {"role": "assistant", "content": carried}]
         radio = await asyncio.to_thread(self._radio, user, session_id)
         # the box is emptied once, of the text just sent; what the user types while the reply streams
         # is theirs (a draft is never wiped by the stream's updates)
@@ -442,10 +520,9 @@ class ChatHandlers:
                 turn = await self.chat.send(caller, session_id, text, replace_from=replace_from,
                                             output_format=output_format)
         except ShoalError as exc:
-            stored = await asyncio.to_thread(self.store.messages, user, session_id)
             back = typed or give_back
             editing = EDITING if back and replace_from is not None else ""
-            yield (chat_view(stored), text if back else keep, "", radio, session_id,
+            yield (await self._drawn(user, session_id), text if back else keep, "", radio, session_id,
                    replace_from if back else None, editing)
             raise _error(exc) from None
         note = ""
@@ -469,15 +546,14 @@ class ChatHandlers:
                 raise _error(exc) from None
             turn = following[1] if following else None
             if turn is not None:
-                view = chat_view(await asyncio.to_thread(self.store.messages, user, session_id))
+                view = chat_view(*await asyncio.to_thread(self.store.thread, user, session_id))
                 result = following[0]["result"]
                 view += [{"role": "assistant", "content": result.text,
                           "metadata": {"title": f"↩ Result of {result.tool}{' (failed)' if result.error else ''}"}},
                          {"role": "assistant", "content": ""}]
                 yield view, keep, "", radio, session_id, None, ""
-        stored = await asyncio.to_thread(self.store.messages, user, session_id)
         yield (
-            chat_view(stored),
+            await self._drawn(user, session_id),
             keep,
             note,
             await asyncio.to_thread(self._radio, user, session_id),
@@ -555,9 +631,14 @@ class ChatHandlers:
         finished = False
         try:
             output_format = self._output_format(json_mode, json_schema)
-            values = self._settings(
-                model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
-            ) | self._tools(tools_text, tool_choice, mcp_servers)
+            try:
+                values = self._settings(
+                    model, system, temperature, top_p, top_k, max_new, repetition, seed, stop, history_limit
+                ) | self._tools(tools_text, tool_choice, mcp_servers)
+            except (ShoalError, gr.Error) as exc:  # named once, as a toast; the message stays queued, shown
+                gr.Warning(f"{exc.message}: correct it, then press Enter to send what is queued")
+                yield tuple(gr.skip() for _ in range(7)) + self.queue_view(key)
+                return
             sid = key[1]
             if sid:  # the page sends in this chat: it shows it (until it opens another)
                 self._shows(page, sid)
@@ -599,13 +680,14 @@ class ChatHandlers:
     async def _other_chat(self, user: str, session_id: str | None) -> tuple:
         """The outputs of a turn, drawing the chat the page opened meanwhile."""
         try:
-            messages = await asyncio.to_thread(self.store.messages, user, session_id) if session_id else []
+            messages, forks = (await asyncio.to_thread(self.store.thread, user, session_id) if session_id
+                               else ([], {}))
             radio = await asyncio.to_thread(self._radio, user, session_id)
         except ShoalError:  # deleted meanwhile: its page draws what it shows now
             return tuple(gr.skip() for _ in range(9))
         last = next((m for m in reversed(messages) if m.role == "assistant"), None)
         keep = gr.skip()
-        return (chat_view(messages), keep, stored_figures(last) if last else "", radio, session_id, keep, keep,
+        return (chat_view(messages, forks), keep, stored_figures(last) if last else "", radio, session_id, keep, keep,
                 *self.queue_view((user, session_id)))
 
     async def _say_if_files_pending(self, user: str, session_id: str) -> None:
@@ -618,7 +700,15 @@ class ChatHandlers:
         if pending:
             names = ", ".join(f"{r['name']} ({r['status']} {int(r['progress'] * 100)}%)" for r in pending)
             gr.Info(f"Still reading {names}: your message waits for it (up to {self.chat.wait_for_files:g} s) "
-                    "so that the answer can use it.")
+                    "so that the answer can use it; “Ask now” goes on without it.")
+
+    def ask_now(self, browser_id, session_id, request: gr.Request):
+        """The message waiting for a file still being read goes on without it."""
+        user = ui_user(self.services, browser_id, request)
+        if session_id:
+            with contextlib.suppress(ShoalError):
+                self.chat.ask_now(user, session_id)
+        return gr.Button(visible=False)
 
     def queue_remove(self, browser_id, session_id, index, request: gr.Request):
         user = ui_user(self.services, browser_id, request)
@@ -692,6 +782,7 @@ class ChatHandlers:
         another tab of this user changed (the open chat's messages, the chat list)."""
         files_html, pick = gr.HTML(), gr.Dropdown()
         chat, radio = gr.skip(), gr.skip()
+        waiting = False  # a message of this (the user's own) chat waits for its files
         try:
             chat, radio = self._in_step(ui_user(self.services, browser_id, request), session_id,
                                         request.session_hash, bool((searching or "").strip()))
@@ -701,6 +792,7 @@ class ChatHandlers:
             try:
                 user = ui_user(self.services, browser_id, request)
                 records = self.services.documents.list(user, session_id)
+                waiting = self.chat.waits_for_files(session_id)
                 now = time.monotonic()
                 if any(r["status"] in ("queued", "parsing", "indexing") for r in records):
                     self._reading[session_id] = now
@@ -711,7 +803,8 @@ class ChatHandlers:
                         choices=[(r["name"], r["id"]) for r in records])
             except (ShoalError, gr.Error):
                 pass
-        return model_line(self.services, model), model_table(self.services), files_html, pick, chat, radio
+        asking = gr.Button(visible=waiting)
+        return model_line(self.services, model), model_table(self.services), files_html, pick, chat, radio, asking
 
     def _in_step(self, user: str, session_id: str | None, page: str, searching: bool,
                  baseline: bool = False) -> tuple:
@@ -719,7 +812,8 @@ class ChatHandlers:
         one shows in the other at its next tick (not while this chat streams: its page draws it)."""
         sessions = self.store.list(user)
         listed = tuple((s.id, s.title) for s in sessions)
-        count = next((s.message_count for s in sessions if s.id == session_id), None)
+        # (a version chosen or a turn deleted may leave the count as it was: the time changes)
+        count = next(((s.message_count, s.updated) for s in sessions if s.id == session_id), None)
         before = self._synced.pop(page, None)
         self._synced[page] = (session_id, count, listed)
         if len(self._synced) > 10_000:
@@ -728,7 +822,7 @@ class ChatHandlers:
             return gr.skip(), gr.skip()
         chat = radio = gr.skip()
         if count != before[1] and session_id and not self.queue.busy((user, session_id)):
-            chat = chat_view(self.store.messages(user, session_id))
+            chat = chat_view(*self.store.thread(user, session_id))
         elif count != before[1]:
             self._synced[page] = (session_id, before[1], listed)  # look again once the reply is stored
         if listed != before[2] and not searching:

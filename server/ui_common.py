@@ -10,6 +10,7 @@ from typing import Any
 import gradio as gr
 
 from llm_pool import Finished, GenerationParams
+from llm_pool.errors import InvalidParamsError
 from llm_pool.reasoning import ThoughtMarks, ThoughtSplitter
 from memory.store import StoredMessage
 from service import Services
@@ -70,18 +71,34 @@ def text_of(content: Any) -> str:
     return ""
 
 
+# the parameter widgets' labels: an error names the field as the page shows it
+PARAM_LABELS = {"temperature": "Temperature", "top_p": "Top p", "top_k": "Top k", "max_new_tokens": "Max new tokens",
+                "repetition_penalty": "Repetition penalty", "seed": "Seed", "stop": "Stop sequences",
+                "max_history_messages": "History to keep"}
+
+
 def params_from(temperature, top_p, top_k, max_new_tokens, repetition_penalty, seed, stop) -> dict:
-    """The parameter widgets' values as a validated dict (raises gr.Error naming the field)."""
+    """The parameter widgets' values as a validated dict; InvalidParamsError naming the field by its
+    label ("Top p: must be ...")."""
     stops = [s for s in (stop or "").split("|") if s]
-    values = {"temperature": temperature, "top_p": top_p, "top_k": int(top_k or 0),
-              "max_new_tokens": int(max_new_tokens) if max_new_tokens else None,
+    values = {"temperature": temperature, "top_p": top_p, "top_k": top_k if top_k is not None else 0,
+              "max_new_tokens": max_new_tokens if max_new_tokens not in (None, "") else None,
               "repetition_penalty": repetition_penalty,
-              "seed": int(seed) if seed not in (None, "") and int(seed) >= 0 else None, "stop": stops}
+              "seed": seed if isinstance(seed, (int, float)) and seed >= 0 else None, "stop": stops}
     values = {k: v for k, v in values.items() if v is not None}
     try:
         return {k: v for k, v in GenerationParams.validated(**values).to_dict().items() if k in values}
-    except Exception as exc:
-        raise gr.Error(getattr(exc, "message", str(exc))) from None
+    except InvalidParamsError as exc:
+        raise named(exc) from None
+
+
+def named(exc: InvalidParamsError) -> InvalidParamsError:
+    """The error with its field named by the label the page shows ("Top p: must be between ...")."""
+    label = PARAM_LABELS.get(exc.param or "")
+    if label is None:
+        return exc
+    text = exc.message[len(exc.param):].lstrip() if exc.message.startswith(exc.param) else exc.message
+    return InvalidParamsError(f"{label}: {text}", param=exc.param)
 
 
 def figures(final: Finished) -> str:
@@ -157,10 +174,13 @@ class StreamedReply:
             self.thought["metadata"]["status"] = "done"
 
 
-def chat_view(messages: list[StoredMessage]) -> list[dict]:
+def chat_view(messages: list[StoredMessage], forks: dict[int, tuple[int, int]] | None = None) -> list[dict]:
     """Stored messages as Chatbot messages, with the sources an answer used and, folded, the
-    thoughts of a model that thinks."""
+    thoughts of a model that thinks. With `forks` (the store's `thread`), each message ends with
+    its actions (edit, regenerate, delete) and, where an edit or a regenerate made versions, the
+    `‹ 2/3 ›` that switches between them (links that ui.ui_js turns into the message-action event)."""
     view = []
+    navs = {at: (at, selected, count) for at, (selected, count) in (forks or {}).items()}
     ran = {m.meta["tool_call_id"]: m.meta for m in messages if m.role == "user" and m.meta.get("mcp_server")}
     for index, message in enumerate(messages):
         if message.role == "system":
@@ -189,8 +209,31 @@ def chat_view(messages: list[StoredMessage]) -> list[dict]:
         if sources:
             anchor = f"shoal-m{index}"  # the message's place in the chat: ids unique on the page
             content = cite_links(content, sources, anchor) + "\n\n" + sources_html(sources, anchor)
+        if forks is not None:
+            content += "\n\n" + message_actions(index, message.role, navs.get(index))
         view.append({"role": message.role, "content": content})
     return view
+
+
+def message_actions(index: int, role: str, nav: tuple[int, int, int] | None) -> str:
+    """The line under a message: ‹ 2/3 › where it has versions, Edit (the user's messages) or
+    Regenerate (replies), and Delete (its turn). Each is a link "#shoal-act-<what>-<index>[-<n>]"."""
+    def act(what: str, label: str, title: str) -> str:
+        return f'<a class="shoal-act" href="#shoal-act-{what}" title="{title}">{label}</a>'
+
+    parts = []
+    if nav is not None:
+        at, selected, count = nav
+        before = act(f"ver-{at}-{selected - 1}", "‹", "Previous version") if selected > 0 else "<span>‹</span>"
+        after = (act(f"ver-{at}-{selected + 1}", "›", "Next version") if selected + 1 < count
+                 else "<span>›</span>")
+        parts.append(f'<span class="shoal-versions">{before} {selected + 1}/{count} {after}</span>')
+    if role == "user":
+        parts.append(act(f"edit-{index}", "Edit", "Edit this message: the chat goes on from it as a new version"))
+    else:
+        parts.append(act(f"regen-{index}", "Regenerate", "Write this reply again: a new version"))
+    parts.append(act(f"del-{index}", "Delete", "Delete this message and its reply (can be undone)"))
+    return f'<div class="shoal-actions">{" · ".join(parts)}</div>'
 
 
 def _passages(sources: list[dict]) -> dict[tuple[str, str], list[int]]:

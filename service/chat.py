@@ -2,8 +2,9 @@
 
 `ChatService.send` builds the context for a new user turn (system prompt, the turn, retrieved
 passages, recent history that fits), starts the generation through `Services.submit`, and when it
-ends stores the user message and the reply together in one transaction. Regenerate and edit
-replace the last turn. Used alike by the Gradio UI and the /v1/sessions routes.
+ends stores the user message and the reply together in one transaction. Regenerate and edit of
+any message start a new version of the chat from there (the old one is kept: `select_version`);
+a turn can be deleted and the delete undone. Used alike by the Gradio UI and the /v1/sessions routes.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 from llm_pool import Finished, GenerationHandle, GenerationParams, GenerationRequest, Message, chat_format
 from llm_pool.chat_format import ToolCall
 from llm_pool.constraints import OutputFormat
-from llm_pool.errors import InvalidParamsError, InvalidRequestError, PayloadTooLargeError
+from llm_pool.errors import ConflictError, InvalidParamsError, InvalidRequestError, PayloadTooLargeError
 from llm_pool.reasoning import split
 from memory.context import Passage, build_context
 from memory.store import Session, SessionStore, StoredMessage
@@ -59,6 +60,10 @@ class ChatService:
         self.quotas = quotas or Quotas.from_settings(services.settings)
         self._creating = threading.Lock()  # counting a user's sessions and adding one: one step
         self._saver = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-save")  # in order
+        self._writing: dict[str, int] = {}  # sessions with a reply being generated (and stored)
+        self._waiting_files: set[str] = set()  # sessions whose next turn waits for its files
+        self._ask_now: set[str] = set()  # ... and whose user asked to go on without them
+        self._writing_lock = threading.Lock()
 
     def delete(self, user: str, session_id: str) -> None:
         """Delete a session with its files and memory."""
@@ -68,12 +73,66 @@ class ChatService:
             self.documents.delete_session(session_id)
 
     def clear(self, user: str, session_id: str) -> Session:
-        """The chat's messages deleted: from the store and from what the model is ever shown again."""
+        """The chat's messages deleted: from the store and from what the model is ever shown again
+        (`restore` undoes it for a while)."""
+        self._check_idle(session_id)
         session = self.store.clear_messages(user, session_id)
         self.services.forget_kv([session_id])
         if self.documents:
             self.documents.searcher.forget(session_id)
         return session
+
+    # ------------------------------------------------------------------ versions, delete, undo
+    def select_version(self, user: str, session_id: str, at: int, version: int) -> Session:
+        """The chat goes on with another version of its messages from `at` on (what an edit or a
+        regenerate replaced): the model sees that version from now on."""
+        self._check_idle(session_id)
+        session = self.store.select_version(user, session_id, at, version)
+        self._remember_from(user, session_id, at)
+        return session
+
+    def versions(self, user: str, session_id: str, at: int) -> list[dict]:
+        return self.store.versions(user, session_id, at)
+
+    def delete_turn(self, user: str, session_id: str, index: int) -> tuple[Session, int]:
+        """Delete the turn message `index` belongs to: from the store, the remembered turns and the
+        saved KV (the model never sees it again); `restore` undoes it for a while."""
+        self._check_idle(session_id)
+        session, start = self.store.delete_turn(user, session_id, index)
+        self.services.forget_kv([session_id])
+        self._remember_from(user, session_id, start)
+        return session, start
+
+    def restore(self, user: str, session_id: str) -> Session:
+        """Undo the last delete of messages in this chat (a turn, or all of them)."""
+        self._check_idle(session_id)
+        session, start = self.store.restore(user, session_id)
+        self._remember_from(user, session_id, start)
+        return session
+
+    def _remember_from(self, user: str, session_id: str, start: int) -> None:
+        """The turns retrieval may recall, from message `start` on, are the chat's own again."""
+        if not self.documents:
+            return
+        messages = self.store.messages(user, session_id)
+        turns = [(i, m.content, messages[i + 1].content) for i, m in enumerate(messages[:-1])
+                 if i >= start and m.role == "user" and not m.meta.get("tool_call_id")
+                 and messages[i + 1].role == "assistant" and not messages[i + 1].meta.get("tool_calls")
+                 and messages[i + 1].content]
+        self.documents.remember_turns(session_id, start, turns)
+
+    def _check_idle(self, session_id: str) -> None:
+        if self._writing.get(session_id):
+            raise ConflictError("a reply is being written in this chat: wait for it, or stop it, first",
+                                param="session_id", code="reply_in_progress")
+
+    def _writes(self, session_id: str, step: int) -> None:
+        with self._writing_lock:
+            count = self._writing.get(session_id, 0) + step
+            if count > 0:
+                self._writing[session_id] = count
+            else:
+                self._writing.pop(session_id, None)
 
     def delete_many(self, user: str, *, older_than: float) -> list[str]:
         gone = self.store.delete_many(user, older_than=older_than)
@@ -178,7 +237,7 @@ class ChatService:
 
     async def send(self, caller: Caller, session_id: str, text: str, *, params: dict | None = None,
                    replace_from: int | None = None, output_format: OutputFormat | None = None,
-                   result_meta: dict | None = None, carried: str = "") -> Turn:
+                   result_meta: dict | None = None, carried: str = "", wait_for_files: bool = True) -> Turn:
         """Start a turn for `caller` (a user). `replace_from`: index of the history message the new
         turn replaces (regenerate / edit); the reply is stored in its place. Reading the store,
         counting tokens and retrieval run off the event loop."""
@@ -196,7 +255,8 @@ class ChatService:
         self.quotas.check_messages(len(history) + 2)  # the user's message and the reply
         self.services.check_version(model, caller)  # a stranger does not load other versions
         gen_params = GenerationParams.validated(**{**session.params, **(params or {})})
-        await self._wait_for_files(user, session_id)
+        if wait_for_files:
+            await self._wait_for_files(user, session_id)
         backend = await self._loaded_backend(model)
         answering = _open_call(history)
         context = await loop.run_in_executor(None, self._context, user, session, history, text, gen_params,
@@ -226,7 +286,12 @@ class ChatService:
         turn.saved = loop.create_future()
         turn_index = len(history)
         # stored in a thread of its own: an fsync'd transaction must not stall the engine's step
-        handle.on_done(lambda h: self._saver.submit(self._save, user, turn, replace_from, loop, turn_index))
+        self._writes(session_id, +1)
+        try:
+            handle.on_done(lambda h: self._saver.submit(self._save, user, turn, replace_from, loop, turn_index))
+        except BaseException:
+            self._writes(session_id, -1)
+            raise
         return turn
 
     def _opening(self, user: str, session_id: str, replace_from: int | None):
@@ -237,6 +302,11 @@ class ChatService:
                                       "session", param="model", code="not_a_chat_model")
         history = self.store.messages(user, session_id)
         if replace_from is not None:
+            if (isinstance(replace_from, bool) or not isinstance(replace_from, int)
+                    or not 0 <= replace_from < len(history) or history[replace_from].role != "user"
+                    or history[replace_from].meta.get("tool_call_id")):
+                raise InvalidParamsError(f"replace_from: message {replace_from} is not one of your messages in "
+                                         "this chat (give the index of a user message)", param="replace_from")
             history = history[:replace_from]
         return session, history, model
 
@@ -261,18 +331,38 @@ class ChatService:
         return context
 
     async def _wait_for_files(self, user: str, session_id: str) -> None:
-        """Files still being read would make an answer from nothing: wait a little, then say so."""
+        """Files still being read would make an answer from nothing: wait a little, then say so
+        (unless the user asks to go on without them: `ask_now`)."""
         if not self.documents:
             return
         deadline = time.monotonic() + self.wait_for_files
         loop = asyncio.get_running_loop()
-        while True:
-            pending = await loop.run_in_executor(None, self.documents.pending, user, session_id)
-            if not pending:
-                return
-            if time.monotonic() >= deadline:
-                raise DocumentsNotReadyError(pending)
-            await asyncio.sleep(0.25)
+        self._ask_now.discard(session_id)
+        try:
+            while True:
+                pending = await loop.run_in_executor(None, self.documents.pending, user, session_id)
+                if not pending:
+                    return
+                if session_id in self._ask_now:
+                    return  # answered from what is ready
+                if time.monotonic() >= deadline:
+                    raise DocumentsNotReadyError(pending)
+                self._waiting_files.add(session_id)
+                await asyncio.sleep(0.25)
+        finally:
+            self._waiting_files.discard(session_id)
+            self._ask_now.discard(session_id)
+
+    def waits_for_files(self, session_id: str | None) -> bool:
+        return session_id in self._waiting_files
+
+    def ask_now(self, user: str, session_id: str) -> bool:
+        """The turn waiting for this chat's files goes on without them (from what is ready)."""
+        self.store.get(user, session_id)  # another user's chat: not found
+        if session_id not in self._waiting_files:
+            return False
+        self._ask_now.add(session_id)
+        return True
 
     def _save(self, user: str, turn: Turn, replace_from: int | None, loop, turn_index: int) -> None:
         """Store the turn (user message and reply in one transaction); always resolve `turn.saved`
@@ -305,13 +395,15 @@ class ChatService:
                 now = time.time()
                 result = self.store.append(user, turn.session.id, [
                     StoredMessage("user", turn.user_text, now, answered),
-                    StoredMessage("assistant", text, now, meta)], truncate_to=replace_from)
+                    StoredMessage("assistant", text, now, meta)], truncate_to=replace_from,
+                    fork=not turn.carried)
                 if self.documents and text and not calls:
                     self.documents.remember_turn(turn.session.id, turn_index, turn.user_text, text)
         except Exception as exc:  # the session may have been deleted meanwhile, or the disk is full
             log.warning("could not store the turn of session %s: %s", turn.session.id, exc)
             result = exc
         finally:
+            self._writes(turn.session.id, -1)
             try:
                 loop.call_soon_threadsafe(_resolve, turn.saved, result)
             except RuntimeError:  # the caller's loop is gone: nobody waits for it

@@ -269,19 +269,29 @@ class DocumentService:
     # ------------------------------------------------------------------ memory
     def remember_turn(self, session_id: str, turn: int, question: str, answer: str) -> None:
         """Embed a finished turn (in the background) so it can be recalled later."""
+        self.remember_turns(session_id, turn, [(turn, question, answer)])
+
+    def remember_turns(self, session_id: str, start: int, turns: list[tuple[int, str, str]]) -> None:
+        """The remembered turns from message `start` on replaced by `turns` ((message index,
+        question, answer) each), in the background: a regenerated turn replaces the old one; a
+        version chosen, a turn deleted or restored brings the chat's own turns back."""
         def work():
             try:
-                text = f"User: {question}\nAssistant: {answer}"
-                vector = self.embedder.embed([text], background=True)
+                texts = [f"User: {question}\nAssistant: {answer}" for _, question, answer in turns]
+                vectors = self.embedder.embed(texts, background=True) if texts else None
 
                 def commit(sql):
                     if self.store._db.get(f"s:{session_id}") is None:
                         return  # deleted meanwhile
-                    passages.delete(sql, session_id, turns_from=turn)  # a regenerated turn replaces the old one
-                    passages.insert(sql, session_id, [Chunk(text, "", "", kind="turn", turn=turn)], vector)
+                    passages.delete(sql, session_id, turns_from=start)
+                    if texts:
+                        passages.insert(sql, session_id, [Chunk(text, "", "", kind="turn", turn=index)
+                                                          for text, (index, _, _) in zip(texts, turns, strict=True)],
+                                        vectors)
                 self.store.transaction(commit)
+                self.searcher.forget(session_id)  # (rows replaced may give the same count and last id)
             except Exception:
-                log.exception("could not remember a turn of session %s", session_id)
+                log.exception("could not remember the turns of session %s", session_id)
         self._pool.submit(work)
 
     def retrieve(self, user: str, session_id: str, query: str, *, exclude_turns_from: int | None = None,

@@ -7,6 +7,7 @@ import time
 from playwright.sync_api import expect
 
 from tests.browser import FRAMES, open_panel
+from tests.browser.test_sessions_ui import text_of
 
 
 def test_completion_tab_continues_text_with_the_base_model(page, live_server, artifacts):
@@ -83,7 +84,7 @@ def test_json_output_toggle_makes_the_reply_valid_json_of_the_schema(page, live_
     box.fill("Tell me about cats.")
     box.press("Enter")
     expect(page.locator("#reply-figures")).to_contain_text("tok/s", timeout=90_000)
-    reply = page.locator("#chatbot [data-testid='bot']").last.inner_text().strip()
+    reply = text_of(page.locator("#chatbot [data-testid='bot']").last).strip()
     page.screenshot(path=str(artifacts / "json-output.png"), full_page=True)
     jsonschema.validate(json.loads(reply), schema)
 
@@ -156,3 +157,40 @@ def test_on_a_phone_the_models_table_scrolls_to_its_state_column(browser, live_s
     assert box is not None and box["x"] >= 0 and box["x"] + box["width"] <= 390, box  # reachable on screen
     page.screenshot(path=str(artifacts / "models-phone.png"))
     context.close()
+
+
+def test_a_parameter_out_of_range_is_named_once_and_the_message_waits_for_it(browser, own_server, artifacts):
+    from tests.browser.test_sessions_ui import BOT, open_page, send
+
+    page = open_page(browser, own_server["server"].url)
+    send(page, "Say hi.")  # a chat whose settings are saved as they change
+    open_panel(page, "params")
+    top_p = page.locator("#top-p input[type='number']")
+    top_p.fill("600")
+    top_p.press("Tab")
+    toasts = page.locator(".toast-body")  # (each toast lasts a while: they are counted)
+    expect(toasts.filter(has_text="Top p:")).to_have_count(1)  # the field, by its label, once
+    page.evaluate(FRAMES)
+    expect(toasts.filter(has_text="Top p:")).to_have_count(1)
+    expect(page.get_by_text("greater than maximum")).to_have_count(0)  # not Gradio's nameless error
+    expect(page.locator("#chatbot .error, #session-list .error, #chat-input .error, #params .error")).to_have_count(0)
+
+    expect(top_p).to_have_value("1")  # and the slider's box goes back into its range
+
+    max_new = page.locator("#max-new-tokens input")
+    max_new.fill("0")
+    max_new.press("Tab")
+    expect(toasts.filter(has_text="Max new tokens:")).to_have_count(1)
+    box = page.locator("#chat-input textarea")
+    box.fill("Name a colour.")
+    box.press("Enter")  # refused for the parameter: the message is not lost, it waits in the queue
+    expect(toasts.filter(has_text="correct it")).to_have_count(1)  # once, naming the field
+    expect(toasts.filter(has_text="correct it")).to_contain_text("Max new tokens:")
+    expect(page.locator("#queue-row")).to_be_visible()
+    expect(page.locator("#chatbot .error, #chat-input .error, #params .error")).to_have_count(0)
+    page.screenshot(path=str(artifacts / "parameter-error.png"), full_page=True)
+    max_new.fill("32")
+    max_new.press("Tab")
+    box.press("Enter")  # the queued message goes
+    expect(page.locator(BOT)).to_have_count(2, timeout=60_000)
+    expect(page.locator("#queue-row")).to_be_hidden()

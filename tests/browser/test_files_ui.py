@@ -67,7 +67,8 @@ def test_export_then_import_a_chat(browser, live_server, artifacts, tmp_path):
 
 def test_asking_while_a_file_is_being_read_says_so_at_once(browser, live_server, tmp_path):
     """Before, the page waited up to 30 s without a word; now a note names the file and its state at
-    once (the message waits for the file, so that the answer can use it)."""
+    once (the message waits for the file, so that the answer can use it) and "Ask now" goes on
+    without it."""
     notes = tmp_path / "harbour-log.txt"
     notes.write_text("".join(f"Entry {i}: the harbour master counted {i % 9} boats and {i % 4} gulls.\n"
                              for i in range(3000)))
@@ -79,4 +80,8 @@ def test_asking_while_a_file_is_being_read_says_so_at_once(browser, live_server,
     box.fill("How many boats did the harbour master count in entry 7?")
     box.press("Enter")
     expect(page.get_by_text("Still reading harbour-log.txt")).to_be_visible(timeout=5_000)
+    # ... and offers not to wait: "Ask now" answers from what is ready
+    page.locator("#ask-now").click(timeout=10_000)
+    expect(page.locator(BOT)).to_have_count(1, timeout=60_000)
+    expect(page.locator("#ask-now")).to_be_hidden()
     expect(page.locator("#files-table")).to_contain_text("ready", timeout=180_000)

@@ -12,7 +12,7 @@ from tests.hardening.test_faults import wait_idle
 def test_browser_tab_closed_mid_reply_stops_generation(browser, live_server, pool):
     page = open_page(browser, live_server.url)
     open_panel(page, "params")
-    page.locator("#params input[type='number']").nth(1).fill("1500")
+    page.locator("#max-new-tokens input").fill("1500")
     box = page.locator("#chat-input textarea")
     box.fill("Write a very long story about a lighthouse keeper.")
     box.press("Enter")

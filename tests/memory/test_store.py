@@ -8,7 +8,7 @@ import zlib
 
 import pytest
 
-from llm_pool.errors import InvalidParamsError
+from llm_pool.errors import ConflictError, InvalidParamsError, NotFoundError
 from memory.store import SessionNotFoundError, SessionStore, StoredMessage
 
 
@@ -92,6 +92,84 @@ def test_regenerate_replaces_the_last_turn(store):
                  truncate_to=2)
     contents = [m.content for m in store.messages("alice", session.id)]
     assert contents == ["question 1", "answer 1", "question 2", "better"]
+
+
+def texts(store, session_id, user="alice"):
+    return [m.content for m in store.messages(user, session_id)]
+
+
+def test_an_edit_or_regenerate_keeps_what_it_replaced_as_a_version_with_its_own_versions(store):
+    session = store.create("alice")
+    store.append("alice", session.id, turn(1) + turn(2) + turn(3))
+    # regenerate the second answer (a version of the chat from message 2 on), then of the third in it
+    store.append("alice", session.id, [StoredMessage("user", "question 2"), StoredMessage("assistant", "B")],
+                 truncate_to=2)
+    store.append("alice", session.id, turn(4))
+    store.append("alice", session.id, [StoredMessage("user", "question 4"), StoredMessage("assistant", "D")],
+                 truncate_to=4)
+    assert texts(store, session.id) == ["question 1", "answer 1", "question 2", "B", "question 4", "D"]
+    messages, forks = store.thread("alice", session.id)
+    assert forks == {3: (1, 2), 5: (1, 2)}  # two regenerates: versions of the replies, 2 of 2 each
+    # back to the first version from message 3: its whole tail, without the forks made inside the other
+    store.select_version("alice", session.id, 3, 0)
+    assert texts(store, session.id) == ["question 1", "answer 1", "question 2", "answer 2", "question 3", "answer 3"]
+    assert store.thread("alice", session.id)[1] == {3: (0, 2)}
+    assert store.get("alice", session.id).message_count == 6
+    # and to the second again: its own fork at 5 comes back with it
+    store.select_version("alice", session.id, 3, 1)
+    assert texts(store, session.id)[-1] == "D"
+    assert store.thread("alice", session.id)[1] == {3: (1, 2), 5: (1, 2)}
+    listed = store.versions("alice", session.id, 5)
+    assert [(v["version"], v["selected"], v["messages"][-1]["content"]) for v in listed] == \
+        [(0, False, "answer 4"), (1, True, "D")]
+    # an edit: a version whose first message differs
+    store.append("alice", session.id, [StoredMessage("user", "edited"), StoredMessage("assistant", "E")],
+                 truncate_to=0)
+    assert texts(store, session.id) == ["edited", "E"]
+    assert store.thread("alice", session.id)[1] == {0: (1, 2)}  # an edit: versions of the user's message
+    store.append("alice", session.id, [StoredMessage("user", "edited"), StoredMessage("assistant", "F")],
+                 truncate_to=0)
+    assert store.thread("alice", session.id)[1] == {0: (1, 2), 1: (1, 2)}
+    # a continued reply extends its version: no new one
+    store.append("alice", session.id, [StoredMessage("user", "edited"), StoredMessage("assistant", "F, more")],
+                 truncate_to=0, fork=False)
+    assert store.thread("alice", session.id)[1] == {0: (1, 2), 1: (1, 2)}
+    assert texts(store, session.id) == ["edited", "F, more"]
+    with pytest.raises(NotFoundError):
+        store.select_version("alice", session.id, 0, 7)
+    with pytest.raises(NotFoundError):
+        store.select_version("alice", session.id, 2, 0)
+    with pytest.raises(SessionNotFoundError):
+        store.select_version("bob", session.id, 0, 0)
+    assert store.check() == []
+
+
+def test_a_deleted_turn_is_gone_and_can_be_undone_while_the_chat_is_unchanged(store):
+    session = store.create("alice")
+    store.append("alice", session.id, turn(1) + turn(2) + turn(3))
+    store.append("alice", session.id, [StoredMessage("user", "question 3"), StoredMessage("assistant", "C")],
+                 truncate_to=4)
+    store.delete_turn("alice", session.id, 3)  # the reply's index: its whole turn goes
+    assert texts(store, session.id) == ["question 1", "answer 1", "question 3", "C"]
+    assert store.thread("alice", session.id)[1] == {3: (1, 2)}  # the fork after it moved up
+    with pytest.raises(SessionNotFoundError):
+        store.restore("bob", session.id)
+    store.restore("alice", session.id)
+    assert texts(store, session.id) == ["question 1", "answer 1", "question 2", "answer 2", "question 3", "C"]
+    assert store.thread("alice", session.id)[1] == {5: (1, 2)}
+    with pytest.raises(NotFoundError):
+        store.restore("alice", session.id)  # once
+    store.delete_turn("alice", session.id, 0)
+    store.append("alice", session.id, turn(9))  # the chat changed since: the delete stays
+    with pytest.raises(ConflictError):
+        store.restore("alice", session.id)
+    store.clear_messages("alice", session.id)  # the trash icon: undone the same way
+    assert texts(store, session.id) == []
+    store.restore("alice", session.id)
+    assert texts(store, session.id)[-1] == "answer 9"
+    with pytest.raises(NotFoundError):
+        store.delete_turn("alice", session.id, 99)
+    assert store.check() == []
 
 
 def test_values_on_disk_are_json_not_pickle(tmp_path):

@@ -87,6 +87,11 @@ def test_asking_while_a_file_is_being_read_says_so(live_server, services):
                               timeout=60)
         assert response.status_code == 409
         assert "minutes.txt" in response.json()["error"]["message"] and response.headers["retry-after"]
+        # or, asked not to wait, answered at once from what is ready
+        now = httpx.post(f"{url}/v1/sessions/{sid}/messages", timeout=60,
+                         json={"content": "Say hi.", "wait_for_files": False, "params": {"max_new_tokens": 4}})
+        assert now.status_code == 200 and now.json()["role"] == "assistant"
+        assert httpx.get(f"{url}/v1/sessions/{sid}/files/{record['id']}").json()["status"] != "ready"
         httpx.delete(f"{url}/v1/sessions/{sid}/files/{record['id']}")
     finally:
         services.chat.wait_for_files = before

@@ -62,6 +62,61 @@ def test_session_reply_streams_as_sse(live_server):
     assert messages[-1]["content"] == done["message"]["content"]
 
 
+def test_edit_and_regenerate_any_message_keep_versions_the_model_sees_only_the_chosen_one(live_server):
+    url = live_server.url
+    sid = httpx.post(f"{url}/v1/sessions", json={"params": {"temperature": 0, "max_new_tokens": 12}}).json()["id"]
+
+    def send(content: str, **extra) -> dict:
+        response = httpx.post(f"{url}/v1/sessions/{sid}/messages", json={"content": content, **extra}, timeout=120)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def messages() -> list[dict]:
+        return httpx.get(f"{url}/v1/sessions/{sid}").json()["messages"]
+
+    first = send("My name is Ada. Say hi.")
+    send("Name a fruit.")
+    send("Name a colour.")
+    # edit the FIRST message: the chat goes on from it, a new version; the rest is kept aside
+    edited = send("My name is Grace. Say hi.", replace_from=0)
+    now = messages()
+    assert [m["content"] for m in now][0] == "My name is Grace. Say hi." and len(now) == 2
+    assert now[0]["versions"] == {"selected": 1, "count": 2} and now[1]["content"] == edited["content"]
+    # the model saw only this version: one turn, as long as the first one was, not the three of the other
+    assert abs(edited["usage"]["prompt_tokens"] - first["usage"]["prompt_tokens"]) <= 2
+    versions = httpx.get(f"{url}/v1/sessions/{sid}/messages/0/versions").json()["data"]
+    assert [v["selected"] for v in versions] == [False, True]
+    assert [m["content"] for m in versions[0]["messages"]][::2] == ["My name is Ada. Say hi.", "Name a fruit.",
+                                                                    "Name a colour."]
+    # regenerate a reply that is not the last: replace from its user message with the same text; the
+    # versions are the reply's
+    back = httpx.patch(f"{url}/v1/sessions/{sid}/messages/0", json={"version": 0}).json()
+    assert len(back["messages"]) == 6 and back["messages"][0]["versions"] == {"selected": 0, "count": 2}
+    again = send("Name a fruit.", replace_from=2, params={"temperature": 1.5, "seed": 7})
+    now = messages()
+    assert len(now) == 4 and now[3]["versions"] == {"selected": 1, "count": 2} and now[3]["content"] == again["content"]
+    assert "versions" not in now[2] and now[0]["versions"] == {"selected": 0, "count": 2}
+    # refused by name: an index that is not one of the user's messages, a version that does not exist
+    for bad in (1, 99):
+        response = httpx.post(f"{url}/v1/sessions/{sid}/messages", json={"content": "x", "replace_from": bad})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "replace_from"
+    assert httpx.patch(f"{url}/v1/sessions/{sid}/messages/0", json={"version": 5}).status_code == 404
+    assert httpx.patch(f"{url}/v1/sessions/{sid}/messages/1", json={"version": 0}).status_code == 404
+    assert httpx.patch(f"{url}/v1/sessions/{sid}/messages/0", json={"versoin": 0}).status_code in (400, 422)
+    # delete a turn (any message of it), then undo; a second undo finds nothing
+    deleted = httpx.delete(f"{url}/v1/sessions/{sid}/messages/1").json()
+    assert [m["content"] for m in deleted["messages"]] == ["Name a fruit.", again["content"]]
+    assert deleted["messages"][1]["versions"] == {"selected": 1, "count": 2}
+    follow = send("What is my name?")
+    # the deleted turn is not in the context (it was in `again`'s; the new question is shorter than it)
+    assert follow["usage"]["prompt_tokens"] < again["usage"]["prompt_tokens"] + again["usage"]["completion_tokens"]
+    assert httpx.post(f"{url}/v1/sessions/{sid}/restore").status_code == 409  # the chat changed since
+    httpx.delete(f"{url}/v1/sessions/{sid}/messages/2")
+    restored = httpx.post(f"{url}/v1/sessions/{sid}/restore")
+    assert restored.status_code == 200 and [m["content"] for m in restored.json()["messages"]][-2] == "What is my name?"
+    assert httpx.post(f"{url}/v1/sessions/{sid}/restore").status_code == 404
+
+
 @pytest.mark.parametrize("body, status, field", [
     ({"model": "no-such-model"}, 404, "model"),
     ({"params": {"temperature": 3}}, 400, "temperature"),
@@ -97,6 +152,10 @@ def test_another_users_sessions_are_not_found(pool, tmp_path):
         assert httpx.delete(f"{server.url}/v1/sessions/{sid}/messages", headers=bob).status_code == 404
         assert httpx.post(f"{server.url}/v1/sessions/{sid}/messages", json={"content": "hi"},
                           headers=bob).status_code == 404
+        for method, path, body in (("PATCH", "messages/0", {"version": 0}), ("GET", "messages/0/versions", None),
+                                   ("DELETE", "messages/0", None), ("POST", "restore", None)):
+            response = httpx.request(method, f"{server.url}/v1/sessions/{sid}/{path}", json=body, headers=bob)
+            assert response.status_code == 404, (method, path, response.text)
         assert httpx.get(f"{server.url}/v1/sessions", headers=bob).json()["data"] == []
         assert httpx.get(f"{server.url}/v1/sessions/{sid}", headers=alice).json()["title"] == "mine"
     finally:
