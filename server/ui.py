@@ -62,7 +62,9 @@ def create_ui(services: Services) -> gr.Blocks:
                 purge = gr.Button("Delete old chats", size="sm", variant="stop", elem_id="purge")
             gr.HTML("<div class='shoal-api'>API on this address: OpenAI (<code>/v1/chat/completions</code>, "
                     "<code>/v1/responses</code>), Anthropic (<code>/v1/messages</code>), TGI and sessions. "
-                    "<a href='/docs' target='_blank'>Every route: /docs</a></div>", elem_id="api-note")
+                    "<a href='/docs' target='_blank'>Every route: /docs</a><br>OpenAI SDKs: <code>base_url=</code>"
+                    "<code id='shoal-base-url'>/v1</code> <a href='#' class='shoal-copy-base' "
+                    "title='Copy the base_url'>copy</a></div>", elem_id="api-note")
 
         with gr.Tab("Chat", id="chat"):
             with gr.Row(equal_height=True):
@@ -146,8 +148,11 @@ def create_ui(services: Services) -> gr.Blocks:
                                                elem_id="mcp-servers", visible=bool(services.mcp.names))
 
         with gr.Tab("Complete", id="complete"):
-            comp_model = gr.Dropdown(generating, value=completion_models[0] if completion_models else None,
-                                     label="Model", elem_id="complete-model")
+            with gr.Row(equal_height=True):
+                comp_model = gr.Dropdown(generating, value=completion_models[0] if completion_models else None,
+                                         label="Model", elem_id="complete-model", scale=2, min_width=200)
+                comp_status = gr.Markdown(model_line(services, completion_models[0] if completion_models else None),
+                                          elem_id="complete-model-status")
             gr.Markdown("Base models continue text: write the beginning, the model writes the rest.")
             prompt = gr.Textbox(label="Text to continue", lines=6, elem_id="complete-prompt")
             with gr.Row():
@@ -170,8 +175,8 @@ def create_ui(services: Services) -> gr.Blocks:
             model_note = gr.Markdown()
 
         timer = gr.Timer(2.0)
-        timer.tick(handlers.tick, [browser_id, session_id, model, search],
-                   [status, table, files_table, file_pick, chatbot, sessions, ask_now],
+        timer.tick(handlers.tick, [browser_id, session_id, model, search, comp_model],
+                   [status, table, files_table, file_pick, chatbot, sessions, ask_now, comp_status],
                    api_visibility="private", queue=False, show_progress="hidden")
 
         params = [temperature, top_p, top_k, max_new, repetition, seed, stop_text]
@@ -254,6 +259,8 @@ def create_ui(services: Services) -> gr.Blocks:
         comp_event = comp_go.click(handlers.complete, [comp_model, prompt, comp_temperature, comp_max_new],
                                    [completion, comp_figures], api_name="complete")
         comp_stop.click(None, cancels=[comp_event])
+        comp_model.change(lambda name: model_line(services, name), [comp_model], [comp_status], queue=False,
+                          api_visibility="private", show_progress="hidden")
 
         for button, action in ((load_btn, "load"), (unload_btn, "unload"), (pin_btn, "pin"), (unpin_btn, "unpin")):
             button.click(handlers.model_action(action), [pick], [model_note, table], api_visibility="private")
@@ -321,6 +328,12 @@ def ui_js() -> str:
             if (go) go.click();
             return;
         }
+        const copy = event.target.closest && event.target.closest('a.shoal-copy-base');
+        if (copy) {  // the OpenAI base_url of this address, copied
+            event.preventDefault();
+            navigator.clipboard.writeText(shoalBaseUrl()).then(() => { copy.textContent = 'copied'; });
+            return;
+        }
         const cite = event.target.closest && event.target.closest('a.shoal-cite');
         const target = cite && document.getElementById((cite.getAttribute('href') || '').slice(1));
         if (!target) return;
@@ -333,6 +346,14 @@ def ui_js() -> str:
         void target.offsetWidth;
         target.classList.add('shoal-cited');
     }, true);
+    // the API's base_url as this page reaches it (behind a proxy too: the page's own address)
+    const shoalBaseUrl = () => window.location.origin + window.location.pathname.replace(/\\/+$/, '') + '/v1';
+    window.shoalBaseUrl = shoalBaseUrl;
+    const showBase = () => {
+        const code = document.querySelector('#shoal-base-url');
+        if (code) code.textContent = shoalBaseUrl(); else setTimeout(showBase, 200);
+    };
+    showBase();
     setTimeout(() => {
         if (window.innerWidth < 700) {
             const toggle = document.querySelector('button[aria-label="Toggle Sidebar"]');

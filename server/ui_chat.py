@@ -777,7 +777,7 @@ class ChatHandlers:
             raise _error(exc) from None
         return self.files_view(browser_id, session_id, request)
 
-    def tick(self, browser_id, session_id, model, searching, request: gr.Request):
+    def tick(self, browser_id, session_id, model, searching, comp_model, request: gr.Request):
         """Every few seconds: the model's state, the pool table, files still being read, and what
         another tab of this user changed (the open chat's messages, the chat list)."""
         files_html, pick = gr.HTML(), gr.Dropdown()
@@ -804,7 +804,8 @@ class ChatHandlers:
             except (ShoalError, gr.Error):
                 pass
         asking = gr.Button(visible=waiting)
-        return model_line(self.services, model), model_table(self.services), files_html, pick, chat, radio, asking
+        return (model_line(self.services, model), model_table(self.services), files_html, pick, chat, radio, asking,
+                model_line(self.services, comp_model))
 
     def _in_step(self, user: str, session_id: str | None, page: str, searching: bool,
                  baseline: bool = False) -> tuple:

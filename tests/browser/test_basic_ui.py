@@ -22,6 +22,7 @@ def test_completion_tab_continues_text_with_the_base_model(page, live_server, ar
     page.locator("#complete-go").click()
     output = page.locator("#complete-output textarea")
     expect(output).not_to_have_value("", timeout=180_000)
+    expect(page.locator("#complete-model-status")).to_contain_text("ready")  # its state line, as the chat's
     page.screenshot(path=str(artifacts / "complete.png"), full_page=True)
 
 
@@ -139,7 +140,12 @@ def test_the_page_names_the_api_and_its_docs(page, live_server):
     note = page.locator("#api-note")
     expect(note).to_contain_text("/v1/chat/completions")
     expect(note).to_contain_text("/v1/messages")
-    assert note.locator("a").get_attribute("href") == "/docs"
+    assert note.locator("a").first.get_attribute("href") == "/docs"
+    expect(page.locator("#shoal-base-url")).to_have_text(f"{live_server.url}/v1")  # for the OpenAI SDKs
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    note.locator("a.shoal-copy-base").click()
+    expect(note.locator("a.shoal-copy-base")).to_have_text("copied")
+    assert page.evaluate("navigator.clipboard.readText()") == f"{live_server.url}/v1"
 
 
 def test_on_a_phone_the_models_table_scrolls_to_its_state_column(browser, live_server, artifacts):
