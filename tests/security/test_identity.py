@@ -100,8 +100,11 @@ def test_with_keys_off_strangers_have_no_rest_sessions(public_server):
     url = public_server.url
     for method, path in (("GET", "/v1/sessions"), ("POST", "/v1/sessions"),
                          ("DELETE", "/v1/sessions?older_than_days=0"), ("GET", "/v1/sessions/abc"),
-                         ("POST", "/v1/sessions/abc/messages"), ("GET", "/v1/sessions/abc/files")):
-        response = httpx.request(method, f"{url}{path}", json={"content": "hi"} if method == "POST" else None)
+                         ("POST", "/v1/sessions/abc/messages"), ("GET", "/v1/sessions/abc/files"),
+                         ("GET", "/v1/sessions/abc/messages/0/versions"), ("PATCH", "/v1/sessions/abc/messages/0"),
+                         ("DELETE", "/v1/sessions/abc/messages/0"), ("POST", "/v1/sessions/abc/restore")):
+        body = {"content": "hi"} if method == "POST" else {"version": 0} if method == "PATCH" else None
+        response = httpx.request(method, f"{url}{path}", json=body)
         assert response.status_code == 401, (method, path, response.text)
         assert "--api-keys" in response.json()["error"]["message"]
     # ... while chatting without stored data still works for them
