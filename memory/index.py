@@ -45,6 +45,11 @@ CREATE TABLE IF NOT EXISTS shoal_postings (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS shoal_postings_passage ON shoal_postings (passage_id);
 """
+# The same tables on PostgreSQL (memory/backend.py): ids from a sequence (they only grow, as with
+# SQLite's AUTOINCREMENT, which the Searcher's cache relies on), vectors as bytea.
+POSTGRES_SCHEMA = (SCHEMA.replace("INTEGER PRIMARY KEY AUTOINCREMENT", "BIGSERIAL PRIMARY KEY")
+                   .replace("passage_id INTEGER", "passage_id BIGINT").replace("BLOB", "BYTEA")
+                   .replace(") WITHOUT ROWID;", ");"))
 
 Sql = Callable[..., object]  # sqlite3 Connection.execute of the store's transaction
 
@@ -70,8 +75,8 @@ class Hit:
     coverage: float  # share of the question's idf mass among this passage's terms
 
 
-def create_schema(sql: Sql) -> None:
-    for statement in SCHEMA.split(";"):
+def create_schema(sql: Sql, dialect: str = "sqlite") -> None:
+    for statement in (POSTGRES_SCHEMA if dialect == "postgres" else SCHEMA).split(";"):
         if statement.strip():
             sql(statement)
 
@@ -82,11 +87,10 @@ def insert(sql: Sql, session_id: str, chunks: list[Chunk], vectors: np.ndarray) 
     for chunk, vector in zip(chunks, vectors, strict=True):
         counts = lexical.term_counts(chunk.index_text())
         meta = {k: v for k, v in chunk.to_dict().items() if k != "text"}
-        cursor = sql("INSERT INTO shoal_passages (session_id, file_id, kind, turn, text, meta, length, vector) "
-                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                     (session_id, chunk.file_id or "", chunk.kind, chunk.turn, chunk.text,
-                      json.dumps(meta, ensure_ascii=False), sum(counts.values()), vector.tobytes()))
-        passage_id = cursor.lastrowid
+        passage_id = sql("INSERT INTO shoal_passages (session_id, file_id, kind, turn, text, meta, length, vector) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                         (session_id, chunk.file_id or "", chunk.kind, chunk.turn, chunk.text,
+                          json.dumps(meta, ensure_ascii=False), sum(counts.values()), vector.tobytes())).fetchone()[0]
         sql_many = [(session_id, term, passage_id, tf) for term, tf in counts.items()]
         for row in sql_many:
             sql("INSERT INTO shoal_postings (session_id, term, passage_id, tf) VALUES (?, ?, ?, ?)", row)
@@ -149,7 +153,7 @@ class Searcher:
         query_terms = sorted(set(lexical.terms(query)))
         if not query_terms:
             return {}, {}
-        total, average = sql("SELECT count(*), avg(length) FROM shoal_passages WHERE session_id = ?",
+        total, average = sql("SELECT count(*), CAST(avg(length) AS REAL) FROM shoal_passages WHERE session_id = ?",
                              (session_id,)).fetchone()
         if not total:
             return {}, {}

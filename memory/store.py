@@ -9,18 +9,14 @@ exactly like a session that does not exist. Knows nothing about models or HTTP.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import re
-import sqlite3
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-
-import diskcache
 
 from llm_pool import faults
 from llm_pool.errors import (
@@ -32,6 +28,7 @@ from llm_pool.errors import (
 )
 from memory import index as passages
 from memory import versions
+from memory.backend import SCHEMA_VERSION, open_backend
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_TITLE = 200
@@ -43,11 +40,11 @@ UNDO_SECONDS = 600  # how long a delete of messages can be undone
 SEARCH_SCHEMA = """
 CREATE TABLE IF NOT EXISTS shoal_chat_text (
     session_id TEXT PRIMARY KEY,
-    user TEXT NOT NULL,
+    "user" TEXT NOT NULL,
     title TEXT NOT NULL,
     body TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS shoal_chat_text_user ON shoal_chat_text (user);
+CREATE INDEX IF NOT EXISTS shoal_chat_text_user ON shoal_chat_text ("user");
 """
 
 
@@ -106,89 +103,98 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, url: str | None = None):
+        """The store in `directory` (embedded SQLite), or on the PostgreSQL server of `url`
+        (several replicas sharing it): memory/backend.py."""
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
-        # JSON (never pickle) for keys and values; synchronous=FULL so a written turn survives
-        # a crash of the process or of the machine. Every value stays inside SQLite
-        # (disk_min_file_size): diskcache keeps big values in side files that its nested
-        # transactions delete before the outer COMMIT and leave behind half-written on ENOSPC,
-        # so a crash or a full disk mid-turn could lose or leak a long history.
-        self._db = diskcache.Cache(str(directory), disk=diskcache.JSONDisk, eviction_policy="none",
-                                   size_limit=2**62, sqlite_synchronous=2, disk_min_file_size=2**30)
+        self._kv = open_backend(directory, url)
+        self.dialect = self._kv.dialect
         # The sessions' passages (memory/index.py) live in the same database, so removing a file
         # or a session removes its passages in the same transaction.
-        with self._db.transact():
-            passages.create_schema(self._db._sql)
-            self._create_search_index()
+        with self._kv.transact():
+            self._migrate()
 
     def close(self) -> None:
-        self._db.close()
+        self._kv.close()
+
+    def _migrate(self) -> None:
+        """Create or bring the schema up to this version (a store written by a newer Shoal is
+        refused rather than misread)."""
+        found = self._kv.get("meta:schema")
+        if found is not None and found > SCHEMA_VERSION:
+            raise RuntimeError(f"the session store was written by a newer Shoal (schema {found}; this one "
+                               f"reads up to {SCHEMA_VERSION}): upgrade Shoal, or point it at another store")
+        passages.create_schema(self._kv.sql, self.dialect)
+        self._create_search_index()
+        if found != SCHEMA_VERSION:
+            self._kv.set("meta:schema", SCHEMA_VERSION)
 
     # ------------------------------------------------------------------ helpers
     @property
     def sql(self):
         """This thread's `execute` on the store's database: for reads, and for writes inside
         `transaction`."""
-        return self._db._sql
+        return self._kv.sql
 
     def transaction(self, func):
         """Run `func(sql)` in one write transaction of the store (nested calls join it)."""
-        return self._write(lambda: func(self._db._sql))
+        return self._write(lambda: func(self._kv.sql))
 
     def _write(self, func):
         try:
-            with self._db.transact():
+            with self._kv.transact():
                 faults.check("store.write")
                 return func()
         except faults.InjectedFault as exc:
             raise StorageError(f"could not save ({exc}); nothing was changed", retry_after=5.0) from exc
-        except sqlite3.OperationalError as exc:
-            if "full" in str(exc):  # SQLITE_FULL: the disk, not the store, is the problem
+        except Exception as exc:
+            failure = self._kv.failure(exc)
+            if failure == "full":  # the disk, not the store, is the problem
                 raise InsufficientStorageError("the server's disk is full: nothing was changed (the chat "
                                                "is as it was)", code="insufficient_storage") from exc
-            raise StorageError(f"could not save: {exc}; nothing was changed", retry_after=5.0) from exc
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise InsufficientStorageError("the server's disk is full: nothing was changed (the chat "
-                                               "is as it was)", code="insufficient_storage") from exc
-            raise StorageError(f"could not save ({exc.strerror}); nothing was changed", retry_after=5.0) from exc
+            if failure == "unavailable":
+                raise StorageError(f"could not save ({exc}); nothing was changed", retry_after=5.0) from exc
+            raise
 
     def _session(self, user: str, session_id: str) -> Session:
         if not isinstance(session_id, str) or not ID_RE.match(session_id):
             raise SessionNotFoundError(str(session_id))
-        data = self._db.get(f"s:{session_id}")
+        data = self._kv.get(f"s:{session_id}")
         if data is None or data.get("user") != user:
             raise SessionNotFoundError(session_id)
         return Session(**data)
 
     def _create_search_index(self) -> None:
         """The search table; a store made before it existed has its sessions indexed once, here."""
-        sql = self._db._sql
-        existed = sql("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'shoal_chat_text'").fetchone()
+        sql = self._kv.sql
+        existed = self._kv.has_table("shoal_chat_text")
         for statement in SEARCH_SCHEMA.split(";"):
             if statement.strip():
                 sql(statement)
         if existed:
             return
-        for key in list(self._db.iterkeys()):
-            if isinstance(key, str) and key.startswith("s:"):
-                data = self._db.get(key)
-                if data:
-                    self._index_text(data["id"], data["user"], data["title"], self._db.get(f"m:{data['id']}", []))
+        for key in self._kv.keys("s:"):
+            data = self._kv.get(key)
+            if data:
+                self._index_text(data["id"], data["user"], data["title"], self._kv.get(f"m:{data['id']}", []))
 
     def _index_text(self, session_id: str, user: str, title: str, messages: list[dict] | None = None) -> None:
         """Keep the session's searchable text (inside the caller's transaction); `messages`: the
         stored message list, None to change the title only."""
         if messages is None:
-            self._db._sql("UPDATE shoal_chat_text SET title = ? WHERE session_id = ?", (title.casefold(), session_id))
+            self._kv.sql("UPDATE shoal_chat_text SET title = ? WHERE session_id = ?",
+                         (title.casefold().replace("\x00", "\ufffd"), session_id))
             return
-        body = "\n".join(str(m.get("content") or "") for m in messages).casefold()
-        self._db._sql("INSERT OR REPLACE INTO shoal_chat_text (session_id, user, title, body) VALUES (?, ?, ?, ?)",
-                      (session_id, user, title.casefold(), body))
+        # (a NUL would end the text for SQLite's LIKE: what follows it could not be found)
+        body = "\n".join(str(m.get("content") or "") for m in messages).casefold().replace("\x00", "\ufffd")
+        self._kv.sql('INSERT INTO shoal_chat_text (session_id, "user", title, body) VALUES (?, ?, ?, ?) '
+                     'ON CONFLICT (session_id) DO UPDATE SET "user" = excluded."user", title = excluded.title, '
+                     "body = excluded.body",
+                      (session_id, user, title.casefold().replace("\x00", "\ufffd"), body))
 
     def _index(self, user: str) -> list[str]:
-        return list(self._db.get(f"u:{user}", []))
+        return list(self._kv.get(f"u:{user}", []))
 
     @staticmethod
     def _title(title: Any) -> str:
@@ -202,9 +208,9 @@ class SessionStore:
         session = Session(id=uuid.uuid4().hex, user=user, title=self._title(title), **fields)
 
         def write():
-            self._db.set(f"s:{session.id}", asdict(session))
-            self._db.set(f"m:{session.id}", [])
-            self._db.set(f"u:{user}", [session.id] + self._index(user))
+            self._kv.set(f"s:{session.id}", asdict(session))
+            self._kv.set(f"m:{session.id}", [])
+            self._kv.set(f"u:{user}", [session.id] + self._index(user))
             self._index_text(session.id, user, session.title, [])
         self._write(write)
         return session
@@ -212,7 +218,7 @@ class SessionStore:
     def list(self, user: str) -> list[Session]:
         sessions = []
         for session_id in self._index(user):
-            data = self._db.get(f"s:{session_id}")
+            data = self._kv.get(f"s:{session_id}")
             if data and data.get("user") == user:
                 sessions.append(Session(**data))
         return sorted(sessions, key=lambda s: s.updated, reverse=True)
@@ -229,13 +235,17 @@ class SessionStore:
             return self.list(user)
         escaped = needle.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern = f"%{escaped}%"
-        rows = self._db._sql("SELECT session_id FROM shoal_chat_text WHERE user = ? AND "
+        rows = self._kv.sql("SELECT session_id FROM shoal_chat_text WHERE \"user\" = ? AND "
                              "(title LIKE ? ESCAPE '\\' OR body LIKE ? ESCAPE '\\')", (user, pattern, pattern))
         found = {row[0] for row in rows.fetchall()}
         return [s for s in self.list(user) if s.id in found]
 
     def get(self, user: str, session_id: str) -> Session:
         return self._session(user, session_id)
+
+    def exists(self, session_id: str) -> bool:
+        """Whether the session is still there (for background work that outlived a request)."""
+        return self._kv.get(f"s:{session_id}") is not None
 
     def update(self, user: str, session_id: str, **changes: Any) -> Session:
         allowed = {"title", "model", "system_prompt", "params", "context_policy", "tools", "tool_choice",
@@ -251,7 +261,7 @@ class SessionStore:
             for key, value in changes.items():
                 setattr(session, key, value)
             session.updated = time.time()
-            self._db.set(f"s:{session_id}", asdict(session))
+            self._kv.set(f"s:{session_id}", asdict(session))
             if "title" in changes:
                 self._index_text(session_id, user, session.title)
             return session
@@ -260,17 +270,17 @@ class SessionStore:
     def delete(self, user: str, session_id: str) -> None:
         def write():
             self._session(user, session_id)
-            self._db.delete(f"s:{session_id}")
-            self._db.delete(f"m:{session_id}")
-            self._db.delete(f"v:{session_id}")
-            self._db.delete(f"x:{session_id}")
-            self._db.delete(f"f:{session_id}")
-            for response_id in self._db.get(f"rs:{session_id}", []):
-                self._db.delete(f"r:{response_id}")
-            self._db.delete(f"rs:{session_id}")
-            passages.delete(self._db._sql, session_id)
-            self._db._sql("DELETE FROM shoal_chat_text WHERE session_id = ?", (session_id,))
-            self._db.set(f"u:{user}", [s for s in self._index(user) if s != session_id])
+            self._kv.delete(f"s:{session_id}")
+            self._kv.delete(f"m:{session_id}")
+            self._kv.delete(f"v:{session_id}")
+            self._kv.delete(f"x:{session_id}")
+            self._kv.delete(f"f:{session_id}")
+            for response_id in self._kv.get(f"rs:{session_id}", []):
+                self._kv.delete(f"r:{response_id}")
+            self._kv.delete(f"rs:{session_id}")
+            passages.delete(self._kv.sql, session_id)
+            self._kv.sql("DELETE FROM shoal_chat_text WHERE session_id = ?", (session_id,))
+            self._kv.set(f"u:{user}", [s for s in self._index(user) if s != session_id])
         self._write(write)
 
     def delete_many(self, user: str, *, older_than: float | None = None,
@@ -285,14 +295,14 @@ class SessionStore:
     # ------------------------------------------------------------------ messages
     def messages(self, user: str, session_id: str) -> list[StoredMessage]:
         self._session(user, session_id)
-        return [StoredMessage(**m) for m in self._db.get(f"m:{session_id}", [])]
+        return [StoredMessage(**m) for m in self._kv.get(f"m:{session_id}", [])]
 
     def thread(self, user: str, session_id: str) -> tuple[list[StoredMessage], dict[int, tuple[int, int]]]:
         """The chat's messages (its chosen branch) and its forks: {position: (chosen version, count)}
         (a fork at a user's message: its edits; at a reply: its regenerates)."""
         self._session(user, session_id)
-        return ([StoredMessage(**m) for m in self._db.get(f"m:{session_id}", [])],
-                versions.marks(self._db.get(f"v:{session_id}", {})))
+        return ([StoredMessage(**m) for m in self._kv.get(f"m:{session_id}", [])],
+                versions.marks(self._kv.get(f"v:{session_id}", {})))
 
     def append(self, user: str, session_id: str, new: list[StoredMessage],
                truncate_to: int | None = None, *, fork: bool = True) -> Session:
@@ -301,8 +311,8 @@ class SessionStore:
         (memory/versions.py) unless `fork` is False (a continued reply: it extends itself)."""
         def write():
             session = self._session(user, session_id)
-            stored = self._db.get(f"m:{session_id}", [])
-            forks = self._db.get(f"v:{session_id}", {})
+            stored = self._kv.get(f"m:{session_id}", [])
+            forks = self._kv.get(f"v:{session_id}", {})
             added = [asdict(m) for m in new]
             if truncate_to is None or truncate_to >= len(stored):
                 stored = stored + added
@@ -313,7 +323,7 @@ class SessionStore:
                 else:
                     stored = stored[:truncate_to] + added  # (the versions of what it extends stay)
                     forks = {k: v for k, v in forks.items() if int(k) < len(stored)}
-                self._db.set(f"v:{session_id}", forks)
+                self._kv.set(f"v:{session_id}", forks)
             return self._save_messages(user, session, stored)
         return self._write(write)
 
@@ -325,8 +335,8 @@ class SessionStore:
             first = next((m["content"] for m in stored if m["role"] == "user"), "")
             if first:
                 session.title = self._title(first[:60])
-        self._db.set(f"m:{session.id}", stored)
-        self._db.set(f"s:{session.id}", asdict(session))
+        self._kv.set(f"m:{session.id}", stored)
+        self._kv.set(f"s:{session.id}", asdict(session))
         self._index_text(session.id, user, session.title, stored)
         return session
 
@@ -335,21 +345,21 @@ class SessionStore:
         described messages that are changed now: continuing them would show the model another
         conversation, so they go (their ids are then "not found")."""
         kept = []
-        for response_id in self._db.get(f"rs:{session_id}", []):
-            record = self._db.get(f"r:{response_id}")
+        for response_id in self._kv.get(f"rs:{session_id}", []):
+            record = self._kv.get(f"r:{response_id}")
             if record is not None and record["count"] > at:
-                self._db.delete(f"r:{response_id}")
+                self._kv.delete(f"r:{response_id}")
             elif record is not None:
                 kept.append(response_id)
-        self._db.set(f"rs:{session_id}", kept)
+        self._kv.set(f"rs:{session_id}", kept)
 
     # ------------------------------------------------------------------ versions, delete, undo
     def select_version(self, user: str, session_id: str, at: int, version: int) -> Session:
         """The chat goes on with version `version` of the messages from `at` on."""
         def write():
             session = self._session(user, session_id)
-            stored = self._db.get(f"m:{session_id}", [])
-            forks = self._db.get(f"v:{session_id}", {})
+            stored = self._kv.get(f"m:{session_id}", [])
+            forks = self._kv.get(f"v:{session_id}", {})
             try:
                 chosen, forks = versions.select(stored, forks, at, version)
             except LookupError as exc:  # (IndexError too)
@@ -358,14 +368,14 @@ class SessionStore:
             if chosen is stored:
                 return session
             self._drop_responses(session_id, at)
-            self._db.set(f"v:{session_id}", forks)
+            self._kv.set(f"v:{session_id}", forks)
             return self._save_messages(user, session, chosen)
         return self._write(write)
 
     def versions(self, user: str, session_id: str, at: int) -> list[dict[str, Any]]:
         self._session(user, session_id)
         try:
-            return versions.listed(self._db.get(f"m:{session_id}", []), self._db.get(f"v:{session_id}", {}), at)
+            return versions.listed(self._kv.get(f"m:{session_id}", []), self._kv.get(f"v:{session_id}", {}), at)
         except LookupError as exc:
             raise NotFoundError(str(exc), param="index", code="version_not_found") from None
 
@@ -398,14 +408,14 @@ class SessionStore:
         where the deleted turn began)."""
         def write():
             session = self._session(user, session_id)
-            stored = self._db.get(f"m:{session_id}", [])
-            forks = self._db.get(f"v:{session_id}", {})
+            stored = self._kv.get(f"m:{session_id}", [])
+            forks = self._kv.get(f"v:{session_id}", {})
             start, end = self.turn_bounds(stored, index)
             after, after_forks = stored[:start] + stored[end:], versions.cut(forks, start, end)
             self._keep_undo(session_id, stored, forks, after, after_forks, start)
             self._drop_responses(session_id, start)
-            passages.delete(self._db._sql, session_id, turns_from=start)
-            self._db.set(f"v:{session_id}", after_forks)
+            passages.delete(self._kv.sql, session_id, turns_from=start)
+            self._kv.set(f"v:{session_id}", after_forks)
             return self._save_messages(user, session, after), start
         return self._write(write)
 
@@ -414,21 +424,21 @@ class SessionStore:
         delete left it. Returns (the session, where the restored messages begin)."""
         def write():
             session = self._session(user, session_id)
-            undo = self._db.get(f"x:{session_id}")
+            undo = self._kv.get(f"x:{session_id}")
             if undo is None or time.time() - undo["time"] > UNDO_SECONDS:
                 raise NotFoundError("nothing to undo in this chat (a delete can be undone for "
                                     f"{UNDO_SECONDS // 60} minutes)", param="session_id", code="nothing_to_undo")
-            now = (self._db.get(f"m:{session_id}", []), self._db.get(f"v:{session_id}", {}))
+            now = (self._kv.get(f"m:{session_id}", []), self._kv.get(f"v:{session_id}", {}))
             if _digest(*now) != undo["after"]:
                 raise ConflictError("the chat changed since the delete: it cannot be undone",
                                     param="session_id", code="chat_changed")
-            self._db.delete(f"x:{session_id}")
-            self._db.set(f"v:{session_id}", undo["forks"])
+            self._kv.delete(f"x:{session_id}")
+            self._kv.set(f"v:{session_id}", undo["forks"])
             return self._save_messages(user, session, undo["messages"]), undo["at"]
         return self._write(write)
 
     def _keep_undo(self, session_id: str, messages, forks, after, after_forks, at: int) -> None:
-        self._db.set(f"x:{session_id}", {"messages": messages, "forks": forks, "at": at, "time": time.time(),
+        self._kv.set(f"x:{session_id}", {"messages": messages, "forks": forks, "at": at, "time": time.time(),
                                          "after": _digest(after, after_forks)})
 
     def clear_messages(self, user: str, session_id: str) -> Session:
@@ -436,14 +446,14 @@ class SessionStore:
         responses that continued them, in one transaction; the chat, its settings and files stay."""
         def write():
             session = self._session(user, session_id)
-            self._keep_undo(session_id, self._db.get(f"m:{session_id}", []), self._db.get(f"v:{session_id}", {}),
+            self._keep_undo(session_id, self._kv.get(f"m:{session_id}", []), self._kv.get(f"v:{session_id}", {}),
                             [], {}, 0)
-            self._db.set(f"v:{session_id}", {})
+            self._kv.set(f"v:{session_id}", {})
             session = self._save_messages(user, session, [])
-            passages.delete(self._db._sql, session_id, turns_from=0)
-            for response_id in self._db.get(f"rs:{session_id}", []):
-                self._db.delete(f"r:{response_id}")
-            self._db.set(f"rs:{session_id}", [])
+            passages.delete(self._kv.sql, session_id, turns_from=0)
+            for response_id in self._kv.get(f"rs:{session_id}", []):
+                self._kv.delete(f"r:{response_id}")
+            self._kv.set(f"rs:{session_id}", [])
             return session
         return self._write(write)
 
@@ -458,17 +468,17 @@ class SessionStore:
             if session.message_count != after:
                 raise ConflictError("the conversation moved on meanwhile", code="conversation_moved")
             session = self.append(user, session_id, new)
-            self._db.set(f"r:{response['id']}", {"user": user, "session_id": session_id,
+            self._kv.set(f"r:{response['id']}", {"user": user, "session_id": session_id,
                                                  "count": session.message_count, "response": response,
                                                  "input": input_items or []})
-            self._db.set(f"rs:{session_id}", self._db.get(f"rs:{session_id}", []) + [response["id"]])
+            self._kv.set(f"rs:{session_id}", self._kv.get(f"rs:{session_id}", []) + [response["id"]])
             return session
         return self._write(write)
 
     def response(self, user: str, response_id: str) -> dict[str, Any]:
         """{"session_id", "count", "response"} of a stored response of this user (else not found)."""
-        record = self._db.get(f"r:{response_id}") if isinstance(response_id, str) and len(response_id) < 100 else None
-        if record is None or record.get("user") != user or self._db.get(f"s:{record['session_id']}") is None:
+        record = self._kv.get(f"r:{response_id}") if isinstance(response_id, str) and len(response_id) < 100 else None
+        if record is None or record.get("user") != user or self._kv.get(f"s:{record['session_id']}") is None:
             raise NotFoundError(f"response '{str(response_id)[:100]}' not found", param="response_id",
                                 code="response_not_found")
         return record
@@ -476,15 +486,15 @@ class SessionStore:
     def delete_response(self, user: str, response_id: str) -> None:
         def write():
             record = self.response(user, response_id)
-            self._db.delete(f"r:{response_id}")
-            self._db.set(f"rs:{record['session_id']}",
-                         [r for r in self._db.get(f"rs:{record['session_id']}", []) if r != response_id])
+            self._kv.delete(f"r:{response_id}")
+            self._kv.set(f"rs:{record['session_id']}",
+                         [r for r in self._kv.get(f"rs:{record['session_id']}", []) if r != response_id])
         self._write(write)
 
     # ------------------------------------------------------------------ uploaded files (records only)
     def files(self, user: str, session_id: str) -> list[dict[str, Any]]:
         self._session(user, session_id)
-        return list(self._db.get(f"f:{session_id}", []))
+        return list(self._kv.get(f"f:{session_id}", []))
 
     def file(self, user: str, session_id: str, file_id: str) -> dict[str, Any]:
         for record in self.files(user, session_id):
@@ -495,17 +505,17 @@ class SessionStore:
     def add_file(self, user: str, session_id: str, record: dict[str, Any]) -> None:
         def write():
             self._session(user, session_id)
-            self._db.set(f"f:{session_id}", list(self._db.get(f"f:{session_id}", [])) + [record])
+            self._kv.set(f"f:{session_id}", list(self._kv.get(f"f:{session_id}", [])) + [record])
         self._write(write)
 
     def update_file(self, session_id: str, file_id: str, **changes: Any) -> dict[str, Any] | None:
         """For the indexing worker: returns the updated record, or None if it is gone."""
         def write():
-            records = list(self._db.get(f"f:{session_id}", []))
+            records = list(self._kv.get(f"f:{session_id}", []))
             for record in records:
                 if record["id"] == file_id:
                     record.update(changes)
-                    self._db.set(f"f:{session_id}", records)
+                    self._kv.set(f"f:{session_id}", records)
                     return record
             return None
         return self._write(write)
@@ -516,20 +526,19 @@ class SessionStore:
             found = next((r for r in records if r["id"] == file_id), None)
             if found is None:
                 raise FileNotFoundInSessionError(file_id)
-            self._db.set(f"f:{session_id}", [r for r in records if r["id"] != file_id])
-            passages.delete(self._db._sql, session_id, file_id=file_id)
+            self._kv.set(f"f:{session_id}", [r for r in records if r["id"] != file_id])
+            passages.delete(self._kv.sql, session_id, file_id=file_id)
             return found
         return self._write(write)
 
     def unfinished_files(self) -> list[tuple[str, str, dict[str, Any]]]:
         """(user, session id, record) of files whose indexing a restart interrupted."""
         out = []
-        for key in list(self._db.iterkeys()):
-            if isinstance(key, str) and key.startswith("f:"):
-                session = self._db.get(f"s:{key[2:]}")
-                for record in self._db.get(key, []):
-                    if session and record.get("status") in ("queued", "parsing", "indexing"):
-                        out.append((session["user"], key[2:], record))
+        for key in self._kv.keys("f:"):
+            session = self._kv.get(f"s:{key[2:]}")
+            for record in self._kv.get(key, []):
+                if session and record.get("status") in ("queued", "parsing", "indexing"):
+                    out.append((session["user"], key[2:], record))
         return out
 
     # ------------------------------------------------------------------ export / import
@@ -553,25 +562,22 @@ class SessionStore:
 
     def check(self) -> list[str]:
         """Consistency problems (empty list when the store is sound)."""
-        problems = []
-        if self._db.check():
-            problems.append("sqlite integrity check reported problems")
-        indexed = {sid for (sid,) in self._db._sql("SELECT session_id FROM shoal_chat_text").fetchall()}
-        for key in self._db.iterkeys():
-            if isinstance(key, str) and key.startswith("s:"):
-                sid = key[2:]
-                data = self._db.get(key)
-                if sid not in indexed:
-                    problems.append(f"session {sid} is missing from the search index")
-                indexed.discard(sid)
-                if self._db.get(f"m:{sid}") is None:
-                    problems.append(f"session {sid} has no message list")
-                elif len(self._db.get(f"m:{sid}")) != data.get("message_count"):
-                    problems.append(f"session {sid} message count mismatch")
-        for sid, file_id in self._db._sql("SELECT DISTINCT session_id, file_id FROM shoal_passages").fetchall():
-            if self._db.get(f"s:{sid}") is None:
+        problems = self._kv.check()
+        indexed = {sid for (sid,) in self._kv.sql("SELECT session_id FROM shoal_chat_text").fetchall()}
+        for key in self._kv.keys("s:"):
+            sid = key[2:]
+            data = self._kv.get(key)
+            if sid not in indexed:
+                problems.append(f"session {sid} is missing from the search index")
+            indexed.discard(sid)
+            if self._kv.get(f"m:{sid}") is None:
+                problems.append(f"session {sid} has no message list")
+            elif len(self._kv.get(f"m:{sid}")) != data.get("message_count"):
+                problems.append(f"session {sid} message count mismatch")
+        for sid, file_id in self._kv.sql("SELECT DISTINCT session_id, file_id FROM shoal_passages").fetchall():
+            if self._kv.get(f"s:{sid}") is None:
                 problems.append(f"passages of deleted session {sid}")
-            elif file_id and file_id not in {r["id"] for r in self._db.get(f"f:{sid}", [])}:
+            elif file_id and file_id not in {r["id"] for r in self._kv.get(f"f:{sid}", [])}:
                 problems.append(f"passages of removed file {file_id} in session {sid}")
         problems += [f"search text of deleted session {sid}" for sid in sorted(indexed)]
         return problems

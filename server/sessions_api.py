@@ -122,14 +122,14 @@ def list_sessions(request: Request, caller: Caller = User,
 
 @router.get("/v1/sessions/{session_id}", summary="A session with its messages")
 def get_session(session_id: str, request: Request, caller: Caller = User) -> dict:
-    store, user = services_of(request).store, caller.user
-    return _with_messages(store, user, store.get(user, session_id))
+    chat, user = services_of(request).chat, caller.user
+    return _with_messages(chat, user, chat.get(user, session_id))
 
 
-def _with_messages(store, user: str, session) -> dict:
+def _with_messages(chat, user: str, session) -> dict:
     """A session with its messages (the chosen version of each fork): each message has its `index`;
     one where an edit or a regenerate started another version has `versions`: {"selected", "count"}."""
-    messages, forks = store.thread(user, session.id)
+    messages, forks = chat.thread(user, session.id)
     shown = []
     for index, m in enumerate(messages):
         extra = {"versions": {"selected": forks[index][0], "count": forks[index][1]}} if index in forks else {}
@@ -175,7 +175,7 @@ def choose_version(session_id: str, index: int, body: VersionChoice, request: Re
                    caller: Caller = User) -> dict:
     services = services_of(request)
     session = services.chat.select_version(caller.user, session_id, index, body.version)
-    return _with_messages(services.store, caller.user, session)
+    return _with_messages(services.chat, caller.user, session)
 
 
 @router.delete("/v1/sessions/{session_id}/messages/{index}",
@@ -183,7 +183,7 @@ def choose_version(session_id: str, index: int, body: VersionChoice, request: Re
 def delete_turn(session_id: str, index: int, request: Request, caller: Caller = User) -> dict:
     services = services_of(request)
     session, _ = services.chat.delete_turn(caller.user, session_id, index)
-    return _with_messages(services.store, caller.user, session)
+    return _with_messages(services.chat, caller.user, session)
 
 
 @router.post("/v1/sessions/{session_id}/restore",
@@ -191,7 +191,7 @@ def delete_turn(session_id: str, index: int, request: Request, caller: Caller = 
 def restore_messages(session_id: str, request: Request, caller: Caller = User) -> dict:
     services = services_of(request)
     session = services.chat.restore(caller.user, session_id)
-    return _with_messages(services.store, caller.user, session)
+    return _with_messages(services.chat, caller.user, session)
 
 
 @router.delete("/v1/sessions", summary="Delete sessions unused for some days (or all)")

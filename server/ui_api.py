@@ -19,7 +19,7 @@ from .ui_common import admin_check, api_caller
 
 
 def register(services: Services) -> None:
-    chat, store, pool = services.chat, services.store, services.pool
+    chat, pool = services.chat, services.pool
 
     def guard(func):
         try:
@@ -29,7 +29,7 @@ def register(services: Services) -> None:
 
     def list_sessions(request: gr.Request) -> list[dict]:
         """Your chat sessions, most recently used first."""
-        return [s.public() for s in store.list(api_caller(services, request).user)]
+        return [s.public() for s in chat.list(api_caller(services, request).user)]
 
     def create_session(title: str = "New chat", model: str | None = None, system_prompt: str = "",
                        request: gr.Request = None) -> dict:
@@ -41,7 +41,7 @@ def register(services: Services) -> None:
     def rename_session(session_id: str, title: str, request: gr.Request) -> dict:
         """Give a session a new title."""
         user = api_caller(services, request).user
-        return guard(lambda: store.update(user, session_id, title=title).public())
+        return guard(lambda: chat.update(user, session_id, title=title).public())
 
     def delete_session(session_id: str, request: gr.Request) -> str:
         """Delete a session and everything in it."""
@@ -53,7 +53,7 @@ def register(services: Services) -> None:
         """A session's messages, oldest first."""
         user = api_caller(services, request).user
         return guard(lambda: [{"role": m.role, "content": m.content, "meta": m.meta}
-                              for m in store.messages(user, session_id)])
+                              for m in chat.messages(user, session_id)])
 
     async def chat_turn(session_id: str, message: str, request: gr.Request) -> AsyncIterator[str]:
         """Send a message in a session; yields the reply as it grows (the last value is all of it)."""

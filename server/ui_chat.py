@@ -67,7 +67,6 @@ class ChatHandlers:
     def __init__(self, services: Services, default_model: str | None):
         self.services = services
         self.chat = services.chat
-        self.store = services.store
         self.default_model = default_model
         self._reading: dict[str, float] = {}  # chat id -> when a file of it was last seen being read
         self.queue = TurnQueue()  # messages sent while a reply streams (ui_queue)
@@ -77,7 +76,7 @@ class ChatHandlers:
 
     # ------------------------------------------------------------------ views
     def _radio(self, user: str, current: str | None) -> gr.Radio:
-        items = self.store.list(user)
+        items = self.chat.list(user)
         return gr.Radio(choices=[(s.title, s.id) for s in items], value=current)
 
     def _view(self, user: str, session: Session | None) -> list[Any]:
@@ -97,7 +96,7 @@ class ChatHandlers:
                 "auto",
                 [],
             ]
-        messages, forks = self.store.thread(user, session.id)
+        messages, forks = self.chat.thread(user, session.id)
         values = {**DEFAULTS, **session.params}
         last = next((m for m in reversed(messages) if m.role == "assistant"), None)
         return [
@@ -153,7 +152,7 @@ class ChatHandlers:
         if identity.browser_id(browser_id) is None:
             browser_id = identity.new_browser_token()
         caller = ui_caller(self.services, browser_id, request)
-        sessions = self.store.list(caller.user)
+        sessions = self.chat.list(caller.user)
         current = sessions[0] if sessions else None
         asked = self._chat_in_url(request)  # the page's ?chat=<id>: that chat, if it is this user's
         if asked is not None:
@@ -175,7 +174,7 @@ class ChatHandlers:
     def open(self, browser_id, session_id, request: gr.Request):
         user = ui_user(self.services, browser_id, request)
         try:
-            return self._view(user, self.store.get(user, session_id))
+            return self._view(user, self.chat.get(user, session_id))
         except ShoalError as exc:
             raise _error(exc) from None
 
@@ -291,7 +290,7 @@ class ChatHandlers:
         if not session_id:
             raise gr.Error("Open a chat first.")
         try:
-            self.store.update(user, session_id, title=title)
+            self.chat.update(user, session_id, title=title)
         except ShoalError as exc:
             raise _error(exc) from None
         return self._radio(user, session_id)
@@ -303,7 +302,7 @@ class ChatHandlers:
                 self.chat.delete(user, session_id)
             except ShoalError as exc:
                 raise _error(exc) from None
-        remaining = self.store.list(user)
+        remaining = self.chat.list(user)
         return self._view(user, remaining[0] if remaining else None)
 
     def clear(self, browser_id, session_id, request: gr.Request):
@@ -322,7 +321,7 @@ class ChatHandlers:
         user = ui_user(self.services, browser_id, request)
         gone = self.chat.delete_many(user, older_than=time.time() - float(days or 0) * 86400)
         gr.Info(f"Deleted {len(gone)} chat(s).")
-        remaining = self.store.list(user)
+        remaining = self.chat.list(user)
         current = next((s for s in remaining if s.id == session_id), remaining[0] if remaining else None)
         return self._view(user, current)
 
@@ -331,7 +330,7 @@ class ChatHandlers:
         if not session_id:
             raise gr.Error("Open a chat first.")
         try:
-            data = self.store.export(user, session_id)
+            data = self.chat.export(user, session_id)
             markdown = self.chat.export_markdown(user, session_id)
         except ShoalError as exc:
             raise _error(exc) from None
@@ -401,7 +400,7 @@ class ChatHandlers:
             gr.Warning("Open a chat whose last reply was cut short (and let a streaming reply end).")
             yield nothing
             return
-        history = await asyncio.to_thread(self.store.messages, user, session_id)
+        history = await asyncio.to_thread(self.chat.messages, user, session_id)
         last = history[-1] if history else None
         if last is None or last.role != "assistant" or last.meta.get("finish_reason") not in ("cancelled", "length"):
             gr.Warning("Nothing to continue: the last reply was not cut short.")
@@ -421,7 +420,7 @@ class ChatHandlers:
             return gr.Markdown(), gr.skip()
         deadline = time.monotonic() + 5
         while True:
-            messages = await asyncio.to_thread(self.store.messages, user, session_id)
+            messages = await asyncio.to_thread(self.chat.messages, user, session_id)
             last = messages[-1] if messages else None
             if last is not None and last.role == "assistant" and last.meta.get("finish_reason") == "cancelled":
                 await asyncio.to_thread(self._in_step, user, session_id, request.session_hash, False, True)
@@ -434,7 +433,7 @@ class ChatHandlers:
         """The chat as stored, with its messages' actions and versions."""
         if not session_id:
             return []
-        return chat_view(*await asyncio.to_thread(self.store.thread, user, session_id))
+        return chat_view(*await asyncio.to_thread(self.chat.thread, user, session_id))
 
     async def message_action(self, browser_id, session_id, action, request: gr.Request):
         """A link under a message (ui_common.message_actions): "ver-<at>-<n>" goes on with version
@@ -454,7 +453,7 @@ class ChatHandlers:
             yield nothing
             return
         try:
-            messages = await asyncio.to_thread(self.store.messages, user, session_id)
+            messages = await asyncio.to_thread(self.chat.messages, user, session_id)
             if what == "ver" and n is not None:
                 await asyncio.to_thread(self.chat.select_version, user, session_id, index, int(n))
                 yield await self._drawn(user, session_id), skip, "", skip, skip, skip, skip, gr.Button(visible=False)
@@ -465,7 +464,7 @@ class ChatHandlers:
             elif what == "edit" and index < len(messages) and messages[index].role == "user":
                 yield skip, messages[index].content, skip, skip, skip, index, EDITING, skip
             elif what == "regen" and index < len(messages) and messages[index].role == "assistant":
-                start, _ = self.store.turn_bounds(messages, index)
+                start, _ = self.chat.turn_bounds(messages, index)
                 async for update in self._run(caller, session_id, messages[start].content, start):
                     yield *update, gr.Button(visible=False)
                 self._in_step(user, session_id, request.session_hash, False, baseline=True)
@@ -503,7 +502,7 @@ class ChatHandlers:
         `give_back` (a queued message), if the turn is refused (a quota, a version only an admin
         may load) the text goes back there, so nothing typed is lost."""
         user = caller.user
-        history, forks = await asyncio.to_thread(self.store.thread, user, session_id)
+        history, forks = await asyncio.to_thread(self.chat.thread, user, session_id)
         if replace_from is not None:
             history = history[:replace_from]
         view = chat_view(history, {at: f for at, f in forks.items() if at < len(history)})
@@ -546,7 +545,7 @@ class ChatHandlers:
                 raise _error(exc) from None
             turn = following[1] if following else None
             if turn is not None:
-                view = chat_view(*await asyncio.to_thread(self.store.thread, user, session_id))
+                view = chat_view(*await asyncio.to_thread(self.chat.thread, user, session_id))
                 result = following[0]["result"]
                 view += [{"role": "assistant", "content": result.text,
                           "metadata": {"title": f"↩ Result of {result.tool}{' (failed)' if result.error else ''}"}},
@@ -680,7 +679,7 @@ class ChatHandlers:
     async def _other_chat(self, user: str, session_id: str | None) -> tuple:
         """The outputs of a turn, drawing the chat the page opened meanwhile."""
         try:
-            messages, forks = (await asyncio.to_thread(self.store.thread, user, session_id) if session_id
+            messages, forks = (await asyncio.to_thread(self.chat.thread, user, session_id) if session_id
                                else ([], {}))
             radio = await asyncio.to_thread(self._radio, user, session_id)
         except ShoalError:  # deleted meanwhile: its page draws what it shows now
@@ -811,7 +810,7 @@ class ChatHandlers:
                  baseline: bool = False) -> tuple:
         """Two tabs of one user stay in step: a turn stored, or a chat made, renamed or deleted in
         one shows in the other at its next tick (not while this chat streams: its page draws it)."""
-        sessions = self.store.list(user)
+        sessions = self.chat.list(user)
         listed = tuple((s.id, s.title) for s in sessions)
         # (a version chosen or a turn deleted may leave the count as it was: the time changes)
         count = next(((s.message_count, s.updated) for s in sessions if s.id == session_id), None)
@@ -823,7 +822,7 @@ class ChatHandlers:
             return gr.skip(), gr.skip()
         chat = radio = gr.skip()
         if count != before[1] and session_id and not self.queue.busy((user, session_id)):
-            chat = chat_view(*self.store.thread(user, session_id))
+            chat = chat_view(*self.chat.thread(user, session_id))
         elif count != before[1]:
             self._synced[page] = (session_id, before[1], listed)  # look again once the reply is stored
         if listed != before[2] and not searching:

@@ -143,6 +143,25 @@ class ChatService:
         return gone
 
     # ------------------------------------------------------------------ sessions
+    # (the adapters, REST and UI, read chats through these: never the store itself)
+    def list(self, user: str) -> list[Session]:
+        return self.store.list(user)
+
+    def get(self, user: str, session_id: str) -> Session:
+        return self.store.get(user, session_id)
+
+    def messages(self, user: str, session_id: str) -> list[StoredMessage]:
+        return self.store.messages(user, session_id)
+
+    def thread(self, user: str, session_id: str) -> tuple[list[StoredMessage], dict[int, tuple[int, int]]]:
+        """The chat's messages (the versions chosen) and where it has other versions."""
+        return self.store.thread(user, session_id)
+
+    def export(self, user: str, session_id: str) -> dict:
+        return self.store.export(user, session_id)
+
+    turn_bounds = staticmethod(SessionStore.turn_bounds)
+
     def search(self, user: str, query: str | None = None) -> list[Session]:
         """The user's sessions, most recently used first; with `query`, only those whose title or
         any message contains it (case-insensitive). Another user's sessions are never searched."""

@@ -108,7 +108,7 @@ class DocumentService:
             try:
                 chunks = [Chunk(**c) for c in json.loads((folder / "chunks.json").read_text())]
                 vectors = np.load(folder / "vectors.npy")
-                if self.store._db.get(f"s:{folder.name}") is not None and chunks:
+                if self.store.exists(folder.name) and chunks:
                     self.store.transaction(lambda sql, f=folder, c=chunks, v=vectors: passages.insert(
                         sql, f.name, c, v) if not passages.count(sql, f.name) else None)
             except (OSError, ValueError, TypeError) as exc:
@@ -281,7 +281,7 @@ class DocumentService:
                 vectors = self.embedder.embed(texts, background=True) if texts else None
 
                 def commit(sql):
-                    if self.store._db.get(f"s:{session_id}") is None:
+                    if not self.store.exists(session_id):
                         return  # deleted meanwhile
                     passages.delete(sql, session_id, turns_from=start)
                     if texts:

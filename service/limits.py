@@ -4,15 +4,36 @@ A client is an API key, or an IP address when keys are off. The request bucket h
 minute's worth of requests and refills continuously; the token bucket is charged with the tokens a
 request actually generated, after it finishes, and admits new requests only while it is positive.
 Either empty bucket answers `RateLimitedError` (429) with the seconds until it refills.
+
+`RateLimiter` keeps the buckets in this process; `RedisRateLimiter` keeps them in Redis
+(`--redis-url`), so replicas behind a load balancer share one limit per client.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
 
 from llm_pool.errors import RateLimitedError
+
+log = logging.getLogger("shoal")
+
+
+def token_limit_reached(tpm: float, level: float) -> RateLimitedError:
+    """The 429 of an empty token bucket at `level` (<= 0), with the seconds until it reaches 1."""
+    wait = (1 - level) * 60 / tpm
+    return RateLimitedError(f"Token rate limit reached ({tpm:g} generated tokens per minute); "
+                            f"retry in {wait:.0f} s.", retry_after=wait)
+
+
+def request_limit_reached(rpm: float, level: float) -> RateLimitedError:
+    """The 429 of a request bucket at `level` (< 1), with the seconds until it holds one request."""
+    wait = (1 - level) * 60 / rpm
+    return RateLimitedError(f"Request rate limit reached ({rpm:g} requests per minute); "
+                            f"retry in {wait:.0f} s.", retry_after=wait)
 
 
 @dataclass
@@ -54,15 +75,11 @@ class RateLimiter:
             if self.tpm:
                 tokens = self._refill(self._tokens, client, self.tpm)
                 if tokens.level <= 0:
-                    wait = (1 - tokens.level) * 60 / self.tpm
-                    raise RateLimitedError(f"Token rate limit reached ({self.tpm:g} generated tokens "
-                                           f"per minute); retry in {wait:.0f} s.", retry_after=wait)
+                    raise token_limit_reached(self.tpm, tokens.level)
             if self.rpm:
                 requests = self._refill(self._requests, client, self.rpm)
                 if requests.level < 1:
-                    wait = (1 - requests.level) * 60 / self.rpm
-                    raise RateLimitedError(f"Request rate limit reached ({self.rpm:g} requests per "
-                                           f"minute); retry in {wait:.0f} s.", retry_after=wait)
+                    raise request_limit_reached(self.rpm, requests.level)
                 requests.level -= 1
 
     def charge_tokens(self, client: str, tokens: int) -> None:
@@ -70,3 +87,117 @@ class RateLimiter:
             return
         with self._lock:
             self._refill(self._tokens, client, self.tpm).level -= tokens
+
+
+# One step of one bucket, atomic in Redis, on Redis's clock (replicas' clocks may disagree).
+# KEYS[1]: the bucket; ARGV: capacity (= per minute), mode, amount (charge).
+# "peek": admit while the level is > 0, take nothing (tokens); "take": admit at >= 1 and take 1
+# (requests); "charge": subtract the amount, no check. Returns {admitted, level as text}.
+# The key expires once the bucket would be full again, so idle clients leave nothing behind.
+_BUCKET_STEP = """
+local capacity = tonumber(ARGV[1])
+local mode = ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local state = redis.call('HMGET', KEYS[1], 'level', 'stamp')
+local level = tonumber(state[1])
+local stamp = tonumber(state[2])
+if level == nil or stamp == nil then
+  level = capacity
+  stamp = now
+end
+level = math.min(capacity, level + math.max(0, now - stamp) * capacity / 60000)
+local admitted = 1
+if mode == 'peek' then
+  if level <= 0 then admitted = 0 end
+  return {admitted, tostring(level)}
+elseif mode == 'take' then
+  if level < 1 then admitted = 0 else level = level - 1 end
+else
+  level = level - tonumber(ARGV[3])
+end
+redis.call('HSET', KEYS[1], 'level', tostring(level), 'stamp', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((capacity - level) * 60000 / capacity) + 1000)
+return {admitted, tostring(level)}
+"""
+
+
+class RedisRateLimiter:
+    """`RateLimiter`'s buckets kept in Redis, shared by every replica on the same Redis: with
+    `--rate-limit-rpm 2`, two requests in all, whichever replicas they reach.
+
+    Each bucket step is one Lua script run atomically on Redis's clock (`TIME`). Keys are
+    `shoal:rl:<requests|tokens>:<first 32 hex of sha256(client id)>`: client ids are not stored.
+
+    Fails open: when Redis cannot be reached (or answers an error), requests are admitted and
+    tokens go uncounted; a warning is logged at most once per 30 s. Each call waits at most
+    `timeout` seconds, without retries, and after a failure Redis is left alone for
+    `pause_after_failure` seconds (admitting meanwhile), so a dead Redis never stalls requests.
+    """
+
+    WARN_EVERY = 30.0
+
+    def __init__(self, url: str, requests_per_minute: float = 0, tokens_per_minute: float = 0,
+                 timeout: float = 0.5, pause_after_failure: float = 2.0):
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        self.rpm = requests_per_minute
+        self.tpm = tokens_per_minute
+        self._errors = (redis.RedisError, OSError)
+        self._redis = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
+                                           retry=Retry(NoBackoff(), 0), health_check_interval=10)
+        self._step = self._redis.register_script(_BUCKET_STEP)
+        self._pause = pause_after_failure
+        self._down_until = 0.0
+        self._warned_at = -self.WARN_EVERY
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rpm or self.tpm)
+
+    @staticmethod
+    def key(kind: str, client: str) -> str:
+        return f"shoal:rl:{kind}:{hashlib.sha256(client.encode()).hexdigest()[:32]}"
+
+    def _run(self, kind: str, client: str, per_minute: float, mode: str, amount: float = 0) -> float | None:
+        """None if the step admits (or Redis failed: fail open), else the bucket's level."""
+        if time.monotonic() < self._down_until:
+            return None
+        try:
+            admitted, level = self._step(keys=[self.key(kind, client)], args=[per_minute, mode, amount])
+        except self._errors as exc:
+            self._failed(exc)
+            return None
+        return None if int(admitted) else float(level)
+
+    def _failed(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._down_until = now + self._pause
+            if now - self._warned_at < self.WARN_EVERY:
+                return
+            self._warned_at = now
+        log.warning("rate limits: Redis unreachable (%s: %s); admitting requests without shared limits "
+                    "(warned at most every %.0f s)", type(exc).__name__, exc, self.WARN_EVERY)
+
+    def admit(self, client: str) -> None:
+        """Take one request from the client's buckets in Redis, or raise RateLimitedError."""
+        if self.tpm:
+            level = self._run("tokens", client, self.tpm, "peek")
+            if level is not None:
+                raise token_limit_reached(self.tpm, min(level, 0.0))
+        if self.rpm:
+            level = self._run("requests", client, self.rpm, "take")
+            if level is not None:
+                raise request_limit_reached(self.rpm, min(level, 1.0))
+
+    def charge_tokens(self, client: str, tokens: int) -> None:
+        if not self.tpm or tokens <= 0:
+            return
+        self._run("tokens", client, self.tpm, "charge", tokens)
+
+    def close(self) -> None:
+        self._redis.close()

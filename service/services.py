@@ -36,7 +36,7 @@ from .chat import ChatService
 from .documents import DocumentService
 from .fairness import FairGate, Share, fair_key
 from .identity import Caller, Identity
-from .limits import RateLimiter
+from .limits import RateLimiter, RedisRateLimiter
 from .mcp import McpHub, load_config
 from .metrics import Metrics
 from .quotas import Quotas
@@ -356,8 +356,11 @@ def build_services(settings: Settings, pool: ModelPool | None = None, embedder: 
         pool = ModelPool(catalog, context, settings.memory_budget_bytes(gpu_total),
                          default_model=settings.default_model, load_timeout=settings.load_timeout,
                          state_path=data_dir / "pool-state.json")
-    limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
-    store = SessionStore(data_dir / "sessions")
+    if settings.redis_url:  # buckets shared by every replica on this Redis
+        limiter = RedisRateLimiter(settings.redis_url, settings.rate_limit_rpm, settings.rate_limit_tpm)
+    else:
+        limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
+    store = SessionStore(data_dir / "sessions", settings.database_url)
     documents = DocumentService(store, data_dir, embedder or retrieval_embedder(pool),
                                 max_bytes=int(settings.max_upload_mb * 1e6),
                                 limits=ParseLimits(seconds=settings.parse_timeout,

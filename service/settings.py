@@ -122,6 +122,12 @@ class Settings(BaseSettings):
                                 "128 halves the gaps but slows everyone's steps under many new prompts).")
     rate_limit_rpm: float = Field(0, ge=0, description="Requests per minute per client (0 = off).")
     rate_limit_tpm: float = Field(0, ge=0, description="Generated tokens per minute per client (0 = off).")
+    database_url: str | None = Field(
+        None, description="PostgreSQL for the sessions, messages, files and passages, shared by replicas: "
+        "postgresql://user:password@host:port/db. Default: none, an embedded SQLite store in DATA_DIR/sessions.")
+    redis_url: str | None = Field(
+        None, description="Redis for state shared by replicas: rate-limit buckets. redis://host:port/db, "
+        "rediss:// or unix://; default: none, each process keeps its own.")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Origins allowed by CORS (off when empty).")
     max_upload_mb: float = Field(25.0, gt=0, description="Largest file a user may upload, in MB.")
@@ -237,6 +243,28 @@ class Settings(BaseSettings):
         if value != "auto":
             parse_size(value)
         return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        scheme = value.strip().split("://", 1)[0].lower() if "://" in value else ""
+        if scheme not in {"postgresql", "postgres"}:
+            raise ValueError("database_url (--database-url) is not a PostgreSQL URL: use "
+                             "postgresql://user:password@host:port/database")
+        return value.strip()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        scheme = value.strip().split("://", 1)[0].lower() if "://" in value else ""
+        if scheme not in {"redis", "rediss", "unix"}:
+            raise ValueError("redis_url (--redis-url) is not a Redis URL: use redis://host:port/db, "
+                             "rediss://host:port/db or unix:///path/to/socket")
+        return value.strip()
 
     @field_validator("log_level")
     @classmethod

@@ -144,6 +144,128 @@ def keyed_server(pool, embedder, tmp_path_factory):
     server.stop()
 
 
+REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"  # Debian's (scripts/setup.sh --dev)
+
+
+class RedisProcess:
+    """A real redis-server on a free loopback port, in its own directory, without persistence."""
+
+    def __init__(self, folder: Path):
+        import subprocess
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--save", "", "--appendonly", "no", "--bind", "127.0.0.1", "--port", str(self.port),
+             "--dir", str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not self.ping():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"{REDIS_SERVER} did not answer PING on port {self.port}")
+            time.sleep(0.05)
+
+    def ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                return sock.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except Exception:
+                self.process.kill()
+                self.process.wait(10)
+
+
+POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class PostgresProcess:
+    """A real PostgreSQL 15 (Debian's) on a free loopback port, its data in a temporary folder,
+    run as the `postgres` user when the tests run as root (it refuses root), trust auth on loopback."""
+
+    def __init__(self, folder: Path):
+        import pwd
+        import subprocess
+        self.port = free_port()
+        self.folder = folder
+        data, sockets = folder / "data", folder / "sockets"
+        sockets.mkdir(parents=True, exist_ok=True)
+        as_user: list[str] = []
+        if os.geteuid() == 0:
+            owner = pwd.getpwnam("postgres")
+            for path in (folder, sockets):
+                shutil.chown(path, owner.pw_uid, owner.pw_gid)
+            as_user = ["runuser", "-u", "postgres", "--"]
+        self._as = as_user
+        subprocess.run([*as_user, str(POSTGRES_BIN / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres",
+                        "--no-sync", "-E", "UTF8"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            [*as_user, str(POSTGRES_BIN / "postgres"), "-D", str(data), "-p", str(self.port), "-k", str(sockets),
+             "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "max_connections=200"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        deadline = time.monotonic() + 60
+        while not self.ready():
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"PostgreSQL did not start on port {self.port}")
+            time.sleep(0.1)
+
+    def ready(self) -> bool:
+        import psycopg
+        try:
+            with psycopg.connect(self.url, connect_timeout=2):
+                return True
+        except psycopg.OperationalError:
+            return False
+
+    def new_database(self) -> str:
+        """A fresh, empty database: its URL."""
+        import uuid
+
+        import psycopg
+        name = f"shoal_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except Exception:
+                self.process.kill()
+                self.process.wait(10)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresProcess]:
+    """A real PostgreSQL server (loopback) for the whole session; `new_database()` per test. (Its
+    folder is outside pytest's, whose parent only root may enter.)"""
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="shoal-postgres-"))
+    server = PostgresProcess(folder)
+    yield server
+    server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory) -> Iterator[str]:
+    """The URL of a real redis-server (loopback, no persistence) for the whole session."""
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    yield server.url
+    server.stop()
+
+
 # --------------------------------------------------------------------------- tiny fake model
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:

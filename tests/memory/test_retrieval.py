@@ -49,9 +49,11 @@ Run the installer as an ordinary user. The frobnicator keeps its settings in ~/.
 """
 
 
-@pytest.fixture
-def docs(tmp_path, embedder):
-    store = SessionStore(tmp_path / "sessions")
+@pytest.fixture(params=["sqlite", "postgres"])
+def docs(request, tmp_path, embedder):
+    """Files and their passages in the embedded store and on a real PostgreSQL server."""
+    url = request.getfixturevalue("postgres_server").new_database() if request.param == "postgres" else None
+    store = SessionStore(tmp_path / "sessions", url)
     service = DocumentService(store, tmp_path, embedder, max_bytes=5_000_000, limits=ParseLimits(seconds=60))
     yield service, store
     faults.disarm_all()

@@ -12,11 +12,24 @@ from llm_pool.errors import ConflictError, InvalidParamsError, NotFoundError
 from memory.store import SessionNotFoundError, SessionStore, StoredMessage
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def open_store(request, tmp_path):
+    """Opens (again) one store: embedded SQLite, or a fresh database on a real PostgreSQL server
+    (each call: another handle on the same data, as another process or replica would have)."""
+    url = request.getfixturevalue("postgres_server").new_database() if request.param == "postgres" else None
+    opened = []
+
+    def open_() -> SessionStore:
+        opened.append(SessionStore(tmp_path / "sessions", url))
+        return opened[-1]
+    yield open_
+    for handle in opened:
+        handle.close()
+
+
 @pytest.fixture
-def store(tmp_path):
-    store = SessionStore(tmp_path / "sessions")
-    yield store
-    store.close()
+def store(open_store):
+    return open_store()
 
 
 def turn(n: int) -> list[StoredMessage]:
@@ -41,18 +54,17 @@ def test_bad_ids_are_not_found(store, bad_id):
         store.get("alice", bad_id)
 
 
-def test_turns_append_atomically_and_survive_a_reopen(tmp_path):
-    store = SessionStore(tmp_path / "s")
+def test_turns_append_atomically_and_survive_a_reopen(open_store):
+    store = open_store()
     session = store.create("alice")
     store.append("alice", session.id, turn(1))
     store.update("alice", session.id, title="Renamed", params={"temperature": 0.1})
     store.close()
-    again = SessionStore(tmp_path / "s")
+    again = open_store()
     assert again.get("alice", session.id).title == "Renamed"
     assert again.get("alice", session.id).params == {"temperature": 0.1}
     assert [m.content for m in again.messages("alice", session.id)] == ["question 1", "answer 1"]
     assert again.check() == []
-    again.close()
 
 
 def test_first_message_names_a_new_chat(store):
@@ -61,10 +73,10 @@ def test_first_message_names_a_new_chat(store):
     assert store.get("alice", session.id).title == "How do tides work?"
 
 
-def test_two_writers_never_lose_or_interleave_turns(tmp_path):
-    store = SessionStore(tmp_path / "s")
+def test_two_writers_never_lose_or_interleave_turns(open_store):
+    store = open_store()
     session = store.create("alice")
-    other = SessionStore(tmp_path / "s")  # a second handle, as a second process would have
+    other = open_store()  # a second handle, as a second process (or replica) would have
 
     def writer(handle, offset):
         for n in range(offset, offset + 40):
@@ -81,8 +93,6 @@ def test_two_writers_never_lose_or_interleave_turns(tmp_path):
         assert question.role == "user" and answer.role == "assistant"
         assert question.content.split()[1] == answer.content.split()[1]  # each pair stayed together
     assert store.check() == []
-    other.close()
-    store.close()
 
 
 def test_regenerate_replaces_the_last_turn(store):
@@ -233,13 +243,30 @@ def test_search_finds_a_users_chats_by_title_or_message_and_only_theirs(store):
     assert store.check() == []
 
 
-def test_a_store_made_before_search_has_its_chats_indexed_when_opened(tmp_path):
-    store = SessionStore(tmp_path / "s")
+def test_a_store_made_before_search_has_its_chats_indexed_when_opened(open_store):
+    store = open_store()
     session = store.create("alice", title="Old chat")
     store.append("alice", session.id, [StoredMessage("user", "about lighthouses")])
     store.sql("DROP TABLE shoal_chat_text")  # as a store written by an older Shoal
     store.close()
-    again = SessionStore(tmp_path / "s")
+    again = open_store()
     assert [s.id for s in again.search("alice", "lighthouse")] == [session.id]
     assert again.search("bob", "lighthouse") == [] and again.check() == []
-    again.close()
+
+
+def test_a_store_written_by_a_newer_shoal_is_refused_not_misread(open_store):
+    store = open_store()
+    store.transaction(lambda sql: store._kv.set("meta:schema", 99))
+    store.close()
+    with pytest.raises(RuntimeError, match="newer Shoal"):
+        open_store()
+
+
+def test_text_with_nul_and_any_unicode_is_kept(store):
+    session = store.create("alice", title="Zeros")
+    store.append("alice", session.id, [StoredMessage("user", "a\x00b 🐟 \\u0000 ü"),
+                                       StoredMessage("assistant", "ok", meta={"k": "v\x00"})])
+    stored = store.messages("alice", session.id)
+    # SQLite keeps a NUL as sent; PostgreSQL's text cannot hold one: U+FFFD in its place, nothing lost around it
+    assert stored[0].content in ("a\x00b 🐟 \\u0000 ü", "a\ufffdb 🐟 \\u0000 ü")
+    assert [s.id for s in store.search("alice", "🐟")] == [session.id]
