@@ -16,11 +16,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
+
+from llm_pool.errors import ServiceUnavailableError
+
+log = logging.getLogger("shoal.store")
 
 SCHEMA_VERSION = 2  # 1: sessions, messages, files, passages; 2: + search text, versions, undo
 WRITE_LOCK = 0x5E0A1  # PostgreSQL advisory lock that serializes the store's write transactions
@@ -150,10 +155,17 @@ class PostgresBackend:
         text = statement.replace("?", "%s")
         values = tuple(_text(a) for a in args)
         conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        if conn is not None:  # (a failure inside a transaction is the store's _write's to report)
             return self._run(conn, text, values)
-        with self._pool.connection() as conn:
-            return self._run(conn, text, values)
+        try:
+            with self._pool.connection() as conn:
+                return self._run(conn, text, values)
+        except Exception as exc:
+            if self.failure(exc) is None:
+                raise
+            log.warning("the session database cannot be reached: %s", exc)
+            raise ServiceUnavailableError("the session database cannot be reached; try again shortly",
+                                          code="store_unavailable", retry_after=5.0) from None
 
     @staticmethod
     def _run(conn, text: str, values: tuple) -> Rows:

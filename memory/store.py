@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -29,6 +30,8 @@ from llm_pool.errors import (
 from memory import index as passages
 from memory import versions
 from memory.backend import SCHEMA_VERSION, open_backend
+
+log = logging.getLogger("shoal.store")
 
 ID_RE = re.compile(r"^[0-9a-f]{32}$")
 MAX_TITLE = 200
@@ -154,7 +157,11 @@ class SessionStore:
                 raise InsufficientStorageError("the server's disk is full: nothing was changed (the chat "
                                                "is as it was)", code="insufficient_storage") from exc
             if failure == "unavailable":
-                raise StorageError(f"could not save ({exc}); nothing was changed", retry_after=5.0) from exc
+                # (PostgreSQL's errors name its host: logged, not sent)
+                shown = exc if self.dialect == "sqlite" else "the session database cannot be reached"
+                if self.dialect != "sqlite":
+                    log.warning("could not save: %s", exc)
+                raise StorageError(f"could not save ({shown}); nothing was changed", retry_after=5.0) from exc
             raise
 
     def _session(self, user: str, session_id: str) -> Session:

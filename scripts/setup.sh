@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up Shoal's virtual environment (.venv) with everything the app needs, and, with
-# `--dev`, what the tests need too (pytest, Playwright, Debian's chromium, redis-server and
-# postgresql). Safe to re-run: each step is skipped when its inputs have not changed.
+# `--dev`, what the tests need too (pytest, Playwright, Debian's chromium, redis-server,
+# postgresql and haproxy). Safe to re-run: each step is skipped when its inputs have not changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -61,8 +61,9 @@ if [ "$DEV" = 1 ]; then
     echo "==> installing Debian's chromium for the browser tests"
     as_root apt-get update -qq && as_root apt-get install -y -qq chromium
   fi
-  if ! command -v redis-server >/dev/null || [ ! -x /usr/lib/postgresql/15/bin/initdb ]; then
-    echo "==> installing Debian's redis-server and postgresql for the scale-out tests"
-    as_root apt-get update -qq && as_root apt-get install -y -qq redis-server postgresql
+  if ! command -v redis-server >/dev/null || [ ! -x /usr/lib/postgresql/15/bin/initdb ] || \
+      ! command -v haproxy >/dev/null; then
+    echo "==> installing Debian's redis-server, postgresql and haproxy for the scale-out tests"
+    as_root apt-get update -qq && as_root apt-get install -y -qq redis-server postgresql haproxy
   fi
 fi

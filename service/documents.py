@@ -93,7 +93,10 @@ class DocumentService:
         self._turns = threading.Lock()
         self._migrate()
         for user, session_id, record in store.unfinished_files():  # a restart interrupted these
-            self._enqueue(user, session_id, record["id"], record["name"])
+            # (with replicas sharing one store, a file another replica is reading is its own: its
+            # bytes are on that replica's disk, not here)
+            if self._raw_path(session_id, record["id"]).exists():
+                self._enqueue(user, session_id, record["id"], record["name"])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -7,6 +7,7 @@ Either empty bucket answers `RateLimitedError` (429) with the seconds until it r
 
 `RateLimiter` keeps the buckets in this process; `RedisRateLimiter` keeps them in Redis
 (`--redis-url`), so replicas behind a load balancer share one limit per client.
+`RedisBuckets` is that Redis side on its own; `Quotas` counts uploads per minute with it too.
 """
 
 from __future__ import annotations
@@ -122,29 +123,27 @@ return {admitted, tostring(level)}
 """
 
 
-class RedisRateLimiter:
-    """`RateLimiter`'s buckets kept in Redis, shared by every replica on the same Redis: with
-    `--rate-limit-rpm 2`, two requests in all, whichever replicas they reach.
+class RedisBuckets:
+    """Token buckets kept in Redis, shared by every replica on the same Redis; used by
+    `RedisRateLimiter` (kinds "requests", "tokens") and `Quotas` (kind "uploads"). One object, one
+    connection pool, may serve both.
 
     Each bucket step is one Lua script run atomically on Redis's clock (`TIME`). Keys are
-    `shoal:rl:<requests|tokens>:<first 32 hex of sha256(client id)>`: client ids are not stored.
+    `shoal:rl:<kind>:<first 32 hex of sha256(client id)>`: client ids are not stored.
 
-    Fails open: when Redis cannot be reached (or answers an error), requests are admitted and
-    tokens go uncounted; a warning is logged at most once per 30 s. Each call waits at most
-    `timeout` seconds, without retries, and after a failure Redis is left alone for
+    Fails open: when Redis cannot be reached (or answers an error), every step admits (requests
+    are admitted, tokens go uncounted); a warning is logged at most once per 30 s. Each call waits
+    at most `timeout` seconds, without retries, and after a failure Redis is left alone for
     `pause_after_failure` seconds (admitting meanwhile), so a dead Redis never stalls requests.
     """
 
     WARN_EVERY = 30.0
 
-    def __init__(self, url: str, requests_per_minute: float = 0, tokens_per_minute: float = 0,
-                 timeout: float = 0.5, pause_after_failure: float = 2.0):
+    def __init__(self, url: str, timeout: float = 0.5, pause_after_failure: float = 2.0):
         import redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
 
-        self.rpm = requests_per_minute
-        self.tpm = tokens_per_minute
         self._errors = (redis.RedisError, OSError)
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
                                            retry=Retry(NoBackoff(), 0), health_check_interval=10)
@@ -154,16 +153,14 @@ class RedisRateLimiter:
         self._warned_at = -self.WARN_EVERY
         self._lock = threading.Lock()
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.rpm or self.tpm)
-
     @staticmethod
     def key(kind: str, client: str) -> str:
         return f"shoal:rl:{kind}:{hashlib.sha256(client.encode()).hexdigest()[:32]}"
 
-    def _run(self, kind: str, client: str, per_minute: float, mode: str, amount: float = 0) -> float | None:
-        """None if the step admits (or Redis failed: fail open), else the bucket's level."""
+    def step(self, kind: str, client: str, per_minute: float, mode: str, amount: float = 0) -> float | None:
+        """One step ("peek", "take" or "charge" `amount`, see `_BUCKET_STEP`) of the client's `kind`
+        bucket, which holds `per_minute` and refills over a minute. None if the step admits (or
+        Redis failed: fail open), else the bucket's level."""
         if time.monotonic() < self._down_until:
             return None
         try:
@@ -180,8 +177,33 @@ class RedisRateLimiter:
             if now - self._warned_at < self.WARN_EVERY:
                 return
             self._warned_at = now
-        log.warning("rate limits: Redis unreachable (%s: %s); admitting requests without shared limits "
-                    "(warned at most every %.0f s)", type(exc).__name__, exc, self.WARN_EVERY)
+        log.warning("rate limits and upload quota: Redis unreachable (%s: %s); admitting requests without "
+                    "shared limits (warned at most every %.0f s)", type(exc).__name__, exc, self.WARN_EVERY)
+
+    def close(self) -> None:
+        self._redis.close()
+
+
+class RedisRateLimiter:
+    """`RateLimiter`'s buckets kept in Redis (a `RedisBuckets`, `self.buckets`), shared by every
+    replica on the same Redis: with `--rate-limit-rpm 2`, two requests in all, whichever replicas
+    they reach. Keys `shoal:rl:<requests|tokens>:<hash>`; fails open as `RedisBuckets` does.
+    """
+
+    def __init__(self, url: str, requests_per_minute: float = 0, tokens_per_minute: float = 0,
+                 timeout: float = 0.5, pause_after_failure: float = 2.0):
+        self.rpm = requests_per_minute
+        self.tpm = tokens_per_minute
+        self.buckets = RedisBuckets(url, timeout, pause_after_failure)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.rpm or self.tpm)
+
+    key = staticmethod(RedisBuckets.key)
+
+    def _run(self, kind: str, client: str, per_minute: float, mode: str, amount: float = 0) -> float | None:
+        return self.buckets.step(kind, client, per_minute, mode, amount)
 
     def admit(self, client: str) -> None:
         """Take one request from the client's buckets in Redis, or raise RateLimitedError."""
@@ -200,4 +222,4 @@ class RedisRateLimiter:
         self._run("tokens", client, self.tpm, "charge", tokens)
 
     def close(self) -> None:
-        self._redis.close()
+        self.buckets.close()

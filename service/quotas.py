@@ -12,6 +12,7 @@ WebSocket meet the same limits. Knows nothing about HTTP or Gradio.
 from __future__ import annotations
 
 import errno
+import math
 import shutil
 import threading
 import time
@@ -34,18 +35,21 @@ class Quotas:
     uploads_per_minute: float = 0
     min_free_disk_bytes: int = 0
     clock: object = time.monotonic
+    shared: object = field(default=None, repr=False)  # a limits.RedisBuckets: uploads counted in Redis
     _uploads: dict[str, deque] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def from_settings(cls, settings) -> Quotas:
+    def from_settings(cls, settings, shared=None) -> Quotas:
+        """`shared`: a `limits.RedisBuckets` (with --redis-url) to count uploads per minute in, for
+        every replica on that Redis; None: this process counts its own."""
         return cls(sessions_per_user=settings.max_sessions_per_user,
                    messages_per_session=settings.max_messages_per_session,
                    system_prompt_chars=settings.max_system_prompt_chars,
                    files_per_user=settings.max_files_per_user,
                    stored_bytes_per_user=int(settings.max_stored_mb_per_user * MB),
                    uploads_per_minute=settings.max_uploads_per_minute,
-                   min_free_disk_bytes=int(settings.min_free_disk_mb * MB))
+                   min_free_disk_bytes=int(settings.min_free_disk_mb * MB), shared=shared)
 
     # ------------------------------------------------------------------ sessions and messages
     def check_system_prompt(self, text: str | None) -> None:
@@ -73,9 +77,20 @@ class Quotas:
 
     # ------------------------------------------------------------------ files
     def admit_upload(self, user: str) -> None:
-        """Take one upload from the user's per-minute allowance (a sliding minute)."""
+        """Take one upload from the user's per-minute allowance: a sliding minute in this process;
+        with `shared` (Redis), a bucket of `uploads_per_minute` refilling over a minute, the form of
+        "N per minute" every replica can share (N at once, then one per 60/N s). If Redis cannot be
+        reached, uploads are admitted (fail open, as the rate limits)."""
         limit = self.uploads_per_minute
         if not limit:
+            return
+        if self.shared is not None:
+            level = self.shared.step("uploads", str(user), limit, "take")
+            if level is not None:
+                wait = max(1.0, (1 - min(level, 1.0)) * 60 / limit)
+                raise QuotaExceededError(f"{math.ceil(limit)} uploads in the last minute; the limit is {limit:g} per "
+                                         f"minute per user (--max-uploads-per-minute); retry in {wait:.0f} s.",
+                                         param="file", code="too_many_uploads", retry_after=wait)
             return
         now = self.clock()
         with self._lock:

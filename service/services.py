@@ -356,10 +356,12 @@ def build_services(settings: Settings, pool: ModelPool | None = None, embedder: 
         pool = ModelPool(catalog, context, settings.memory_budget_bytes(gpu_total),
                          default_model=settings.default_model, load_timeout=settings.load_timeout,
                          state_path=data_dir / "pool-state.json")
-    if settings.redis_url:  # buckets shared by every replica on this Redis
+    if settings.redis_url:  # buckets shared by every replica on this Redis: rate limits, uploads per minute
         limiter = RedisRateLimiter(settings.redis_url, settings.rate_limit_rpm, settings.rate_limit_tpm)
+        quotas = Quotas.from_settings(settings, shared=limiter.buckets)
     else:
         limiter = RateLimiter(settings.rate_limit_rpm, settings.rate_limit_tpm)
+        quotas = Quotas.from_settings(settings)
     store = SessionStore(data_dir / "sessions", settings.database_url)
     documents = DocumentService(store, data_dir, embedder or retrieval_embedder(pool),
                                 max_bytes=int(settings.max_upload_mb * 1e6),
@@ -367,7 +369,7 @@ def build_services(settings: Settings, pool: ModelPool | None = None, embedder: 
                                                    memory_bytes=parse_size(settings.parse_memory),
                                                    niceness=settings.index_niceness),
                                 busy=(lambda: pool.generating() > 0) if settings.index_yield_seconds else None,
-                                yield_seconds=settings.index_yield_seconds, quotas=Quotas.from_settings(settings))
+                                yield_seconds=settings.index_yield_seconds, quotas=quotas)
     mcp = McpHub(load_config(settings.mcp_config, SourcePolicy([], settings.allow_private_remotes, []).check_url)
                  if settings.mcp_config else [], settings.mcp_timeout, settings.mcp_max_result_chars)
     return Services(settings=settings, catalog=pool.catalog, pool=pool, store=store, limiter=limiter,

@@ -24,18 +24,20 @@ from tests.conftest import CHAT_MODEL, MODEL_CACHE, ROOT, free_port, make_settin
 class Node:
     """A real `python app.py` process."""
 
-    def __init__(self, tmp_path, name: str):
+    def __init__(self, tmp_path, name: str, extra: tuple[str, ...] = (), env: dict | None = None):
+        self.extra, self.env = list(extra), dict(env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data = tmp_path / name
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> Node:
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", **self.env}
         self.proc = subprocess.Popen(
             [sys.executable, "app.py", "--port", str(self.port), "--data-dir", str(self.data),
              "--model-cache-dir", str(MODEL_CACHE), "--preload", f'["{CHAT_MODEL}"]', "--log-level", "warning",
-             "--max-batch-size", "4"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "--max-batch-size", "4", *self.extra], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             try:
