@@ -130,8 +130,11 @@ class PostgresBackend:
         import psycopg
         from psycopg_pool import ConnectionPool
         self._psycopg = psycopg
-        self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True, timeout=30,
-                                    kwargs={"autocommit": True}, name="shoal-store")
+        # each connection is checked as it is lent (a restart or failover of the database leaves
+        # dead ones behind); a database that cannot be reached fails a request within 5 s (503)
+        self._pool = ConnectionPool(url, min_size=1, max_size=max_connections, open=True, timeout=5,
+                                    kwargs={"autocommit": True, "connect_timeout": 3}, name="shoal-store",
+                                    check=ConnectionPool.check_connection)
         self._local = threading.local()
         with self.transact():
             self.sql("CREATE TABLE IF NOT EXISTS shoal_kv (key TEXT PRIMARY KEY, value JSON NOT NULL)")

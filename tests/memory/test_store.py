@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import threading
+import time
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -270,3 +273,44 @@ def test_text_with_nul_and_any_unicode_is_kept(store):
     # SQLite keeps a NUL as sent; PostgreSQL's text cannot hold one: U+FFFD in its place, nothing lost around it
     assert stored[0].content in ("a\x00b 🐟 \\u0000 ü", "a\ufffdb 🐟 \\u0000 ü")
     assert [s.id for s in store.search("alice", "🐟")] == [session.id]
+
+
+def test_postgresql_dropping_its_connections_goes_unnoticed_and_one_that_is_down_is_a_503(postgres_server,
+                                                                                            tmp_path):
+    import psycopg
+
+    from llm_pool.errors import ServiceUnavailableError
+    from memory.store import StorageError
+    from tests.conftest import PostgresProcess
+
+    url = postgres_server.new_database()
+    store = SessionStore(tmp_path / "sessions", url)
+    try:
+        session = store.create("alice")
+        store.append("alice", session.id, turn(1))
+        with psycopg.connect(postgres_server.url, autocommit=True) as admin:  # as a restart or failover does
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s",
+                          (url.rsplit("/", 1)[1],))
+        assert [m.content for m in store.messages("alice", session.id)] == ["question 1", "answer 1"]
+        store.append("alice", session.id, turn(2))
+    finally:
+        store.close()
+
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix="shoal-postgres-down-"))
+    down = PostgresProcess(folder)  # a database of its own, stopped under the store
+    store = SessionStore(tmp_path / "other", down.url)
+    try:
+        session = store.create("alice")
+        down.stop()
+        started = time.monotonic()
+        with pytest.raises(ServiceUnavailableError) as read:  # a 503 with Retry-After, not a 500 or a hang
+            store.messages("alice", session.id)
+        assert time.monotonic() - started < 10
+        assert read.value.retry_after and str(down.port) not in read.value.message
+        with pytest.raises(StorageError) as write:
+            store.append("alice", session.id, turn(1))
+        assert "nothing was changed" in write.value.message and str(down.port) not in write.value.message
+    finally:
+        store.close()
+        shutil.rmtree(folder, ignore_errors=True)
