@@ -28,7 +28,7 @@ def new_chat(page: Page, services, user_text: str, reply: str) -> str:
     if before:
         expect(page).not_to_have_url(re.compile(f"chat={before}"))
     sid = chat_in_url(page)
-    user = services.store._db.get(f"s:{sid}")["user"]  # this browser's user
+    user = services.store._kv.get(f"s:{sid}")["user"]  # this browser's user
     services.store.append(user, sid, [StoredMessage("user", user_text), StoredMessage("assistant", reply)])
     return sid
 

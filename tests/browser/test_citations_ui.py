@@ -28,7 +28,7 @@ def test_an_inline_citation_opens_its_passage_after_a_reload(browser, live_serve
     # the model may or may not cite by itself: a turn that cites [1] and [2] with the real answer's
     # passages, the last of them given twice (its two numbers are one entry), as a model's turn is stored
     sid = chat_in_url(page)
-    user = services.store._db.get(f"s:{sid}")["user"]  # this browser's user
+    user = services.store._kv.get(f"s:{sid}")["user"]  # this browser's user
     sources = services.store.messages(user, sid)[-1].meta["sources"]
     last = len(sources)
     assert 1 <= last < 8
