@@ -227,10 +227,10 @@ def create_ui(services: Services) -> gr.Blocks:
         # Enter or Send queues the message (at once, the box emptied); the chained event sends the
         # queue, streaming, unless a reply streams in this chat already: that one sends it next
         accepted = [message, edit_index, editing, *queue_view]
-        sent = message.submit(handlers.accept, [browser_id, session_id, message, edit_index], accepted, queue=False,
+        message.submit(handlers.accept, [browser_id, session_id, message, edit_index], accepted, queue=False,
                               trigger_mode="multiple", api_visibility="private").then(
             handlers.drain, turn_in, turn_out + queue_view, api_visibility="private")
-        clicked = send.click(handlers.accept, [browser_id, session_id, message, edit_index], accepted, queue=False,
+        send.click(handlers.accept, [browser_id, session_id, message, edit_index], accepted, queue=False,
                              trigger_mode="multiple", api_visibility="private").then(
             handlers.drain, turn_in, turn_out + queue_view, api_visibility="private")
         queue_remove.click(handlers.queue_remove, [browser_id, session_id, queue_pick], queue_view, queue=False,
@@ -239,20 +239,20 @@ def create_ui(services: Services) -> gr.Blocks:
                          queue=False, api_visibility="private")
         sessions.change(handlers.queue_shown, [browser_id, session_id], queue_view, api_visibility="private",
                         queue=False, show_progress="hidden")
-        redo = regenerate.click(handlers.regenerate, [browser_id, session_id], turn_out, api_visibility="private")
-        more = go_on.click(handlers.continue_, [browser_id, session_id], turn_out, api_visibility="private")
+        regenerate.click(handlers.regenerate, [browser_id, session_id], turn_out, api_visibility="private")
+        go_on.click(handlers.continue_, [browser_id, session_id], turn_out, api_visibility="private")
         chatbot.clear(handlers.clear, [browser_id, session_id], [chatbot, reply_figures, undo],
                       api_visibility="private")
-        acted = message_go.click(handlers.message_action, [browser_id, session_id, message_action],
-                                 [*turn_out, undo], api_visibility="private", js=ACTION_JS)
+        message_go.click(handlers.message_action, [browser_id, session_id, message_action],
+                         [*turn_out, undo], api_visibility="private", js=ACTION_JS)
         undo.click(handlers.undo_delete, [browser_id, session_id], [chatbot, undo], api_visibility="private")
         ask_now.click(handlers.ask_now, [browser_id, session_id], [ask_now], api_visibility="private", queue=False)
         # a turn, a new chat or another chat opened: the delete is final (the Undo button goes)
         gr.on([sessions.input, new_chat.click, message.submit, send.click, regenerate.click], lambda: gr.Button(
             visible=False), None, [undo], api_visibility="private", queue=False, show_progress="hidden")
-        stop.click(None, cancels=[sent, clicked, redo, more, acted]).then(
-            handlers.after_stop, [browser_id, session_id], [reply_figures, chatbot], api_visibility="private",
-            show_progress="hidden")
+        # Stop cancels the reply on the server; its event ends as any reply does (Gradio's `cancels`
+        # sometimes marked the chat, the box and the figures "Error")
+        stop.click(handlers.stop, [browser_id, session_id], None, queue=False, api_visibility="private")
         edit_last.click(handlers.edit_last, [browser_id, session_id], [message, edit_index, editing],
                         api_visibility="private")
 

@@ -72,6 +72,11 @@ class ChatHandlers:
         self.queue = TurnQueue()  # messages sent while a reply streams (ui_queue)
         self._viewing: dict[str, str | None] = {}  # a page (Gradio session hash) -> the chat it shows
         self._notes: dict[str, str] = {}  # a page -> a toast its message box's last event left for the drain
+        # Stop: the reply streaming in a chat (its handle), and chats whose user pressed Stop: the
+        # turn is cancelled on the server and its event ends as usual (Gradio's own `cancels`
+        # sometimes left "Error" marks over the chat, the box and the figures)
+        self._running: dict[tuple[str, str], Any] = {}
+        self._stopped: set[tuple[str, str]] = set()
         self._synced: dict[str, tuple] = {}  # a page -> (its chat, message count, chat list) at its last tick
 
     # ------------------------------------------------------------------ views
@@ -387,6 +392,7 @@ class ChatHandlers:
             index, text = await asyncio.to_thread(self.chat.last_user_index, user, session_id)
         except ShoalError as exc:
             raise _error(exc) from None
+        self._stopped.discard((user, session_id))
         async for update in self._run(caller, session_id, text, index):
             yield update
         self._in_step(user, session_id, request.session_hash, False, baseline=True)  # drawn by this page
@@ -406,28 +412,26 @@ class ChatHandlers:
             gr.Warning("Nothing to continue: the last reply was not cut short.")
             yield nothing
             return
+        self._stopped.discard((user, session_id))
         async for update in self._run(caller, session_id, history[-2].content, len(history) - 2,
                                       carried=last.content):
             yield update
         self._in_step(user, session_id, request.session_hash, False, baseline=True)
 
-    async def after_stop(self, browser_id, session_id, request: gr.Request):
-        """The reply Stop cut, drawn as it was stored (the engine may have made a few tokens more
-        than the page had drawn: shown now, not at a later tick), with its figures (tokens, tok/s,
-        first token)."""
+    def stop(self, browser_id, session_id, request: gr.Request):
+        """Stop: the reply streaming in this page's chat is cancelled on the server; its event then
+        ends as any reply does, drawing the cut reply as stored, with its figures. Messages queued
+        behind it stay queued (the next Enter sends them)."""
         user = ui_user(self.services, browser_id, request)
-        if not session_id:
-            return gr.Markdown(), gr.skip()
-        deadline = time.monotonic() + 5
-        while True:
-            messages = await asyncio.to_thread(self.chat.messages, user, session_id)
-            last = messages[-1] if messages else None
-            if last is not None and last.role == "assistant" and last.meta.get("finish_reason") == "cancelled":
-                await asyncio.to_thread(self._in_step, user, session_id, request.session_hash, False, True)
-                return stored_figures(last), await self._drawn(user, session_id)
-            if time.monotonic() > deadline:
-                return gr.Markdown(), gr.skip()
-            await asyncio.sleep(0.1)
+        key = self._key(user, session_id, request)
+        if not key[1]:
+            return
+        self._stopped.add(key)
+        if len(self._stopped) > 10_000:
+            self._stopped.pop()
+        handle = self._running.get(key)
+        if handle is not None:
+            handle.cancel()
 
     async def _drawn(self, user: str, session_id: str | None) -> list[dict]:
         """The chat as stored, with its messages' actions and versions."""
@@ -465,6 +469,7 @@ class ChatHandlers:
                 yield skip, messages[index].content, skip, skip, skip, index, EDITING, skip
             elif what == "regen" and index < len(messages) and messages[index].role == "assistant":
                 start, _ = self.chat.turn_bounds(messages, index)
+                self._stopped.discard((user, session_id))
                 async for update in self._run(caller, session_id, messages[start].content, start):
                     yield *update, gr.Button(visible=False)
                 self._in_step(user, session_id, request.session_hash, False, baseline=True)
@@ -512,6 +517,7 @@ class ChatHandlers:
         # is theirs (a draft is never wiped by the stream's updates)
         keep = gr.skip()
         yield view, "" if typed else keep, "", radio, session_id, None, ""
+        running = (user, session_id)
         try:
             if carried:
                 turn = await self.chat.continue_reply(caller, session_id)
@@ -527,6 +533,9 @@ class ChatHandlers:
         note = ""
         while turn is not None:
             reply = StreamedReply(view, turn.handle.request.thoughts)
+            self._running[running] = turn.handle
+            if running in self._stopped:  # Stop pressed before the reply started
+                turn.handle.cancel()
             try:
                 async for event in turn.handle:
                     if isinstance(event, TextDelta):
@@ -539,6 +548,12 @@ class ChatHandlers:
                         raise _error(event.error)
             finally:
                 turn.handle.cancel()
+                if self._running.get(running) is turn.handle:
+                    self._running.pop(running, None)
+            if running in self._stopped:  # no tool call runs after Stop; the cut reply is drawn as stored
+                if turn.saved is not None:
+                    await turn.saved
+                break
             try:  # a call of one of the chat's MCP tools: Shoal runs it and the model answers from its result
                 following = await self.chat.follow_up(caller, turn)
             except ShoalError as exc:
@@ -598,6 +613,8 @@ class ChatHandlers:
         follows (`drain`) sends it, or, while a reply streams, that reply's event sends it next."""
         user = ui_user(self.services, browser_id, request)
         key = self._key(user, session_id, request)
+        if key[1] and not self.queue.busy(key):
+            self._stopped.discard(key)  # a Stop pressed earlier does not cut this new turn
         text = (text or "").strip()
         nothing = tuple(gr.skip() for _ in range(5))
         # (a toast needs the queue: this event has none, the drain that follows shows it)
@@ -667,6 +684,12 @@ class ChatHandlers:
                         # reach the page after that chat was drawn, so this stream draws it once more
                         redrawn = True
                         yield await self._other_chat(user, shown)
+                if key in self._stopped:  # Stop: what is queued stays, shown; the next Enter sends it
+                    self._stopped.discard(key)
+                    if self._viewing.get(page, sid) == sid:
+                        self._in_step(user, sid, page, False, baseline=True)
+                    yield tuple(gr.skip() for _ in range(7)) + self.queue_view(key)
+                    return
             finished = True  # next() left the chat idle
             if sent and self._viewing.get(page, sid) == sid:
                 self._in_step(user, sid, page, False, baseline=True)
