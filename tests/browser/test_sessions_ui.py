@@ -22,6 +22,9 @@ def send(page: Page, text: str, wait: bool = True) -> None:
     expect(page.locator(BOT)).to_have_count(bots + 1, timeout=60_000)
     if wait:
         expect(page.locator("#reply-figures")).to_contain_text("tok/s", timeout=120_000)
+        # (the figures may still be the last reply's): the reply ended once it is drawn as stored,
+        # with the actions line under it
+        expect(page.locator(BOT).last.locator(".shoal-actions")).to_have_count(1, timeout=120_000)
 
 
 def text_of(message) -> str:
