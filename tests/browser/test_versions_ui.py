@@ -4,6 +4,8 @@ message's Delete deletes its turn with an Undo, and a message's Copy copies its 
 
 from __future__ import annotations
 
+from urllib.parse import parse_qs, urlparse
+
 from playwright.sync_api import expect
 
 from tests.browser.test_queue_ui import wait_idle
@@ -80,4 +82,8 @@ def test_deleting_a_message_deletes_its_turn_with_an_undo_and_copy_takes_the_tex
     page.locator("#chatbot").get_by_role("button", name="Copy message").last.click()  # the reply's
     copied = page.evaluate("navigator.clipboard.readText()")
     assert copied.strip() and "shoal-act" not in copied and "Regenerate" not in copied
-    assert copied.strip() == text_of(reply).strip()
+    # the reply as stored: its Markdown as the model wrote it (what a copy of a chat message gives)
+    sid = parse_qs(urlparse(page.url).query)["chat"][0]
+    store = own_server["services"].store
+    stored = store.messages(store._kv.get(f"s:{sid}")["user"], sid)[-1].content
+    assert copied.strip() == stored.strip()
