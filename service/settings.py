@@ -247,24 +247,14 @@ class Settings(BaseSettings):
     @field_validator("database_url")
     @classmethod
     def _check_database_url(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        scheme = value.strip().split("://", 1)[0].lower() if "://" in value else ""
-        if scheme not in {"postgresql", "postgres"}:
-            raise ValueError("database_url (--database-url) is not a PostgreSQL URL: use "
-                             "postgresql://user:password@host:port/database")
-        return value.strip()
+        return _server_url(value, {"postgresql", "postgres"}, "database_url (--database-url) is not a PostgreSQL "
+                           "URL: use postgresql://user:password@host:port/database")
 
     @field_validator("redis_url")
     @classmethod
     def _check_redis_url(cls, value: str | None) -> str | None:
-        if value is None or not value.strip():
-            return None
-        scheme = value.strip().split("://", 1)[0].lower() if "://" in value else ""
-        if scheme not in {"redis", "rediss", "unix"}:
-            raise ValueError("redis_url (--redis-url) is not a Redis URL: use redis://host:port/db, "
-                             "rediss://host:port/db or unix:///path/to/socket")
-        return value.strip()
+        return _server_url(value, {"redis", "rediss", "unix"}, "redis_url (--redis-url) is not a Redis URL: use "
+                           "redis://host:port/db, rediss://host:port/db or unix:///path/to/socket")
 
     @field_validator("log_level")
     @classmethod
@@ -302,3 +292,14 @@ class Settings(BaseSettings):
 
     def cli_cmd(self) -> None:  # CliApp.run calls this; app.py does the work.
         return None
+
+
+def _server_url(value: str | None, schemes: set[str], wrong: str) -> str | None:
+    """A shared server's URL of one of `schemes` (None when empty); else ValueError(`wrong`)."""
+    if value is None or not value.strip():
+        return None
+    value = value.strip()
+    scheme = value.split("://", 1)[0].lower() if "://" in value else ""
+    if scheme not in schemes:
+        raise ValueError(wrong)
+    return value

@@ -147,6 +147,17 @@ def keyed_server(pool, embedder, tmp_path_factory):
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"  # Debian's (scripts/setup.sh --dev)
 
 
+def stop_process(process, grace: float) -> None:
+    """A server process of a test ended: terminated, killed if it outlives `grace` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(grace)
+        except Exception:
+            process.kill()
+            process.wait(10)
+
+
 class RedisProcess:
     """A real redis-server on a free loopback port, in its own directory, without persistence."""
 
@@ -174,13 +185,7 @@ class RedisProcess:
             return False
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except Exception:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, 10)
 
 
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -237,13 +242,7 @@ class PostgresProcess:
         return self.url.rsplit("/", 1)[0] + f"/{name}"
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(20)
-            except Exception:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, 20)
 
 
 @pytest.fixture(scope="session")
