@@ -21,7 +21,7 @@ def client(live_server) -> OpenAI:
 
 
 def ids_of(url: str, model: str, text: str) -> list[int]:
-    return httpx.post(f"{url}/tokenize", json={"model": model, "prompt": text}).json()["tokens"]
+    return httpx.post(f"{url}/tokenize", json={"model": model, "prompt": text}, timeout=300).json()["tokens"]
 
 
 def text_of(url: str, model: str, ids: list[int]) -> str:
