@@ -60,8 +60,10 @@ def percentile(values: list[float], q: float) -> float:
 LLAMA = "smollm2-135m@instruct-q4_1"  # the same model on llama.cpp (its GGUF)
 # llama.cpp, before and after issue 25: one unified KV with llama-server's default batch
 # (-b 2048 -ub 512), against a KV per slot with prompts read 256 tokens per step
-LLAMA_LAYOUTS = {"llama.cpp before (unified KV, -b 2048)": ("padded", 2048, None),
-                 "llama.cpp after (KV per slot, -b 256)": ("ragged", 256, 8 * 2**30)}
+LLAMA_LAYOUTS = {"llama.cpp before (unified KV, -b 2048)": ("padded", 2048, None, False),
+                 "llama.cpp, KV per slot, -b 256, a long prompt 256 tokens per step": ("ragged", 256, 8 * 2**30, False),
+                 "llama.cpp after (KV per slot, -b 256, a long prompt beside streams 128 per step)":
+                     ("ragged", 256, 8 * 2**30, True)}
 
 
 def make_pool(layout: str, kv_bytes: int = 512 * 2**20, batch: int = 16, model: str = MODEL,
@@ -119,9 +121,10 @@ class Timed:
 
 def itl(layout: str, prompt_tokens: int, label: str | None = None) -> str:
     if label in LLAMA_LAYOUTS:  # llama.cpp: 16 slots as `make run` starts it
-        kv_layout, chunk, kv_cap = LLAMA_LAYOUTS[label]
+        kv_layout, chunk, kv_cap, pieces = LLAMA_LAYOUTS[label]
         model = LLAMA
         pool = make_pool(kv_layout, batch=16, model=model, prefill_chunk=chunk, llamacpp_kv=kv_cap)
+        pool.backend(model).read_in_pieces = pieces
     else:
         # a KV budget that lets the padded layout take the long prompt beside the streams (its
         # reservation is rows x (longest + max remaining)), so both layouts read it while they run

@@ -147,6 +147,7 @@ class GenerationHandle:
         self._cancelled = threading.Event()
         self._waiters: list[_Listener] = []
         self._on_done: list[Callable[[GenerationHandle], None]] = []
+        self._on_cancel: list[Callable[[], None]] = []
         self._final: Finished | Failed | None = None
 
     @property
@@ -203,7 +204,32 @@ class GenerationHandle:
 
     # consumer side ---------------------------------------------------------------------------
     def cancel(self) -> None:
-        self._cancelled.set()
+        with self._cond:
+            if self._cancelled.is_set():
+                return
+            self._cancelled.set()
+            callbacks, self._on_cancel = self._on_cancel, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:  # a producer that already went away
+                log.exception("cancel callback of %s failed", self.id)
+
+    def on_cancel(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (from the cancelling thread) when the handle is cancelled, at once if it
+        already is; returns what removes it (a producer that finished no longer wants it). Engines
+        stop a generation on this instead of polling `cancelled`."""
+        with self._cond:
+            if not self._cancelled.is_set():
+                self._on_cancel.append(callback)
+                return lambda: self._forget_cancel(callback)
+        callback()
+        return lambda: None
+
+    def _forget_cancel(self, callback: Callable[[], None]) -> None:
+        with self._cond:
+            if callback in self._on_cancel:
+                self._on_cancel.remove(callback)
 
     def _pop(self) -> Event | None:
         with self._cond:

@@ -54,7 +54,8 @@ from ..sources import locate_gguf
 from ..stream import Finished, GenerationHandle, GenerationRequest, Usage
 from .base import Backend, Progress, check_logit_bias, check_token_ids
 from .llamacpp_gguf import gguf_facts
-from .llamacpp_protocol import UpstreamRefused, completion_body, delta_of, error_message, stream_lines
+from .llamacpp_protocol import (UpstreamRefused, completion_body, delta_of, error_message, prompt_piece_body,
+                                stream_lines)
 from .llamacpp_server import LlamaServer
 from .llamacpp_slots import Slot, Waiter, common_prefix, pick_slot
 
@@ -81,6 +82,7 @@ class LlamaCppBackend(Backend):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._slots: list[Slot] = []
+        self.read_in_pieces = True  # long prompts beside running streams: half a batch per step
         self._queue: deque[Waiter] = deque()
         self._running: dict[int, asyncio.Task] = {}
         self._ids = itertools.count()
@@ -404,11 +406,17 @@ class LlamaCppBackend(Backend):
         handle = waiter.handle
         started = time.monotonic()
         restored, reuse = await self._restore(waiter, slot, reuse)
+        known = max(restored, common_prefix(slot.tokens, waiter.ids) if reuse else 0)  # already in the slot's KV
         slot.scope, slot.tokens, slot.used = handle.request.cache_scope, list(waiter.ids), started
         body = completion_body(handle.request, waiter.ids, waiter.wanted, slot.id, reuse, self._ctx_slot)
         text, produced, final, ended = "", 0, None, False
-        cancel_watch = asyncio.ensure_future(self._watch_cancel(handle, asyncio.current_task()))
+        pieced = False
+        forget_cancel = handle.on_cancel(_canceller(asyncio.get_running_loop(), asyncio.current_task()))
         try:
+            if self.read_in_pieces and len(waiter.ids) - known > self._batch and \
+                    any(s.busy for s in self._slots if s is not slot):
+                await self._read_in_pieces(slot, waiter.ids, known, reuse)
+                body["cache_prompt"] = pieced = True
             lines = stream_lines("127.0.0.1", self._server.port, "/completion", self._server.headers, body)
             try:
                 async for line in lines:
@@ -458,7 +466,7 @@ class LlamaCppBackend(Backend):
             self._end(handle, error=self._engine_error(exc))
             return
         finally:
-            cancel_watch.cancel()
+            forget_cancel()
             self._running.pop(id(asyncio.current_task()), None)
             saving = ended and final is not None and self._saves(handle.request, slot)
             if not saving:
@@ -472,6 +480,8 @@ class LlamaCppBackend(Backend):
         stopped_by = {"eos": "eos", "word": "stop_sequence"}.get(stop_type)
         timings = final.get("timings") or {}
         cached = int(timings.get("cache_n") or 0)
+        if pieced:  # what the pieces read was computed for this request, not found in a cache
+            cached = min(cached, known)
         self.stats["requests"] += 1
         self.stats["cache_reused_tokens"] += cached
         now = time.monotonic()
@@ -564,11 +574,40 @@ class LlamaCppBackend(Backend):
         return ServiceUnavailableError(f"model '{self.spec.key}': {self.lost or 'llama.cpp stopped'}; it "
                                        "loads again on the next request", retry_after=1.0, code="engine_stopped")
 
-    async def _watch_cancel(self, handle: GenerationHandle, task: asyncio.Task) -> None:
-        """A cancelled handle closes its connection to the server, which stops the sequence."""
-        while not handle.cancelled:
-            await asyncio.sleep(0.05)
-        task.cancel()
+    async def _read_in_pieces(self, slot: Slot, ids: list[int], start: int, reuse: bool) -> None:
+        """A long prompt arriving beside running streams is read half a batch per step: left to
+        itself llama-server puts a whole `-b` batch of it into each step, and every running stream
+        waits for that step (at 6k tokens of context here, 256 prompt tokens take ~1.3 s). The
+        pieces are requests on the prompt's slot that end after their prompt (`n_predict` 0), two
+        in flight: llama-server keeps the second waiting for the slot and starts it at the next
+        step. The request itself then reads the rest. A first piece that clears another caller's
+        KV (`reuse` false) goes alone, so no later piece can reuse what it held."""
+        size = max(16, self._batch // 2)
+        in_flight: list[asyncio.Future] = []
+        try:
+            for n, end in enumerate(range(start + size, len(ids), size)):
+                body = prompt_piece_body(ids[:end], slot.id, cache_prompt=reuse or n > 0)
+                in_flight.append(asyncio.ensure_future(self._read_piece(body)))
+                if len(in_flight) == 2 or (n == 0 and not reuse):
+                    await in_flight.pop(0)
+            while in_flight:
+                await in_flight.pop(0)
+        finally:
+            for future in in_flight:
+                future.cancel()
+
+    async def _read_piece(self, body: dict) -> None:
+        lines = stream_lines("127.0.0.1", self._server.port, "/completion", self._server.headers, body)
+        try:
+            async for line in lines:
+                event = json.loads(line.split(":", 1)[1])
+                if "error" in event or line.startswith("error:"):
+                    raise InvalidRequestError(f"llama.cpp: {error_message(json.dumps(event))}")
+                if event.get("stop"):
+                    return
+        finally:
+            await lines.aclose()
+        raise ConnectionResetError("llama.cpp ended a prompt piece early")
 
     def _finish_cancelled(self, waiter: Waiter, text: str, produced: int, cached: int, started: float) -> None:
         handle = waiter.handle
@@ -604,3 +643,14 @@ class LlamaCppBackend(Backend):
 
 
 __all__ = ["LlamaCppBackend", "gguf_facts"]
+
+
+def _canceller(loop: asyncio.AbstractEventLoop, task: asyncio.Task):
+    """What a cancelled handle calls (from any thread): the request's task is cancelled on its
+    loop, which closes its connection to the server, which stops the sequence."""
+    def cancel() -> None:
+        try:
+            loop.call_soon_threadsafe(task.cancel)
+        except RuntimeError:  # the loop is closed: the request ended with it
+            pass
+    return cancel

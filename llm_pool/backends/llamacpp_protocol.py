@@ -69,6 +69,13 @@ def completion_body(request: GenerationRequest, ids: list[int], wanted: int, slo
     return body
 
 
+def prompt_piece_body(ids: list[int], slot_id: int, cache_prompt: bool) -> dict[str, Any]:
+    """A request that only reads `ids` into slot `slot_id`'s KV (its one sampled token is dropped:
+    llama-server keeps the prompt's cells only)."""
+    return {"prompt": ids, "n_predict": 0, "stream": True, "id_slot": slot_id, "cache_prompt": cache_prompt,
+            "temperature": 0.0, "top_k": 1, "n_probs": 0, "timings_per_token": False}
+
+
 class UpstreamRefused(Exception):
     def __init__(self, status: int, text: str):
         super().__init__(f"{status}: {text[:200]}")
