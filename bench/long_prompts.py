@@ -59,11 +59,12 @@ def percentile(values: list[float], q: float) -> float:
 
 LLAMA = "smollm2-135m@instruct-q4_1"  # the same model on llama.cpp (its GGUF)
 # llama.cpp, before and after issue 25: one unified KV with llama-server's default batch
-# (-b 2048 -ub 512), against a KV per slot with prompts read 256 tokens per step
+# (-b 2048 -ub 512); a KV per slot with prompts read 256 tokens per step (2026-12-06); and the
+# default now: -b 512, a long prompt arriving beside running streams read 128 tokens per step
 LLAMA_LAYOUTS = {"llama.cpp before (unified KV, -b 2048)": ("padded", 2048, None, False),
-                 "llama.cpp, KV per slot, -b 256, a long prompt 256 tokens per step": ("ragged", 256, 8 * 2**30, False),
-                 "llama.cpp after (KV per slot, -b 256, a long prompt beside streams 128 per step)":
-                     ("ragged", 256, 8 * 2**30, True)}
+                 "llama.cpp, KV per slot, -b 256 (a long prompt 256 per step)": ("ragged", 256, 8 * 2**30, False),
+                 "llama.cpp after (KV per slot, -b 512, a long prompt beside streams 128 per step)":
+                     ("ragged", 512, 8 * 2**30, True)}
 
 
 def make_pool(layout: str, kv_bytes: int = 512 * 2**20, batch: int = 16, model: str = MODEL,

@@ -266,7 +266,7 @@ def main() -> None:
     parser.add_argument("--engines", action="store_true",
                         help="Shoal on llama.cpp against the bare llama-server a user would start instead "
                         "(two configurations), alternated in one run")
-    parser.add_argument("--rounds", type=int, default=2, help="--engines: rounds alternating the servers")
+    parser.add_argument("--rounds", type=int, default=3, help="--engines: rounds alternating the servers")
     parser.add_argument("--transformers", action="store_true", help="--engines: Shoal on transformers too")
     args = parser.parse_args()
     if args.engines:
@@ -337,6 +337,18 @@ def bare_configs(clients: int) -> dict[str, list[str]]:
     }
 
 
+def measured_run(url: str, clients: int, max_tokens: int) -> tuple[list[Stream], float]:
+    """`api_run`, repeated until about 16 streams were served (one client's 128 tokens take ~1 s
+    here, too short to read a 5% difference from): streams of every repeat, their total time."""
+    streams: list[Stream] = []
+    wall = 0.0
+    for _ in range(max(1, 16 // clients)):
+        more, spent = asyncio.run(api_run(url, clients, max_tokens))
+        streams += more
+        wall += spent
+    return streams, wall
+
+
 def bare_llama_server(port: int, flags: list[str]) -> subprocess.Popen:
     """The llama-server that Shoal built, on SmolLM2's GGUF, with `flags` and nothing in front."""
     from llm_pool import Catalog, llamacpp_build
@@ -401,7 +413,7 @@ def compare_engines(args) -> None:
                     try:
                         url = f"http://127.0.0.1:{port}"
                         asyncio.run(api_run(url, 2, 8))
-                        streams, wall = asyncio.run(api_run(url, clients, max_tokens))
+                        streams, wall = measured_run(url, clients, max_tokens)
                         results.append(Result(label, clients, streams, wall, server_rss(bare.pid)))
                         print(results[-1].row(), flush=True)
                     finally:
@@ -409,7 +421,7 @@ def compare_engines(args) -> None:
                         bare.wait(30)
                 for engine, (server, url) in servers.items():
                     before = cpu_seconds(server.pid)
-                    streams, wall = asyncio.run(api_run(url, clients, max_tokens))
+                    streams, wall = measured_run(url, clients, max_tokens)
                     spent = cpu_seconds(server.pid) - before
                     rss = server_rss(server.pid) + sum(server_rss(int(p)) for p in _children(server.pid))
                     results.append(Result(f"Shoal, {engine}", clients, streams, wall, rss))

@@ -20,7 +20,7 @@ class EngineConfig:
     # "auto" = per slot when the KV cap holds window x slots
     layout: str = "auto"
     prefill_chunk: int = 256  # ragged: prompt tokens prefilled per step beside the running rows
-    llamacpp_batch: int = 256  # llama.cpp's -b/-ub: prompt tokens per step beside the running streams
+    llamacpp_batch: int = 512  # llama.cpp's -b/-ub: prompt tokens per step (a long prompt beside running streams: 128)
     bypass_seconds: float = 5.0  # a queued job that does not fit yet lets later ones pass this long
 
 

@@ -116,10 +116,11 @@ class Settings(BaseSettings):
         "window x slots.")
     prefill_chunk: int = Field(256, ge=16, le=65536, description="transformers engine, ragged layout: prompt "
                                "tokens read per step while other streams run.")
-    llamacpp_batch: int = Field(256, ge=16, le=65536, description="llama.cpp: prompt tokens read per step while "
-                                "other streams run (its -b/-ub; measured: 256 keeps running streams' gaps under "
-                                "3 s and a short request's first token under 2 s while a 6k-token prompt is read; "
-                                "128 halves the gaps but slows everyone's steps under many new prompts).")
+    llamacpp_batch: int = Field(512, ge=16, le=65536, description="llama.cpp: prompt tokens read per step (its "
+                                "-b/-ub; a prompt of more than 256 new tokens arriving beside running streams is "
+                                "read 128 per step, at most half of this). Measured at 32 clients: 512 reads a "
+                                "burst of new prompts in fewer steps than 256 (1.03x the bare llama-server's "
+                                "tok/s, TTFT p99 4.0 s, against 0.92x and 5.6 s).")
     rate_limit_rpm: float = Field(0, ge=0, description="Requests per minute per client (0 = off).")
     rate_limit_tpm: float = Field(0, ge=0, description="Generated tokens per minute per client (0 = off).")
     database_url: str | None = Field(

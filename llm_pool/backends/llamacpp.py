@@ -59,6 +59,10 @@ from .llamacpp_protocol import (UpstreamRefused, completion_body, delta_of, erro
 from .llamacpp_server import LlamaServer
 from .llamacpp_slots import Slot, Waiter, common_prefix, pick_slot
 
+# prompt tokens per step of a long prompt read beside running streams (at most half a batch):
+# at 6k tokens of context a step of 128 took ~1.0 s here (p50 gap of the running streams), of 256 ~1.5 s
+PIECE_TOKENS = 128
+RESTORE_MIN_TOKENS = 256  # a chat's KV is read from disk when that saves computing more than this
 log = logging.getLogger("shoal.llamacpp")
 DEFAULT_MAX_NEW_TOKENS = 512
 COMPUTE_BYTES = 96 * 2**20  # llama.cpp's compute buffers and the process itself, before measuring
@@ -92,7 +96,8 @@ class LlamaCppBackend(Backend):
         self._ctx_total = 0
         self._ctx_slot = 0
         self._split = False
-        self._batch = 256
+        self._batch = 512
+        self._piece = PIECE_TOKENS
         self._measured = 0
         self._kv = None  # kv_disk.ModelKv: chats' KV saved through the server's slot save/restore
         self.stats = {"requests": 0, "cache_reused_tokens": 0, "peak_running": 0}
@@ -127,6 +132,7 @@ class LlamaCppBackend(Backend):
             total = max(window, min(budget_tokens, window * self.slots))
             self._ctx_total = max(self._ctx_slot, int(total) // 256 * 256)
         self._batch = max(16, engine.llamacpp_batch)
+        self._piece = max(16, min(PIECE_TOKENS, self._batch // 2))
 
     # ------------------------------------------------------------------ lifecycle
     def prepare(self, progress: Progress) -> None:
@@ -158,8 +164,8 @@ class LlamaCppBackend(Backend):
                 # a chat ending with an assistant message gets a new turn, as on transformers; continuing
                 # that message is asked for (continue_final_message), not guessed
                 "--no-prefill-assistant",
-                # prompt tokens per step beside the running streams: a long prompt is read in
-                # pieces, so running streams keep their pace and a short prompt gets the next step
+                # prompt tokens per step: a burst of new prompts is read in few steps; a long prompt
+                # arriving beside running streams is read PIECE_TOKENS per step (_read_in_pieces)
                 "-b", str(self._batch), "-ub", str(min(self._batch, 512))]
         if not self._split:
             args += ["-kvu", "--kv-unified-per-slot", str(self._ctx_slot)]
@@ -413,7 +419,7 @@ class LlamaCppBackend(Backend):
         pieced = False
         forget_cancel = handle.on_cancel(_canceller(asyncio.get_running_loop(), asyncio.current_task()))
         try:
-            if self.read_in_pieces and len(waiter.ids) - known > self._batch and \
+            if self.read_in_pieces and len(waiter.ids) - known > 2 * self._piece and \
                     any(s.busy for s in self._slots if s is not slot):
                 await self._read_in_pieces(slot, waiter.ids, known, reuse)
                 body["cache_prompt"] = pieced = True
@@ -511,18 +517,18 @@ class LlamaCppBackend(Backend):
 
     async def _restore(self, waiter: Waiter, slot: Slot, reuse: bool) -> tuple[int, bool]:
         """Before a chat's turn: when the disk holds a longer prefix of this chat and owner than
-        the slot does (by more than one step's batch), read it into the slot. (tokens restored,
+        the slot does (by more than RESTORE_MIN_TOKENS), read it into the slot. (tokens restored,
         whether the slot's KV may be reused)."""
         request = waiter.handle.request
         found = self._kv.find(request.cache_scope, request.cache_key, waiter.ids) if self._kv is not None else None
         had = common_prefix(slot.tokens, waiter.ids) if reuse else 0
         if found is None:
-            if self._kv is not None and had <= self._batch and self._kv.wants(request.cache_scope, request.cache_key,
+            if self._kv is not None and had <= RESTORE_MIN_TOKENS and self._kv.wants(request.cache_scope, request.cache_key,
                                                                                len(waiter.ids)):
                 self._kv.disk.miss()
             return 0, reuse
         entry, length = found
-        if length <= had + self._batch:
+        if length <= had + RESTORE_MIN_TOKENS:
             return 0, reuse
         began = time.monotonic()
         ok = await asyncio.to_thread(self._restore_now, slot.id, entry)
@@ -575,14 +581,14 @@ class LlamaCppBackend(Backend):
                                        "loads again on the next request", retry_after=1.0, code="engine_stopped")
 
     async def _read_in_pieces(self, slot: Slot, ids: list[int], start: int, reuse: bool) -> None:
-        """A long prompt arriving beside running streams is read half a batch per step: left to
+        """A long prompt arriving beside running streams is read `PIECE_TOKENS` per step: left to
         itself llama-server puts a whole `-b` batch of it into each step, and every running stream
         waits for that step (at 6k tokens of context here, 256 prompt tokens take ~1.3 s). The
         pieces are requests on the prompt's slot that end after their prompt (`n_predict` 0), two
         in flight: llama-server keeps the second waiting for the slot and starts it at the next
         step. The request itself then reads the rest. A first piece that clears another caller's
         KV (`reuse` false) goes alone, so no later piece can reuse what it held."""
-        size = max(16, self._batch // 2)
+        size = self._piece
         in_flight: list[asyncio.Future] = []
         try:
             for n, end in enumerate(range(start + size, len(ids), size)):
