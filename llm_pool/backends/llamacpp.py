@@ -54,8 +54,14 @@ from ..sources import locate_gguf
 from ..stream import Finished, GenerationHandle, GenerationRequest, Usage
 from .base import Backend, Progress, check_logit_bias, check_token_ids
 from .llamacpp_gguf import gguf_facts
-from .llamacpp_protocol import (UpstreamRefused, completion_body, delta_of, error_message, prompt_piece_body,
-                                stream_lines)
+from .llamacpp_protocol import (
+    UpstreamRefused,
+    completion_body,
+    delta_of,
+    error_message,
+    prompt_piece_body,
+    stream_lines,
+)
 from .llamacpp_server import LlamaServer
 from .llamacpp_slots import Slot, Waiter, common_prefix, pick_slot
 
@@ -423,12 +429,9 @@ class LlamaCppBackend(Backend):
                     any(s.busy for s in self._slots if s is not slot):
                 await self._read_in_pieces(slot, waiter.ids, known, reuse)
                 body["cache_prompt"] = pieced = True
-            lines = stream_lines("127.0.0.1", self._server.port, "/completion", self._server.headers, body)
+            events = self._completion_events(body)
             try:
-                async for line in lines:
-                    event = json.loads(line.split(":", 1)[1])
-                    if "error" in event or line.startswith("error:"):
-                        raise InvalidRequestError(f"llama.cpp: {error_message(json.dumps(event))}")
+                async for event in events:
                     piece, ids = event.get("content") or "", tuple(event.get("tokens") or ())
                     if ids or piece:
                         slot.tokens.extend(ids)
@@ -440,7 +443,7 @@ class LlamaCppBackend(Backend):
                         final = event
                         break
             finally:
-                await lines.aclose()
+                await events.aclose()
             ended = True
         except asyncio.CancelledError:
             if self.lost:
@@ -523,8 +526,8 @@ class LlamaCppBackend(Backend):
         found = self._kv.find(request.cache_scope, request.cache_key, waiter.ids) if self._kv is not None else None
         had = common_prefix(slot.tokens, waiter.ids) if reuse else 0
         if found is None:
-            if self._kv is not None and had <= RESTORE_MIN_TOKENS and self._kv.wants(request.cache_scope, request.cache_key,
-                                                                               len(waiter.ids)):
+            if self._kv is not None and had <= RESTORE_MIN_TOKENS and \
+                    self._kv.wants(request.cache_scope, request.cache_key, len(waiter.ids)):
                 self._kv.disk.miss()
             return 0, reuse
         entry, length = found
@@ -603,17 +606,27 @@ class LlamaCppBackend(Backend):
                 future.cancel()
 
     async def _read_piece(self, body: dict) -> None:
+        events = self._completion_events(body)
+        try:
+            async for event in events:
+                if event.get("stop"):
+                    return
+        finally:
+            await events.aclose()
+        raise ConnectionResetError("llama.cpp ended a prompt piece early")
+
+    async def _completion_events(self, body: dict):
+        """llama-server's streamed `/completion` as events; an error event raises. Closing this
+        closes the connection, which stops the sequence upstream."""
         lines = stream_lines("127.0.0.1", self._server.port, "/completion", self._server.headers, body)
         try:
             async for line in lines:
                 event = json.loads(line.split(":", 1)[1])
                 if "error" in event or line.startswith("error:"):
                     raise InvalidRequestError(f"llama.cpp: {error_message(json.dumps(event))}")
-                if event.get("stop"):
-                    return
+                yield event
         finally:
             await lines.aclose()
-        raise ConnectionResetError("llama.cpp ended a prompt piece early")
 
     def _finish_cancelled(self, waiter: Waiter, text: str, produced: int, cached: int, started: float) -> None:
         handle = waiter.handle
