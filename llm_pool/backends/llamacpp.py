@@ -24,6 +24,7 @@ API); this module sizes the KV and runs the queue. `llamacpp_embedding` runs emb
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -668,8 +669,6 @@ def _canceller(loop: asyncio.AbstractEventLoop, task: asyncio.Task):
     """What a cancelled handle calls (from any thread): the request's task is cancelled on its
     loop, which closes its connection to the server, which stops the sequence."""
     def cancel() -> None:
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: the request ended with it
             loop.call_soon_threadsafe(task.cancel)
-        except RuntimeError:  # the loop is closed: the request ended with it
-            pass
     return cancel
